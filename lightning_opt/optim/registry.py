@@ -1,0 +1,226 @@
+"""The optimizer registry: every algorithm is one :class:`OptimInfo` record, looked up by name.
+
+Names are matched case-insensitively, so Hugging Face ``TrainingArguments.optim`` strings
+(``adamw_torch_fused``) and DeepSpeed ``optimizer.type`` values (``MuonOptimizer``) resolve through
+the same table as our own names. An alias may fix keyword arguments (``adamw_torch_fused`` is
+``adamw`` with ``fused=True``); the user cannot override a fixed argument.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from torch.optim import Optimizer
+
+__all__ = [
+    "Alias",
+    "OptimInfo",
+    "accepted_hparams",
+    "aliases",
+    "available_optimizers",
+    "get_optimizer_info",
+    "register",
+    "register_alias",
+    "resolve",
+    "validate_hparams",
+]
+
+# arguments that every torch optimizer takes for implementation choice, never for the math
+_IMPL_ARGS = ("foreach", "fused", "capturable", "differentiable")
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """One registered optimizer.
+
+    Args:
+        name: registry name (lower-case snake_case), e.g. ``"adamw"``.
+        cls: the optimizer class (or a factory) called as ``cls(param_groups, lr=..., **hparams)``.
+        description: one line shown in docs and ``lightning-opt list``.
+        paper: citation of the algorithm's paper (arXiv id or venue).
+        default_lr: the learning rate used when the user gives none (the paper's or torch's default).
+        fixed: keyword arguments this name fixes (``sgd_nesterov`` fixes ``nesterov=True``).
+        hparams: the hyperparameters the user may pass; ``None`` reads them from ``cls``'s signature.
+        extra: the pip extra that provides a dependency (``"bnb"``), named in errors.
+        callbacks: zero-argument factories of callbacks the algorithm needs in a Trainer
+            (schedule-free's train/eval switch, Sophia's Hessian refresh); the mixin adds them.
+        schedule_free: the optimizer keeps train/eval parameter sequences (``optimizer.train()``).
+    """
+
+    name: str
+    cls: Callable[..., Optimizer]
+    description: str
+    paper: str = ""
+    default_lr: float = 1e-3
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    hparams: tuple[str, ...] | None = None
+    extra: str | None = None
+    callbacks: tuple[Callable[[], Any], ...] = ()
+    schedule_free: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name != self.name.lower() or not self.name.replace("_", "").isalnum():
+            raise ValueError(f"OptimInfo(name={self.name!r}) must be lower-case snake_case")
+        object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A name from another library that resolves to a registry entry, possibly fixing arguments."""
+
+    name: str
+    target: str
+    source: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, OptimInfo] = {}
+_ALIASES: dict[str, Alias] = {}
+
+
+def register(info: OptimInfo) -> OptimInfo:
+    """Add ``info`` to the registry; a name may be registered once."""
+    key = info.name.lower()
+    if key in _REGISTRY or key in _ALIASES:
+        raise ValueError(f"optimizer name {info.name!r} is already registered")
+    _REGISTRY[key] = info
+    return info
+
+
+def register_alias(name: str, target: str, *, source: str, **fixed: Any) -> Alias:
+    """Make ``name`` (from ``source``: ``"huggingface"``, ``"deepspeed"``, ...) resolve to ``target``.
+
+    Raises:
+        ValueError: ``target`` is not registered, or ``name`` is taken.
+    """
+    key = name.lower()
+    if target not in _REGISTRY:
+        raise ValueError(f"alias {name!r} points to unregistered optimizer {target!r}")
+    existing = _ALIASES.get(key)
+    if key in _REGISTRY or (existing is not None and (existing.target, dict(existing.fixed)) != (target, fixed)):
+        raise ValueError(f"optimizer name {name!r} is already registered")
+    unknown = set(fixed) - set(accepted_hparams(_REGISTRY[target]))
+    if unknown:
+        raise ValueError(f"alias {name!r} fixes {sorted(unknown)}, which {target!r} does not take")
+    alias = Alias(name=name, target=target, source=source, fixed=MappingProxyType(dict(fixed)))
+    _ALIASES[key] = alias
+    return alias
+
+
+def _ensure_loaded() -> None:
+    # the families register themselves on import; importing lightning_opt.optim loads them all
+    import lightning_opt.optim  # noqa: F401
+
+
+def available_optimizers() -> list[str]:
+    """Every registered optimizer name, sorted (aliases are not listed; see :func:`aliases`)."""
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def aliases(source: str | None = None) -> dict[str, Alias]:
+    """The alias table, optionally only the names that come from ``source``."""
+    _ensure_loaded()
+    return {a.name: a for a in _ALIASES.values() if source is None or a.source == source}
+
+
+def resolve(name: str) -> tuple[OptimInfo, dict[str, Any]]:
+    """Look ``name`` up; return the entry and the keyword arguments the name fixes.
+
+    Raises:
+        ValueError: unknown name, with the closest registered names.
+    """
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in _REGISTRY:
+        info = _REGISTRY[key]
+        return info, dict(info.fixed)
+    if key in _ALIASES:
+        alias = _ALIASES[key]
+        info = _REGISTRY[alias.target]
+        return info, {**info.fixed, **alias.fixed}
+    known = sorted(_REGISTRY) + sorted(a.name for a in _ALIASES.values())
+    close = difflib.get_close_matches(key, [k.lower() for k in known], n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise ValueError(f"unknown optimizer {name!r}; {hint}registered: {', '.join(sorted(_REGISTRY))}")
+
+
+def get_optimizer_info(name: str) -> OptimInfo:
+    """The :class:`OptimInfo` behind ``name`` (a registry name or an alias)."""
+    return resolve(name)[0]
+
+
+def accepted_hparams(info: OptimInfo) -> tuple[str, ...]:
+    """The keyword arguments ``info.cls`` takes besides ``params``, minus those its name fixes."""
+    if info.hparams is not None:
+        names = info.hparams
+    else:
+        sig = inspect.signature(info.cls)
+        names = tuple(
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "params" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        )
+    return tuple(n for n in names if n not in info.fixed)
+
+
+def _check_unit_interval(name: str, key: str, value: Any, *, closed_low: bool = True) -> None:
+    low_ok = value >= 0 if closed_low else value > 0
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and low_ok and value < 1):
+        raise ValueError(f"{name}: {key}={value!r} is invalid; each beta must lie in [0, 1)")
+
+
+def validate_hparams(
+    name: str,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    hparams: Mapping[str, Any] | None = None,
+) -> tuple[OptimInfo, dict[str, Any]]:
+    """Check everything about an optimizer request that can be checked without a model.
+
+    Returns:
+        The entry and the full keyword arguments to pass to its class (fixed ones included).
+
+    Raises:
+        ValueError: unknown name, negative or non-finite ``lr``/``weight_decay``/``eps``, betas
+            outside [0, 1).
+        TypeError: a hyperparameter the algorithm does not take (the message lists those it does),
+            or one that its name fixes.
+    """
+    info, fixed = resolve(name)
+    hparams = dict(hparams or {})
+    accepted = accepted_hparams(info)
+    for key in hparams:
+        if key in fixed:
+            raise TypeError(f"{name} fixes {key}={fixed[key]!r}; do not pass {key!r} (use {info.name!r} to choose it)")
+        if key not in accepted or key in ("lr", "weight_decay"):
+            takes = ", ".join(n for n in accepted if n not in _IMPL_ARGS)
+            raise TypeError(f"{name} takes no {key!r}; it takes: {takes}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{name}: lr={lr!r} is invalid; it must be a finite number >= 0")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{name}: weight_decay={weight_decay!r} is invalid; it must be a finite number >= 0")
+    if weight_decay and "weight_decay" not in accepted:
+        raise TypeError(f"{name} takes no 'weight_decay'; set weight_decay=0")
+    for key, value in hparams.items():
+        if key == "betas":
+            if not isinstance(value, (tuple, list)) or not value:
+                raise ValueError(f"{name}: betas={value!r} is invalid; expected a tuple of floats in [0, 1)")
+            for b in value:
+                if b is not None:
+                    _check_unit_interval(name, "betas", b)
+        elif key in ("beta1", "beta2", "beta3", "beta"):
+            _check_unit_interval(name, key, value)
+        elif key == "eps" and isinstance(value, (int, float)) and (not math.isfinite(value) or value < 0):
+            raise ValueError(f"{name}: eps={value!r} is invalid; it must be a finite number >= 0")
+    kwargs = {**fixed, **hparams}
+    return info, kwargs

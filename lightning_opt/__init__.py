@@ -3,6 +3,8 @@
 Importing this package never imports triton, bitsandbytes or transformer_engine.
 """
 
+from lightning_opt.deepspeed import from_deepspeed_config
+from lightning_opt.mixin import OptimizerConfig, OptimizerMixin
 from lightning_opt.optim import (
     OptimInfo,
     aliases,
@@ -18,6 +20,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "OptimInfo",
+    "OptimizerConfig",
+    "OptimizerMixin",
+    "from_deepspeed_config",
     "__version__",
     "aliases",
     "available_optimizers",

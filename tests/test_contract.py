@@ -1,0 +1,226 @@
+"""The contract every registered optimizer must pass (one suite over ``available_optimizers()``).
+
+Per-name exceptions live in ``tests/contract_overrides.py`` (``OVERRIDES[name]``), with keys:
+- ``lr``: learning rate for the convergence test (default: the entry's ``default_lr``).
+- ``hparams``: extra hyperparameters passed to ``build_optimizer`` in every test.
+- ``steps``: optimizer steps of the convergence test (default 300).
+- ``loss_threshold``: final/initial loss ratio the convergence test must reach (default 0.3).
+- ``bf16``: ``False`` to skip the bfloat16 dtype check, with a ``why``.
+- ``why``: the reason for the override (required, shown in skip messages).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_opt import available_optimizers, build_optimizer, get_optimizer_info
+from tests.contract_overrides import OVERRIDES
+
+NAMES = available_optimizers()
+
+
+def _spec(name: str) -> dict:
+    return {"steps": 300, "loss_threshold": 0.3, "bf16": True, "hparams": {}, **OVERRIDES.get(name, {})}
+
+
+class Net(nn.Module):
+    """A small MLP: 2-D hidden weights (for matrix optimizers), biases, a 1-D output head."""
+
+    def __init__(self, d_in: int = 8, d_hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_hidden)
+        self.head = nn.Linear(d_hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def _data(n: int = 128, d_in: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d_in, generator=g)
+    w = torch.randn(d_in, 1, generator=g)
+    return x, torch.tanh(x @ w) + 0.5 * torch.sin(2 * x[:, :1])
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(model(x).float(), y)
+        loss.backward()
+        return loss
+
+    loss = closure()
+    opt.step(lambda: loss)  # the closure contract: a step may call it once
+    return float(loss.detach())
+
+
+def _build(model: nn.Module, name: str, *, lr: float | None = None, weight_decay: float = 0.0):
+    spec = _spec(name)
+    lr = lr if lr is not None else spec.get("lr", get_optimizer_info(name).default_lr)
+    return build_optimizer(model, name, lr=lr, weight_decay=weight_decay, **spec["hparams"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_builds_and_takes_three_steps(name: str) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    before = copy.deepcopy(model.state_dict())
+    opt = _build(model, name, weight_decay=0.01)
+    x, y = _data()
+    losses = [_step(model, opt, x, y) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), f"{name} changed no parameter"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_converges_on_regression(name: str) -> None:
+    spec = _spec(name)
+    torch.manual_seed(0)
+    model = Net()
+    opt = _build(model, name)
+    x, y = _data()
+    first = _step(model, opt, x, y)
+    for _ in range(spec["steps"]):
+        last = _step(model, opt, x, y)
+    assert last < spec["loss_threshold"] * first, f"{name}: loss {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_keeps_parameter_dtype(name: str, dtype: torch.dtype) -> None:
+    spec = _spec(name)
+    if dtype is torch.bfloat16 and not spec["bf16"]:
+        pytest.skip(f"{name}: no bfloat16 parameters: {spec.get('why')}")
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    opt = _build(model, name, weight_decay=0.01)
+    x, y = _data()
+    for _ in range(3):
+        _step(model, opt, x.to(dtype), y)
+    for n, p in model.named_parameters():
+        assert p.dtype == dtype, f"{name} changed {n} to {p.dtype}"
+        assert torch.isfinite(p).all(), f"{name} made {n} non-finite in {dtype}"
+
+
+def _two_group_model() -> tuple[nn.Module, list[dict]]:
+    torch.manual_seed(0)
+    model = Net()
+    # identical weights in fc1/fc2-shaped pairs are not possible; compare fc2 (wd) with a copy (no wd)
+    twin = nn.Linear(32, 32)
+    twin.load_state_dict(model.fc2.state_dict())
+    model.twin = twin
+    return model, [
+        {"params": [model.fc2.weight], "param_names": ["fc2.weight"], "weight_decay": 0.5},
+        {"params": [model.twin.weight], "param_names": ["twin.weight"], "weight_decay": 0.0},
+        {"params": [model.fc1.weight, model.fc1.bias], "param_names": ["fc1.weight", "fc1.bias"], "lr": 0.0, "weight_decay": 0.0},
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_honours_param_groups(name: str) -> None:
+    model, groups = _two_group_model()
+    spec = _spec(name)
+    lr = spec.get("lr", get_optimizer_info(name).default_lr)
+    opt = build_optimizer(groups, name, lr=lr, **spec["hparams"])
+    frozen = model.fc1.weight.detach().clone()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grad = 1e-3 * torch.randn(32, 32, generator=g)
+        model.fc2.weight.grad = grad.clone()
+        model.twin.weight.grad = grad.clone()
+        model.fc1.weight.grad = torch.randn(32, 8, generator=g)
+        model.fc1.bias.grad = torch.randn(32, generator=g)
+        opt.step()
+    assert torch.equal(model.fc1.weight, frozen), f"{name} moved a parameter whose group has lr=0"
+    decayed, plain = model.fc2.weight.norm(), model.twin.weight.norm()
+    assert decayed < plain, f"{name} ignored a group's weight_decay ({decayed:.6f} vs {plain:.6f})"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_skips_parameters_without_grad(name: str) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    opt = _build(model, name, weight_decay=0.01)
+    x, y = _data()
+    model.fc1.weight.requires_grad_(False)  # autograd leaves its .grad None; it stays in the optimizer
+    before = model.fc1.weight.detach().clone()
+    for _ in range(3):
+        _step(model, opt, x, y)
+    assert torch.equal(model.fc1.weight, before), f"{name} moved a parameter whose grad is None"
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        va, vb = a[k], b[k]
+        if isinstance(va, dict):
+            if not isinstance(vb, dict) or not _state_equal(va, vb):
+                return False
+        elif isinstance(va, torch.Tensor):
+            if not (isinstance(vb, torch.Tensor) and va.shape == vb.shape and torch.equal(va, vb)):
+                return False
+        elif isinstance(va, (list, tuple)):
+            if len(va) != len(vb) or not all(
+                _state_equal({0: x}, {0: y}) for x, y in zip(va, vb)
+            ):
+                return False
+        elif va != vb and not (isinstance(va, float) and math.isnan(va) and math.isnan(vb)):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_inf_skips_step(name: str) -> None:
+    torch.manual_seed(0)
+    model = Net()
+    opt = _build(model, name, weight_decay=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = _data()
+    for bad in (False, True):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if bad:
+            model.fc2.weight.grad[0, 0] = float("inf")
+            params = copy.deepcopy(model.state_dict())
+            state = copy.deepcopy(opt.state_dict())
+        scaler.step(opt)
+        scaler.update()
+    assert _state_equal(params, model.state_dict()), f"{name} changed parameters on an inf gradient"
+    assert _state_equal(state, opt.state_dict()), f"{name} changed its state on an inf gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name: str) -> None:
+    n = 4
+    x, y = _data()
+
+    def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = Net()
+        return model, _build(model, name, weight_decay=0.01)
+
+    straight, opt = fresh()
+    for _ in range(2 * n):
+        _step(straight, opt, x, y)
+
+    first, opt1 = fresh()
+    for _ in range(n):
+        _step(first, opt1, x, y)
+    saved_model = copy.deepcopy(first.state_dict())
+    saved_opt = copy.deepcopy(opt1.state_dict())
+    del first, opt1
+
+    resumed, opt2 = fresh()
+    resumed.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    for _ in range(n):
+        _step(resumed, opt2, x, y)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name}: {k} differs after save/load ({(a - b).abs().max():.3e})"

@@ -97,7 +97,9 @@ def param_groups(
         layer_decay: timm's layer-wise LR decay ``d`` in (0, 1]: a parameter of layer ``k`` of
             ``L + 2`` layers gets ``lr_scale = d ** (L + 1 - k)``. ``None`` disables it.
         no_decay: name regexes (``re.search``) of parameters without weight decay; replaces the
-            default (every parameter with ``ndim <= 1`` and every ``nn.Embedding`` weight).
+            default: every parameter with ``ndim <= 1``, every ``nn.Embedding`` weight, and the
+            names the model's ``no_weight_decay()`` returns if it has one (timm's convention for
+            ``pos_embed``/``cls_token``).
         layer_id: callable ``name -> layer index`` that overrides the inferred layer ids.
         lr_multipliers: name regex -> factor applied on top of ``lr_scale``; the first pattern
             (in mapping order) that matches a name wins.
@@ -125,9 +127,10 @@ def param_groups(
 
     if no_decay is None:
         embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+        skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
 
         def decays(name: str, p: torch.Tensor) -> bool:
-            return p.ndim > 1 and id(p) not in embedding_ids
+            return p.ndim > 1 and id(p) not in embedding_ids and name not in skip
 
     else:
         patterns = _compile(no_decay, "no_decay")

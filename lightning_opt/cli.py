@@ -40,9 +40,9 @@ DEMO_DEFAULTS = [
 ]
 
 
-def _cli(args: Sequence[str], *, run: bool = True) -> Any:
+def _cli(args: Sequence[str], *, run: bool = True, save_config: bool = True) -> Any:
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
     return LightningCLI(
         LightningModule,
@@ -50,6 +50,7 @@ def _cli(args: Sequence[str], *, run: bool = True) -> Any:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=SaveConfigCallback if save_config else None,
         save_config_kwargs={"overwrite": True},
         run=run,
         args=list(args),
@@ -64,7 +65,7 @@ def demo(argv: Sequence[str] = ()) -> tuple[float, float]:
     import torch
 
     torch.set_float32_matmul_precision("high")
-    cli = _cli([*DEMO_DEFAULTS, *argv], run=False)
+    cli = _cli([*DEMO_DEFAULTS, *argv], run=False, save_config=False)
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     opt = model.optimizer_config() if hasattr(model, "optimizer_config") else None
     start = trainer.validate(model, datamodule=data, verbose=False)[0]["val_loss"]

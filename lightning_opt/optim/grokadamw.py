@@ -1,0 +1,249 @@
+"""GrokAdamW: AdamW on a Grokfast-amplified gradient with layer-wise momentum decay.
+
+Registered as ``grokadamw`` (also Hugging Face's name for it). There is no paper; the algorithm is
+``cognitivecomputations/grokadamw`` (PyPI ``grokadamw`` 0.1.2), built on Grokfast (Lee et al. 2024,
+arXiv:2405.20233). Differences from that package, all of them fixes of its state handling:
+
+- the state lives in ``optimizer.state`` (the package keeps it in ``group["state"]`` on the CPU), so
+  ``state_dict()`` saves it and a resumed run continues exactly;
+- the per-tensor gradient clipping works on a copy: ``p.grad`` is left unchanged (the package clips
+  ``p.grad`` in place, which the user sees and gradient accumulation compounds);
+- the layer index ``i`` in ``beta1 * (1 - gamma)**i`` is the tensor's position in its param group
+  (the package counts only the tensors that have a gradient this step, so one frozen tensor shifts
+  the momentum of every tensor after it);
+- exceptions raised by ``grokking_signal_fns`` propagate (the package logs and ignores them).
+With every tensor receiving a gradient, the update is the package's, step for step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
+from lightning_opt.optim.lion import _check_betas, _check_lr_wd
+from lightning_opt.optim.registry import OptimInfo, register
+
+__all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
+
+# torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the reference clips with it
+_CLIP_EPS = 1e-6
+
+
+def grokking_signal_from_losses(train_loss: float | None, eval_loss: float | None) -> float:
+    """``max(0, eval - train) / max(eval, train)``: the generalization gap, 0 when a loss is unknown."""
+    if train_loss is None or eval_loss is None:
+        return 0.0
+    top = max(eval_loss, train_loss)
+    return max(0.0, eval_loss - train_loss) / top if top > 0 else 0.0
+
+
+def grokadamw_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grok_ema: Tensor,
+    *,
+    step: int,
+    lr: float,
+    layer_beta1: float,
+    bias_beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha: float,
+    lamb: float,
+    gradient_clipping: float,
+    kahan_comp: Tensor | None = None,
+) -> None:
+    """One GrokAdamW step for one tensor, in place on ``param`` and the three state tensors.
+
+    ``g`` is clipped to norm ``gradient_clipping`` per tensor (if > 0; on a copy);
+    ``e <- alpha e + (1-alpha) g``; ``h = g + lamb e``; ``m <- b m + (1-b) h`` with
+    ``b = layer_beta1``; ``v <- beta2 v + (1-beta2) h^2``; ``p *= 1 - lr wd``;
+    ``p -= lr sqrt(1-beta2^t) / (1-bias_beta1^t) m / (sqrt(v) + eps)``. The bias correction uses the
+    group's beta1 (``bias_beta1``), not the layer's, as the reference does.
+    """
+    dt = compute_dtype(param)
+    g = grad.to(dt, copy=True)
+    if gradient_clipping > 0:
+        norm = torch.linalg.vector_norm(g)
+        g.mul_((gradient_clipping / (norm + _CLIP_EPS)).clamp(max=1.0))
+    m, v, e = exp_avg.to(dt), exp_avg_sq.to(dt), grok_ema.to(dt)
+    e.mul_(alpha).add_(g, alpha=1 - alpha)
+    h = g.add_(e, alpha=lamb)
+    m.mul_(layer_beta1).add_(h, alpha=1 - layer_beta1)
+    v.mul_(beta2).addcmul_(h, h, value=1 - beta2)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - bias_beta1**step)
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    delta = (m / v.sqrt().add_(eps)).mul_(-step_size)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+        grok_ema.copy_(e)
+    apply_update_(param, delta, kahan_comp)
+
+
+class GrokAdamW(Optimizer):
+    """AdamW on ``g + lamb * EMA(g)`` (Grokfast's slow-gradient amplification), with layer-wise beta1.
+
+    The EMA weight ``alpha = alpha_init * exp(-grokking_signal_decay_rate * signal)`` shrinks as the
+    grokking signal grows; the signal is the mean of ``grokking_signal_fns()`` (functions returning
+    ``None`` are skipped), or, without functions, the gap ``max(0, eval-train)/max(eval, train)``
+    from ``group["train_loss"]``/``group["eval_loss"]``, which the user may set on a param group
+    (0 while unset). Tensor ``i`` of a group uses ``beta1 * (1 - gamma)**i``.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default ``1e-3``).
+        betas: moment decay rates (default ``(0.9, 0.999)``).
+        eps: added to ``sqrt(v)`` (default ``1e-8``).
+        weight_decay: decoupled decay ``p *= 1 - lr * weight_decay`` (default ``1e-2``).
+        alpha_init: EMA weight of the slow gradient at zero signal, in [0, 1] (default ``0.98``).
+        lamb: amplification of the slow gradient (default ``2.0``).
+        gamma: layer-wise beta1 decay, in [0, 1) (default ``0.1``).
+        grokking_signal_fns: callables returning a float signal (or ``None``), averaged each step;
+            not saved in ``state_dict`` (default ``None``: use the group's losses).
+        grokking_signal_decay_rate: how fast ``alpha`` falls with the signal (default ``0.1``).
+        gradient_clipping: per-tensor gradient-norm cap, ``0`` disables it (default ``1.0``).
+        kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+
+    Raises:
+        ValueError: invalid lr, weight_decay, eps, betas, alpha_init, gamma or gradient_clipping.
+        TypeError: ``grokking_signal_fns`` is not a sequence of callables.
+
+    Example:
+        >>> opt = GrokAdamW(model.parameters(), lr=1e-3, lamb=2.0)
+        >>> opt.param_groups[0]["eval_loss"] = 2.3  # optional: feeds the default signal
+
+    Source: cognitivecomputations/grokadamw (no paper); Grokfast: Lee et al., arXiv:2405.20233.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        alpha_init: float = 0.98,
+        lamb: float = 2.0,
+        gamma: float = 0.1,
+        grokking_signal_fns: Sequence[Callable[[], float | None]] | None = None,
+        grokking_signal_decay_rate: float = 0.1,
+        gradient_clipping: float = 1.0,
+        kahan_sum: bool = False,
+    ) -> None:
+        _check_lr_wd("GrokAdamW", lr, weight_decay)
+        betas = _check_betas("GrokAdamW", betas)
+        checks = {
+            "eps": (eps, lambda x: x >= 0, "a finite number >= 0"),
+            "alpha_init": (alpha_init, lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+            "gamma": (gamma, lambda x: 0 <= x < 1, "a number in [0, 1)"),
+            "lamb": (lamb, lambda x: True, "a finite number"),
+            "grokking_signal_decay_rate": (grokking_signal_decay_rate, lambda x: True, "a finite number"),
+            "gradient_clipping": (gradient_clipping, lambda x: x >= 0, "a finite number >= 0 (0 disables it)"),
+        }
+        for key, (value, ok, want) in checks.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"GrokAdamW({key}={value!r}) is invalid; it must be {want}")
+        if grokking_signal_fns is not None:
+            if callable(grokking_signal_fns) or not all(callable(f) for f in grokking_signal_fns):
+                raise TypeError("GrokAdamW(grokking_signal_fns=...) must be a list of zero-argument callables")
+            grokking_signal_fns = list(grokking_signal_fns)
+        # callables cannot be saved in a checkpoint: kept on the object, not in the param groups
+        self.grokking_signal_fns = grokking_signal_fns
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "alpha_init": alpha_init,
+            "lamb": lamb,
+            "gamma": gamma,
+            "grokking_signal_decay_rate": grokking_signal_decay_rate,
+            "gradient_clipping": gradient_clipping,
+            "kahan_sum": bool(kahan_sum),
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("grokking_signal_fns", None)
+        for group in self.param_groups:
+            group.setdefault("kahan_sum", False)
+
+    def _signal(self, group: dict[str, Any]) -> float | None:
+        if self.grokking_signal_fns is None:
+            return grokking_signal_from_losses(group.get("train_loss"), group.get("eval_loss"))
+        values = [v for v in (fn() for fn in self.grokking_signal_fns) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if all(p.grad is None for p in group["params"]):
+                continue
+            signal = self._signal(group)
+            alpha = group["alpha_init"]
+            if signal is not None:
+                alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
+            beta1, beta2 = group["betas"]
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GrokAdamW does not support sparse gradients")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    for key in ("exp_avg", "exp_avg_sq", "grok_ema"):
+                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["kahan_sum"] and "kahan_comp" not in state:
+                    comp = new_kahan_comp(p)
+                    if comp is not None:
+                        state["kahan_comp"] = comp
+                state["step"] += 1
+                grokadamw_update_(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["grok_ema"],
+                    step=state["step"],
+                    lr=group["lr"],
+                    layer_beta1=beta1 * (1 - group["gamma"]) ** i,
+                    bias_beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    alpha=alpha,
+                    lamb=group["lamb"],
+                    gradient_clipping=group["gradient_clipping"],
+                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
+                )
+        return loss
+
+
+register(
+    OptimInfo(
+        name="grokadamw",
+        cls=GrokAdamW,
+        description="GrokAdamW: AdamW on a Grokfast-amplified gradient, layer-wise beta1",
+        paper="cognitivecomputations/grokadamw (no paper); Grokfast, Lee et al., arXiv:2405.20233",
+        default_lr=1e-3,
+    )
+)

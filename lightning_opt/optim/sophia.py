@@ -1,0 +1,394 @@
+"""Sophia: clipped, diagonally preconditioned sign-momentum (Liu et al. 2023, arXiv:2305.14342).
+
+Registered as ``sophia`` (SophiaG, the Gauss-Newton-Bartlett Hessian estimator; DeepSpeed's
+``SophiaOptimizer`` resolves to it) and ``sophia_h`` (SophiaH, Hutchinson's estimator).
+
+The update (Algorithm 3 of the paper, and the official ``Liuhong99/Sophia`` code) per coordinate::
+
+    p <- p (1 - lr wd)                              # decoupled weight decay
+    m <- beta1 m + (1 - beta1) g
+    p <- p - lr clip(m / max(scale h, eps), 1)       # clip(x, 1) = sign(x) min(|x|, 1)
+
+with ``scale = rho * bs`` for SophiaG (``bs``: tokens per optimizer step, the ``B`` of the GNB
+estimator ``B g_hat * g_hat``, kept out of ``h`` as in the official code) and ``scale = rho`` for
+SophiaH. ``h`` is an EMA ``h <- beta2 h + (1 - beta2) h_hat`` refreshed every ``k`` steps by
+:meth:`SophiaG.update_hessian` / :meth:`SophiaH.update_hessian`; in a Lightning ``Trainer`` the
+callback :class:`lightning_opt.callbacks.SophiaHessian` does that (``OptimizerMixin`` adds it). Until
+the first refresh ``h = 0`` and every step is a sign-momentum step of size ``lr``.
+
+Estimators (plain functions here, used by the callback):
+
+- GNB (:func:`gnb_estimate`): ``h_hat = g_hat * g_hat``, where ``g_hat`` is the gradient of the
+  mean cross-entropy against labels *sampled from the model's own softmax* (not the data labels).
+- Hutchinson (:func:`hutchinson_estimate`): ``h_hat = u * (H u)`` with ``u ~ N(0, I)`` (or
+  Rademacher), ``H u`` a Hessian-vector product.
+
+Differences from the references (documented, tested with matching options):
+
+- The official SophiaG code divides by ``rho * bs * h + 1e-15``; the paper (and this file) by
+  ``max(rho * bs * h, eps)``. They agree for ``h >= 0`` up to ``eps`` (``1e-15`` default).
+  ``max`` matters for Hutchinson, whose ``h`` can be negative: ``+ eps`` would flip the step.
+- ``pytorch_optimizer.SophiaH`` computes ``lr' * clamp(m / max(h, eps'), -p, p)``; that is ours
+  with ``lr = lr' * p``, ``rho = p``, ``eps = p * eps'`` and ``weight_decay = wd' / p``.
+- bf16/fp16 parameters keep float32 ``exp_avg``/``hessian`` and the math runs in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim.registry import OptimInfo, register, register_alias
+
+__all__ = [
+    "SophiaG",
+    "SophiaH",
+    "gnb_estimate",
+    "hessian_ema_",
+    "hutchinson_estimate",
+    "sophia_update_",
+]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------------
+# the math, as plain functions of tensors
+
+
+def sophia_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    hessian: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    scale: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One Sophia step for one tensor, in place on ``param`` and ``exp_avg``.
+
+    ``p <- p (1 - lr wd)``; ``m <- beta1 m + (1 - beta1) g``;
+    ``p <- p - lr sign(m) min(|m| / max(scale h, eps), 1)``. ``grad``, ``exp_avg`` and ``hessian``
+    must share ``param``'s dtype (the optimizer casts low-precision tensors to float32 first).
+    """
+    if weight_decay != 0:
+        param.mul_(1.0 - lr * weight_decay)
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    denom = (hessian * scale).clamp_(min=eps)
+    ratio = exp_avg.abs().div_(denom).clamp_(max=1.0)
+    param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+
+
+def hessian_ema_(hessian: Tensor, estimate: Tensor, *, beta2: float) -> None:
+    """``h <- beta2 h + (1 - beta2) h_hat``, in place."""
+    hessian.mul_(beta2).add_(estimate.to(hessian.dtype), alpha=1.0 - beta2)
+
+
+def gnb_estimate(grads: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """Gauss-Newton-Bartlett estimates ``g_hat * g_hat`` from sampled-label gradients ``g_hat``.
+
+    ``g_hat`` must be the gradient of the mean cross-entropy of the model's logits against labels
+    drawn from ``softmax(logits)``; the batch-size factor ``B`` of the paper is the optimizer's ``bs``.
+    """
+    return [None if g is None else g * g for g in grads]
+
+
+def hutchinson_estimate(
+    loss: Tensor,
+    params: Sequence[Tensor],
+    *,
+    num_samples: int = 1,
+    distribution: str = "gaussian",
+    generator: torch.Generator | None = None,
+) -> list[Tensor | None]:
+    """Hutchinson's diagonal-Hessian estimates ``mean_s u_s * (H u_s)`` for each of ``params``.
+
+    Args:
+        loss: a scalar whose graph reaches ``params`` (computed with grad enabled).
+        params: the tensors to estimate for; those the loss does not depend on get ``None``.
+        num_samples: probe vectors averaged (default ``1``).
+        distribution: ``"gaussian"`` (``u ~ N(0, I)``, the paper's) or ``"rademacher"`` (``+-1``).
+        generator: a CPU generator for the probes (reproducible without touching the global RNG).
+
+    Raises:
+        ValueError: unknown ``distribution`` or ``num_samples < 1``.
+    """
+    if distribution not in ("gaussian", "rademacher"):
+        raise ValueError(f"hutchinson_estimate(distribution={distribution!r}) is invalid; expected 'gaussian' or 'rademacher'")
+    if num_samples < 1:
+        raise ValueError(f"hutchinson_estimate(num_samples={num_samples!r}) is invalid; it must be >= 1")
+    params = list(params)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    out: list[Tensor | None] = [None] * len(params)
+    for s in range(num_samples):
+        probes = []
+        for i in live:
+            shape, dev = params[i].shape, params[i].device
+            if distribution == "gaussian":
+                u = torch.randn(shape, generator=generator, dtype=torch.float32)
+            else:
+                u = torch.randint(0, 2, shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1)
+            probes.append(u.to(device=dev, dtype=grads[i].dtype))
+        hvps = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live], grad_outputs=probes, retain_graph=s < num_samples - 1, allow_unused=True)
+        for i, u, hu in zip(live, probes, hvps):
+            est = u * hu if hu is not None else torch.zeros_like(u)
+            out[i] = est if out[i] is None else out[i].add_(est)
+    if num_samples > 1:
+        out = [None if e is None else e.div_(num_samples) for e in out]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimizers
+
+
+def _check(cls: str, key: str, value: Any, *, positive: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ValueError(f"{cls}({key}={value!r}) is invalid; it must be a finite number {'> 0' if positive else '>= 0'}")
+
+
+def _check_betas(cls: str, betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{cls}(betas={betas!r}) is invalid; expected (beta1, beta2), e.g. (0.965, 0.99)")
+    for b in betas:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+            raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
+    return float(betas[0]), float(betas[1])
+
+
+class _Sophia(Optimizer):
+    """The shared step, state and Hessian EMA of :class:`SophiaG` and :class:`SophiaH`."""
+
+    #: which estimator :class:`~lightning_opt.callbacks.SophiaHessian` computes for this optimizer
+    hessian_estimator: ClassVar[str] = ""
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self.register_load_state_dict_post_hook(_restore_fp32_state)
+
+    def _scale(self, group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    @staticmethod
+    def _init_state(p: Tensor, state: dict[str, Any]) -> None:
+        dt = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+        state["hessian"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def update_hessian(self, estimates: Sequence[Tensor | None] | None = None) -> None:
+        """Fold diagonal-Hessian estimates into the EMA: ``h <- beta2 h + (1 - beta2) h_hat``.
+
+        Args:
+            estimates: one estimate (or ``None`` to skip) per parameter, in the order of
+                ``[p for g in param_groups for p in g["params"]]``. SophiaG also accepts ``None``:
+                then ``h_hat = p.grad * p.grad`` (the official code's convention; ``p.grad`` must
+                hold the sampled-label gradient).
+
+        Raises:
+            ValueError: the number of estimates does not match the parameters, or a shape differs.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if estimates is None:
+            estimates = self._default_estimates(params)
+        estimates = list(estimates)
+        if len(estimates) != len(params):
+            raise ValueError(f"{type(self).__name__}.update_hessian got {len(estimates)} estimates for {len(params)} parameters")
+        it = iter(estimates)
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in group["params"]:
+                est = next(it)
+                if est is None:
+                    continue
+                if est.shape != p.shape:
+                    raise ValueError(f"{type(self).__name__}.update_hessian: estimate of shape {tuple(est.shape)} for a parameter of shape {tuple(p.shape)}")
+                state = self.state[p]
+                if "hessian" not in state:
+                    self._init_state(p, state)
+                hessian_ema_(state["hessian"], est.to(state["hessian"].device), beta2=beta2)
+
+    def _default_estimates(self, params: list[Tensor]) -> list[Tensor | None]:
+        raise ValueError(f"{type(self).__name__}.update_hessian needs estimates (see hutchinson_estimate)")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1 = group["betas"][0]
+            scale = self._scale(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    self._init_state(p, state)
+                state["step"] += 1
+                m, h = state["exp_avg"], state["hessian"]
+                x = p if p.dtype == m.dtype else p.to(m.dtype)
+                sophia_update_(x, p.grad.to(m.dtype), m, h, lr=group["lr"], beta1=beta1, scale=scale, eps=group["eps"], weight_decay=group["weight_decay"])
+                if x is not p:
+                    p.copy_(x)
+        return loss
+
+    @torch.no_grad()
+    def clip_fraction(self) -> float:
+        """Fraction of coordinates whose momentum is clipped now (``|m| >= max(scale h, eps)``).
+
+        The paper's tuning signal is ``1 - clip_fraction()`` ("win rate"), best within 0.1-0.5.
+        Computed on demand (one host sync), never inside ``step()``.
+        """
+        clipped = total = 0
+        for group in self.param_groups:
+            scale = self._scale(group)
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if "exp_avg" in state:
+                    denom = (state["hessian"] * scale).clamp_(min=group["eps"])
+                    clipped += int((state["exp_avg"].abs() >= denom).sum())
+                    total += p.numel()
+        return clipped / total if total else 0.0
+
+
+def _restore_fp32_state(optimizer: Optimizer) -> None:
+    # Optimizer.load_state_dict casts floating state to the param dtype; keep float32 state for
+    # bf16/fp16 parameters
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.dtype in _LOW_PRECISION:
+                state = optimizer.state.get(p, {})
+                for key in ("exp_avg", "hessian"):
+                    if key in state:
+                        state[key] = state[key].float()
+
+
+class SophiaG(_Sophia):
+    """SophiaG: Sophia with the Gauss-Newton-Bartlett diagonal-Hessian estimator.
+
+    Args:
+        params: parameters or param-group dicts (extra keys such as ``param_names`` pass through).
+        lr: learning rate, the largest per-coordinate step (default ``1e-4``; GPT-2 used 3e-4 to 7e-4).
+        betas: ``(beta1, beta2)``, the momentum decay and the decay of the Hessian EMA (per
+            refresh, not per step) (default ``(0.965, 0.99)``).
+        rho: the clipping threshold ``gamma`` of the paper (default ``0.04``; GPT-2 used 0.05).
+        weight_decay: decoupled decay ``p *= 1 - lr * weight_decay`` (default ``0.1``).
+        bs: examples (tokens for a language model) per optimizer step: the ``B`` of the GNB
+            estimator ``B * g_hat**2``, multiplied into the denominator as the official code does
+            (default ``5120``, the official ``step(bs=...)`` default). A wrong ``bs`` rescales ``rho``.
+        eps: floor of the denominator ``max(rho * bs * h, eps)`` (default ``1e-15``).
+
+    Raises:
+        ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
+            [0, 1), ``bs`` not positive.
+
+    Example:
+        >>> opt = SophiaG(model.parameters(), lr=3e-4, rho=0.05, weight_decay=0.2, bs=480 * 1024)
+        >>> # every k steps (SophiaHessian does this in a Trainer):
+        >>> logits = model(x); y = torch.distributions.Categorical(logits=logits).sample()
+        >>> F.cross_entropy(logits.flatten(0, -2), y.flatten()).backward(); opt.update_hessian()
+
+    Matches the official ``Liuhong99/Sophia`` ``SophiaG`` (``sophia-opt`` 0.2.2) except ``max``
+    for ``+ eps`` in the denominator (see the module docstring). Paper: Liu, Li, Hall, Liang & Ma,
+    "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training",
+    arXiv:2305.14342.
+    """
+
+    hessian_estimator: ClassVar[str] = "gnb"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        bs: int = 5120,
+        eps: float = 1e-15,
+    ) -> None:
+        for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
+            _check("SophiaG", key, value)
+        _check("SophiaG", "bs", bs, positive=True)
+        betas = _check_betas("SophiaG", betas)
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, eps=eps))
+
+    def _scale(self, group: dict[str, Any]) -> float:
+        return group["rho"] * group["bs"]
+
+    def _default_estimates(self, params: list[Tensor]) -> list[Tensor | None]:
+        return gnb_estimate([p.grad for p in params])
+
+
+class SophiaH(_Sophia):
+    """SophiaH: Sophia with Hutchinson's diagonal-Hessian estimator ``u * (H u)``.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate, the largest per-coordinate step (default ``6e-4``, i.e.
+            ``pytorch_optimizer.SophiaH``'s ``lr=6e-2`` times its clip ``p=1e-2``).
+        betas: ``(beta1, beta2)``, the momentum decay and the decay of the Hessian EMA (default
+            ``(0.96, 0.99)``).
+        rho: the clipping threshold ``gamma`` of the paper (default ``0.01``).
+        weight_decay: decoupled decay ``p *= 1 - lr * weight_decay`` (default ``0.0``).
+        eps: floor of the denominator ``max(rho * h, eps)``; Hutchinson's ``h`` can be negative,
+            which the floor turns into a full-size sign step (default ``1e-12``).
+
+    Raises:
+        ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
+            [0, 1).
+
+    Example:
+        >>> opt = SophiaH(model.parameters(), lr=6e-4)
+        >>> est = hutchinson_estimate(loss_fn(model), list(model.parameters()))
+        >>> opt.update_hessian(est)  # every k steps; SophiaHessian does this in a Trainer
+
+    Compared with ``pytorch_optimizer.SophiaH`` (``lr=lr'*p, rho=p, eps=p*eps', weight_decay=wd'/p``).
+    Paper: arXiv:2305.14342 (Hutchinson: Hutchinson 1989; Yao et al., AdaHessian, arXiv:2006.00719).
+    """
+
+    hessian_estimator: ClassVar[str] = "hutchinson"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 6e-4,
+        betas: tuple[float, float] = (0.96, 0.99),
+        rho: float = 0.01,
+        weight_decay: float = 0.0,
+        eps: float = 1e-12,
+    ) -> None:
+        for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
+            _check("SophiaH", key, value)
+        betas = _check_betas("SophiaH", betas)
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+
+    def _scale(self, group: dict[str, Any]) -> float:
+        return group["rho"]
+
+
+def _sophia_hessian() -> Any:
+    from lightning_opt.callbacks.sophia_hessian import SophiaHessian
+
+    return SophiaHessian()
+
+
+_PAPER = "Liu et al., Sophia, arXiv:2305.14342"
+register(OptimInfo(name="sophia", cls=SophiaG, default_lr=1e-4, description="SophiaG: clipped sign-momentum preconditioned by a GNB Hessian EMA", paper=_PAPER, callbacks=(_sophia_hessian,)))
+register(OptimInfo(name="sophia_h", cls=SophiaH, default_lr=6e-4, description="SophiaH: clipped sign-momentum preconditioned by a Hutchinson Hessian EMA", paper=_PAPER, callbacks=(_sophia_hessian,)))
+register_alias("SophiaOptimizer", "sophia", source="deepspeed")

@@ -1,0 +1,402 @@
+"""Layer-wise adaptive large-batch optimizers: LAMB (You et al. 2019) and LARS (You et al. 2017).
+
+Both scale each tensor's step by a trust ratio of norms (``||p|| / ||update||``), so they are
+per-tensor, not elementwise: on a sharded tensor the norms must be all-reduced first.
+
+Registered as ``lamb`` (DeepSpeed's ``Lamb`` resolves to it) and ``lars``.
+
+Which tensors are adapted follows NVIDIA apex ``FusedLAMB`` and timm (NVLAMB): the trust ratio is
+applied in param groups whose ``weight_decay`` is non-zero, or everywhere with ``always_adapt=True``.
+``build_optimizer`` puts biases and norm gains in a ``weight_decay=0`` group, so with a non-zero
+weight decay they get plain Adam (LAMB) / SGD (LARS) steps, as the papers' experiments do. With
+``weight_decay=0`` and ``always_adapt=False`` nothing is adapted: pass ``always_adapt=True`` to get
+the paper's rule of adapting every tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
+from lightning_opt.optim.lion import _check_betas, _check_lr_wd
+from lightning_opt.optim.registry import OptimInfo, register
+
+__all__ = ["Lamb", "Lars", "lamb_update_", "lars_update_", "trust_ratio"]
+
+
+def _check_number(cls: str, key: str, value: Any, ok: Callable[[float], bool], want: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{cls}({key}={value!r}) is invalid; it must be {want}")
+
+
+def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
+    """``numerator / denominator``, or 1 where either norm is 0 (a fresh zero bias, a zero update)."""
+    ok = (param_norm > 0) & (other_norm > 0)
+    return torch.where(ok, numerator / torch.where(ok, denominator, torch.ones_like(denominator)), torch.ones_like(numerator))
+
+
+def lamb_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Tensor | float = 1.0,
+    bias_correction: bool = True,
+    grad_averaging: bool = True,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    kahan_comp: Tensor | None = None,
+) -> None:
+    """One LAMB (NVLAMB) step for one tensor.
+
+    ``g = grad * grad_scale`` (the global-norm clip factor); ``m <- b1 m + (1-b1) g`` (``+ g`` without
+    ``grad_averaging``); ``v <- b2 v + (1-b2) g^2``; ``u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd p``;
+    with ``adapt``: ``u *= ||p|| / ||u||`` (1 if a norm is 0; at most 1 with ``trust_clip``);
+    ``p -= lr u``.
+    """
+    dt = compute_dtype(param)
+    g = grad.to(dt) * grad_scale
+    m, v = exp_avg.to(dt), exp_avg_sq.to(dt)
+    m.mul_(beta1).add_(g, alpha=(1 - beta1) if grad_averaging else 1.0)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - beta1**step if bias_correction else 1.0
+    bc2 = 1 - beta2**step if bias_correction else 1.0
+    u = (m / bc1).div_(v.sqrt().div_(math.sqrt(bc2)).add_(eps))
+    p32 = param.to(dt)
+    if weight_decay != 0:
+        u.add_(p32, alpha=weight_decay)
+    if adapt:
+        w_norm, u_norm = torch.linalg.vector_norm(p32), torch.linalg.vector_norm(u)
+        ratio = trust_ratio(w_norm, u_norm, w_norm, u_norm)
+        if trust_clip:
+            ratio = ratio.clamp(max=1.0)
+        u.mul_(ratio)
+    if m is not exp_avg:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
+    apply_update_(param, u.mul_(-lr), kahan_comp)
+
+
+def lars_update_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coeff: float,
+    eps: float,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    kahan_comp: Tensor | None = None,
+) -> Tensor | None:
+    """One LARS step for one tensor; returns the momentum buffer (created on the first step).
+
+    With ``adapt``: ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)`` (1 if a norm is 0;
+    ``min(r / lr, 1)`` with ``trust_clip``, LARC) and ``d = (g + wd p) r``; else ``d = g + wd p``.
+    Then SGD momentum as torch: ``buf = d`` on the first step, later ``buf <- mu buf + (1-damp) d``;
+    ``d = d + mu buf`` (Nesterov) or ``buf``; ``p -= lr d``.
+    """
+    dt = compute_dtype(param)
+    p32 = param.to(dt)
+    d = grad.to(dt, copy=True)
+    if adapt:
+        w_norm, g_norm = torch.linalg.vector_norm(p32), torch.linalg.vector_norm(d)
+        ratio = trust_ratio(trust_coeff * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm)
+        if trust_clip:
+            ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
+    if weight_decay != 0:
+        d.add_(p32, alpha=weight_decay)
+    if adapt:
+        d.mul_(ratio)
+    if momentum != 0:
+        if momentum_buffer is None:
+            momentum_buffer = d.to(param.dtype, copy=True)
+            buf = d.clone()
+        else:
+            buf = momentum_buffer.to(dt)
+            buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            if buf is not momentum_buffer:
+                momentum_buffer.copy_(buf)
+        d = d.add_(buf, alpha=momentum) if nesterov else buf
+    apply_update_(param, d.mul(-lr), kahan_comp)
+    return momentum_buffer
+
+
+class Lamb(Optimizer):
+    """LAMB: Adam directions scaled per tensor to ``lr * ||p||`` (NVLAMB semantics, as apex and timm).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate (default ``1e-3``).
+        betas: moment decay rates (default ``(0.9, 0.999)``).
+        eps: added to the bias-corrected ``sqrt(v)`` (default ``1e-6``).
+        weight_decay: added to the update as ``wd * p`` before the trust ratio (default ``1e-2``);
+            a group with ``weight_decay != 0`` is trust-ratio adapted.
+        bias_correction: bias-correct the moments (default ``True``; ``False`` is the paper's v3).
+        grad_averaging: weight the new gradient by ``1 - beta1`` in ``m`` (default ``True``).
+        max_grad_norm: clip the *global* gradient norm (over all groups) to this before the moments,
+            without touching ``p.grad``; ``0`` disables it (default ``1.0``). Do not also clip in the
+            Trainer.
+        trust_clip: clamp the trust ratio at 1 (LAMBC) (default ``False``).
+        always_adapt: adapt groups with ``weight_decay == 0`` too (the paper) (default ``False``).
+        kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+
+    Raises:
+        ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm.
+
+    Example:
+        >>> opt = Lamb(model.parameters(), lr=2e-3, weight_decay=0.01)
+
+    Differences from ``pytorch_optimizer.Lamb``: that one adapts every tensor, clamps ``||p||`` at
+    10, adds ``eps`` to ``||u||``, keeps ``1/bc1`` outside the trust ratio and has no ``bc2``; it
+    equals ours with ``bias_correction=False, always_adapt=True`` and its ``adam_debias=True,
+    weight_decouple=False`` (tests/optim/test_lamb_lars.py). Paper: You et al., "Large Batch
+    Optimization for Deep Learning: Training BERT in 76 minutes", arXiv:1904.00962.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-2,
+        *,
+        bias_correction: bool = True,
+        grad_averaging: bool = True,
+        max_grad_norm: float = 1.0,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        kahan_sum: bool = False,
+    ) -> None:
+        _check_lr_wd("Lamb", lr, weight_decay)
+        betas = _check_betas("Lamb", betas)
+        _check_number("Lamb", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
+        _check_number("Lamb", "max_grad_norm", max_grad_norm, lambda x: x >= 0, "a finite number >= 0 (0 disables clipping)")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bool(bias_correction),
+            "grad_averaging": bool(grad_averaging),
+            "trust_clip": bool(trust_clip),
+            "always_adapt": bool(always_adapt),
+            "kahan_sum": bool(kahan_sum),
+        }
+        # the clip is global over every group, so it is one number for the optimizer
+        self.max_grad_norm = float(max_grad_norm)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", 1.0)
+        for group in self.param_groups:
+            group.setdefault("kahan_sum", False)
+
+    @torch.no_grad()
+    def _grad_scale(self) -> Tensor | float:
+        if self.max_grad_norm <= 0:
+            return 1.0
+        norms = [torch.linalg.vector_norm(p.grad.to(compute_dtype(p.grad))) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not norms:
+            return 1.0
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+        return 1.0 / (total / self.max_grad_norm).clamp(min=1.0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = self._grad_scale()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            adapt = group["weight_decay"] != 0 or group["always_adapt"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["kahan_sum"] and "kahan_comp" not in state:
+                    comp = new_kahan_comp(p)
+                    if comp is not None:
+                        state["kahan_comp"] = comp
+                state["step"] += 1
+                lamb_update_(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    step=state["step"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    grad_scale=scale.to(p.device) if isinstance(scale, Tensor) else scale,
+                    bias_correction=group["bias_correction"],
+                    grad_averaging=group["grad_averaging"],
+                    adapt=adapt,
+                    trust_clip=group["trust_clip"],
+                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
+                )
+        return loss
+
+
+class Lars(Optimizer):
+    """LARS: SGD with momentum whose per-tensor lr is ``trust_coeff * ||p|| / (||g|| + wd ||p||)``.
+
+    Follows timm's ``Lars`` (apex LARC with ``trust_clip``); the momentum is torch SGD's.
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: global learning rate (default ``1.0``; the trust ratio makes steps ``~lr * trust_coeff``
+            relative to ``||p||``).
+        momentum: momentum factor (default ``0.9``, the paper's).
+        dampening: momentum dampening (default ``0.0``).
+        weight_decay: L2 decay ``wd * p`` added to the gradient (default ``0.0``); a group with
+            ``weight_decay != 0`` is trust-ratio adapted.
+        nesterov: Nesterov momentum (default ``False``).
+        trust_coeff: the trust coefficient eta (default ``1e-3``).
+        eps: added to the trust-ratio denominator (default ``1e-8``).
+        trust_clip: LARC: use ``min(trust / lr, 1)`` as the ratio (default ``False``).
+        always_adapt: adapt groups with ``weight_decay == 0`` too (default ``False``).
+        kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+
+    Raises:
+        ValueError: invalid lr, weight_decay, momentum, dampening, trust_coeff or eps, or
+            ``nesterov`` without momentum or with dampening.
+
+    Example:
+        >>> opt = Lars(model.parameters(), lr=4.8, weight_decay=1e-6, momentum=0.9)
+
+    Differences from ``pytorch_optimizer.Lars``: that one adapts (and decays) only tensors with
+    ``ndim > 1`` whatever the group, has no ``eps`` and zero-initialises the momentum buffer (equal
+    to torch's only with ``dampening=0``). Paper: You, Gitman & Ginsburg, "Large Batch Training of
+    Convolutional Networks", arXiv:1708.03888.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        trust_coeff: float = 1e-3,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        kahan_sum: bool = False,
+    ) -> None:
+        _check_lr_wd("Lars", lr, weight_decay)
+        _check_number("Lars", "momentum", momentum, lambda x: 0 <= x < 1, "a number in [0, 1)")
+        _check_number("Lars", "dampening", dampening, lambda x: 0 <= x <= 1, "a number in [0, 1]")
+        _check_number("Lars", "trust_coeff", trust_coeff, lambda x: x > 0, "a finite number > 0")
+        _check_number("Lars", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"Lars(nesterov=True) needs momentum > 0 and dampening = 0 (got momentum={momentum}, dampening={dampening})")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": bool(nesterov),
+            "trust_coeff": trust_coeff,
+            "eps": eps,
+            "trust_clip": bool(trust_clip),
+            "always_adapt": bool(always_adapt),
+            "kahan_sum": bool(kahan_sum),
+        }
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("kahan_sum", False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            adapt = group["weight_decay"] != 0 or group["always_adapt"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lars does not support sparse gradients")
+                state = self.state[p]
+                if group["kahan_sum"] and "kahan_comp" not in state:
+                    comp = new_kahan_comp(p)
+                    if comp is not None:
+                        state["kahan_comp"] = comp
+                buf = lars_update_(
+                    p,
+                    p.grad,
+                    state.get("momentum_buffer"),
+                    lr=group["lr"],
+                    momentum=group["momentum"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    weight_decay=group["weight_decay"],
+                    trust_coeff=group["trust_coeff"],
+                    eps=group["eps"],
+                    adapt=adapt,
+                    trust_clip=group["trust_clip"],
+                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
+                )
+                if buf is not None:
+                    state["momentum_buffer"] = buf
+        return loss
+
+
+register(
+    OptimInfo(
+        name="lamb",
+        cls=Lamb,
+        description="LAMB (NVLAMB as apex/timm): per-tensor trust ratio on Adam, global grad clip",
+        paper="You et al., arXiv:1904.00962",
+        default_lr=1e-3,
+    )
+)
+# DeepSpeed's "Lamb" is our name already (names match case-insensitively)
+register(
+    OptimInfo(
+        name="lars",
+        cls=Lars,
+        description="LARS (as timm; LARC with trust_clip): per-tensor trust ratio on SGD momentum",
+        paper="You, Gitman & Ginsburg, arXiv:1708.03888",
+        default_lr=1.0,
+    )
+)

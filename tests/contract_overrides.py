@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 OVERRIDES: dict[str, dict[str, Any]] = {
-    # RAdam-SF's default silent phase takes no step while rho_t <= 4 (the first 5 steps with
-    # beta2=0.999), so "three steps change a parameter" needs the SGD-phase steps taken
     # the suite calls step() without the SophiaHessian callback, so h stays 0 and every step is a
     # sign step of size lr; at the default 1e-4, 300 steps are too few for the regression
     "sophia": {"lr": 1e-3, "why": "no Hessian refresh here: sign steps of size lr"},
-    "schedule_free_radam": {"hparams": {"silent_sgd_phase": False}, "why": "the silent phase (first 5 steps) moves nothing"},
+    # RAdam-SF's default silent phase takes no step while rho_t <= 4 (the first 4 steps with
+    # beta2=0.999), so "three steps change a parameter" needs the SGD-phase steps taken
+    "schedule_free_radam": {"hparams": {"silent_sgd_phase": False}, "why": "the silent phase (first 4 steps) moves nothing"},
     # "name": {"lr": 1e-2, "hparams": {...}, "loss_threshold": 0.1, "steps": 60, "bf16": True},
 }

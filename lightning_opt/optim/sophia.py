@@ -116,7 +116,8 @@ def hutchinson_estimate(
         params: the tensors to estimate for; those the loss does not depend on get ``None``.
         num_samples: probe vectors averaged (default ``1``).
         distribution: ``"gaussian"`` (``u ~ N(0, I)``, the paper's) or ``"rademacher"`` (``+-1``).
-        generator: a CPU generator for the probes (reproducible without touching the global RNG).
+        generator: a generator on the parameters' device for the probes (reproducible without
+            touching the global RNG); ``None`` uses the global RNG.
 
     Raises:
         ValueError: unknown ``distribution`` or ``num_samples < 1``.
@@ -132,12 +133,12 @@ def hutchinson_estimate(
     for s in range(num_samples):
         probes = []
         for i in live:
-            shape, dev = params[i].shape, params[i].device
+            shape, dev, dt = params[i].shape, params[i].device, grads[i].dtype
             if distribution == "gaussian":
-                u = torch.randn(shape, generator=generator, dtype=torch.float32)
+                u = torch.randn(shape, generator=generator, device=dev, dtype=dt)
             else:
-                u = torch.randint(0, 2, shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1)
-            probes.append(u.to(device=dev, dtype=grads[i].dtype))
+                u = torch.randint(0, 2, shape, generator=generator, device=dev, dtype=dt).mul_(2).sub_(1)
+            probes.append(u)
         hvps = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live], grad_outputs=probes, retain_graph=s < num_samples - 1, allow_unused=True)
         for i, u, hu in zip(live, probes, hvps):
             est = u * hu if hu is not None else torch.zeros_like(u)

@@ -15,5 +15,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # RAdam-SF's default silent phase takes no step while rho_t <= 4 (the first 4 steps with
     # beta2=0.999), so "three steps change a parameter" needs the SGD-phase steps taken
     "schedule_free_radam": {"hparams": {"silent_sgd_phase": False}, "why": "the silent phase (first 4 steps) moves nothing"},
+    # Lion moves every coordinate by lr per step; its default 1e-4 (meant for real models, 3-10x
+    # below AdamW's) needs more than 300 steps on the toy regression
+    "lion": {"lr": 1e-3, "why": "sign steps of size lr: the default 1e-4 is too slow for 300 steps"},
+    # timm's LARS adapts only groups with weight_decay != 0; the suite's default wd=0 would make it
+    # plain SGD at lr=1.0 (it warns), so always_adapt makes every test exercise the trust ratio
+    "lars": {"hparams": {"always_adapt": True}, "why": "wd=0 groups are not adapted unless always_adapt"},
     # "name": {"lr": 1e-2, "hparams": {...}, "loss_threshold": 0.1, "steps": 60, "bf16": True},
 }

@@ -9,13 +9,14 @@ Which tensors are adapted follows NVIDIA apex ``FusedLAMB`` and timm (NVLAMB): t
 applied in param groups whose ``weight_decay`` is non-zero, or everywhere with ``always_adapt=True``.
 ``build_optimizer`` puts biases and norm gains in a ``weight_decay=0`` group, so with a non-zero
 weight decay they get plain Adam (LAMB) / SGD (LARS) steps, as the papers' experiments do. With
-``weight_decay=0`` and ``always_adapt=False`` nothing is adapted: pass ``always_adapt=True`` to get
-the paper's rule of adapting every tensor.
+``weight_decay=0`` and ``always_adapt=False`` nothing is adapted, so the classes warn when built that
+way: pass ``always_adapt=True`` to get the paper's rule of adapting every tensor.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,6 +34,17 @@ __all__ = ["Lamb", "Lars", "lamb_update_", "lars_update_", "trust_ratio"]
 def _check_number(cls: str, key: str, value: Any, ok: Callable[[float], bool], want: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{cls}({key}={value!r}) is invalid; it must be {want}")
+
+
+def _warn_if_nothing_adapted(opt: Optimizer, cls: str) -> None:
+    if not any(g["weight_decay"] != 0 or g["always_adapt"] for g in opt.param_groups):
+        warnings.warn(
+            f"{cls}: no param group has weight_decay != 0 and always_adapt=False, so no tensor gets a "
+            f"trust ratio and this runs as plain {'Adam' if cls == 'Lamb' else 'SGD'}; pass always_adapt=True "
+            "(the paper's rule) or a non-zero weight_decay",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -204,6 +216,7 @@ class Lamb(Optimizer):
         # the clip is global over every group, so it is one number for the optimizer
         self.max_grad_norm = float(max_grad_norm)
         super().__init__(params, defaults)
+        _warn_if_nothing_adapted(self, "Lamb")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -336,6 +349,7 @@ class Lars(Optimizer):
             "kahan_sum": bool(kahan_sum),
         }
         super().__init__(params, defaults)
+        _warn_if_nothing_adapted(self, "Lars")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -142,7 +142,8 @@ def test_lars_matches_pytorch_optimizer(nesterov: bool) -> None:
 @pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.0}])
 def test_lars_without_adaptation_is_torch_sgd(kw) -> None:
     grads = _grads(20)
-    ours = _run(lambda ps: Lars(_groups(ps, wd=0.0), **kw), _params(), grads)
+    with pytest.warns(UserWarning, match="plain SGD"):
+        ours = _run(lambda ps: Lars(_groups(ps, wd=0.0), **kw), _params(), grads)
     ref = _run(lambda ps: torch.optim.SGD(_groups(ps, wd=0.0), **kw), _params(), grads)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -173,6 +174,19 @@ def test_lars_trust_ratio_eps_and_larc_clip(trust_clip: bool, lr: float) -> None
         ours = _run(lambda ps: Lars(ps, lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=0.01, eps=0.5, trust_clip=trust_clip, always_adapt=always), [p], [[x] for x in grads])[0]
         ref = _lars_reference(p0, grads, lr=lr, momentum=0.9, wd=wd, coeff=0.01, eps=0.5, trust_clip=trust_clip)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_warns_when_nothing_is_adapted() -> None:
+    import warnings
+
+    with pytest.warns(UserWarning, match="plain Adam"):
+        Lamb([torch.zeros(2, requires_grad=True)], weight_decay=0.0)
+    with pytest.warns(UserWarning, match="plain SGD"):
+        Lars([torch.zeros(2, requires_grad=True)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Lamb([torch.zeros(2, requires_grad=True)])  # default weight_decay=1e-2 adapts
+        Lars([torch.zeros(2, requires_grad=True)], always_adapt=True)
 
 
 @pytest.mark.parametrize(

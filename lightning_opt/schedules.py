@@ -64,6 +64,7 @@ DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
 # Shape-specific options: which shapes read them and the default used when left at None.
 # An option given to a shape that does not read it is an error (never accepted and ignored).
 _SHAPE_OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "decay_offset": (("cosine",), 0),
     "restart_period": (("cosine_restarts",), None),
     "period_mult": (("cosine_restarts",), 1),
     "power": (("polynomial",), 1.0),
@@ -116,12 +117,16 @@ class ScheduleConfig:
             ``exponential``, ``step``, ``multistep``) multiplier, in ``[0, 1]`` (default 0).
         warmup_init_ratio: multiplier at step 0 of the warmup, in ``[0, 1]`` (default 0, the Hugging
             Face convention; Hugging Face's ``get_wsd_schedule`` starts at ``min_lr_ratio``).
+        warmup_type: ``"linear"`` (default) ``a + (1-a) t/W``, or ``"log"`` ``a + (1-a) log(t+1)/log(W)``
+            (DeepSpeed's default warmup; needs ``warmup_steps >= 2``).
         decay_shape: ``wsd`` decay: ``linear`` ``1-s``, ``cosine`` ``(1+cos(pi s))/2``, ``1-sqrt``
             ``1-sqrt(s)`` (each mapped to ``r + (1-r) f``), or ``exponential`` ``r**s`` (needs
             ``min_lr_ratio > 0``); default ``"linear"``.
         decay_steps, decay_ratio: ``wsd`` decay length in steps or as a fraction of ``total_steps``.
         decay_start: ``wsd`` step at which the decay starts (default ``total_steps - decay_steps``);
             set it on resume to start the decay now.
+        decay_offset: ``cosine``: steps by which the cosine's progress is ahead,
+            ``s = (t - W + decay_offset) / (T - W)`` (default 0; DeepSpeed's ``WarmupCosineLR`` is 1).
         restart_period, period_mult: ``cosine_restarts`` (SGDR) first period in steps (default the
             whole post-warmup run) and integer period multiplier (default 1).
         power: ``polynomial`` exponent (default 1.0).
@@ -153,10 +158,12 @@ class ScheduleConfig:
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
     warmup_init_ratio: float = 0.0
+    warmup_type: str = "linear"
     decay_steps: int | None = None
     decay_ratio: float | None = None
     decay_shape: str = "linear"
     decay_start: int | None = None
+    decay_offset: int | None = None
     restart_period: int | None = None
     period_mult: int | None = None
     power: float | None = None
@@ -206,6 +213,12 @@ class ScheduleConfig:
             raise _fail("min_lr_ratio", self.min_lr_ratio, "it is a fraction of each group's initial lr, in [0, 1]")
         if not 0.0 <= self.warmup_init_ratio <= 1.0:
             raise _fail("warmup_init_ratio", self.warmup_init_ratio, "it is a fraction of each group's initial lr, in [0, 1]")
+        if self.warmup_type not in ("linear", "log"):
+            raise _fail("warmup_type", self.warmup_type, "expected 'linear' or 'log'")
+        if self.warmup_type == "log" and (shape == "onecycle" or self.warmup_ratio is not None or self.warmup_steps < 2):
+            raise _fail("warmup_type", "log", "a log warmup needs warmup_steps >= 2 (and not onecycle or warmup_ratio)")
+        if self.decay_offset is not None:
+            _check_int("decay_offset", self.decay_offset, low=0)
         if shape in ("constant", "onecycle") and self.min_lr_ratio != 0.0:
             hint = "a constant schedule has no decay" if shape == "constant" else "onecycle ends at 1/(div_factor*final_div_factor)"
             raise _fail("min_lr_ratio", self.min_lr_ratio, hint)
@@ -400,6 +413,8 @@ class Schedule:
         if c.shape == "onecycle":
             return _onecycle(self, t)[0]
         if t < w:
+            if c.warmup_type == "log":
+                return log_warmup_factor(t, w, c.warmup_init_ratio)
             return warmup_factor(t, w, c.warmup_init_ratio)
         r = c.min_lr_ratio
         return getattr(self, f"_{c.shape}")(t, w, r)
@@ -417,8 +432,8 @@ class Schedule:
             raise ValueError("Schedule.values needs a number of steps for a schedule without total_steps")
         return [self(t) for t in range(n)]
 
-    def _progress(self, t: int, w: int) -> float:
-        return min(float(t - w) / float(max(1, self.total_steps - w)), 1.0)
+    def _progress(self, t: int, w: int, offset: int = 0) -> float:
+        return min(float(t - w + offset) / float(max(1, self.total_steps - w)), 1.0)
 
     def _constant(self, t: int, w: int, r: float) -> float:
         return 1.0
@@ -427,7 +442,7 @@ class Schedule:
         return r + (1.0 - r) * (1.0 - self._progress(t, w))
 
     def _cosine(self, t: int, w: int, r: float) -> float:
-        return r + (1.0 - r) * cosine_decay(self._progress(t, w))
+        return r + (1.0 - r) * cosine_decay(self._progress(t, w, self.config.option("decay_offset")))
 
     def _polynomial(self, t: int, w: int, r: float) -> float:
         return r + (1.0 - r) * (1.0 - self._progress(t, w)) ** self.config.option("power")
@@ -467,6 +482,11 @@ class Schedule:
 def warmup_factor(t: int, warmup_steps: int, init_ratio: float = 0.0) -> float:
     """Linear warmup ``a + (1 - a) t / W`` for ``t < W`` (``a = init_ratio``)."""
     return init_ratio + (1.0 - init_ratio) * (float(t) / float(max(1, warmup_steps)))
+
+
+def log_warmup_factor(t: int, warmup_steps: int, init_ratio: float = 0.0) -> float:
+    """DeepSpeed's log warmup ``a + (1 - a) log(t + 1) / log(W)`` for ``t < W``."""
+    return init_ratio + (1.0 - init_ratio) * (math.log(t + 1) / math.log(warmup_steps))
 
 
 def cosine_decay(s: float) -> float:

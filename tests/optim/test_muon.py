@@ -1,0 +1,319 @@
+"""Muon: the Muon side against torch.optim.Muon, the AdamW side against torch.optim.AdamW, in one object.
+
+torch's Newton-Schulz always runs in bfloat16, so the reference comparisons set ``ns_dtype="bfloat16"``;
+the float32/float64 iteration is checked against an independent construction: Newton-Schulz acts
+on the singular values only, so for ``G = U diag(s) V^T`` the result is ``U diag(f(s)) V^T`` with
+``f`` the scalar quintic iterated on ``s / ||s||``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_opt import build_optimizer, get_optimizer_info
+from lightning_opt.optim.muon import Muon, zeropower_via_newtonschulz
+
+SHAPES = {
+    "embed.weight": (10, 16),  # AdamW: embedding
+    "layers.0.attn.weight": (16, 32),  # Muon, wide
+    "layers.0.mlp.weight": (48, 16),  # Muon, tall (transposed NS, lr scaled by sqrt(3))
+    "layers.0.mlp.bias": (48,),  # AdamW: 1-D
+    "norm.weight": (16,),  # AdamW: 1-D
+    "head.weight": (10, 16),  # AdamW: output head
+}
+MUON_NAMES = ["layers.0.attn.weight", "layers.0.mlp.weight"]
+ADAMW_NAMES = [n for n in SHAPES if n not in MUON_NAMES]
+
+CONFIGS = {
+    # Keller's setting: "original" lr rule, AdamW side at the default ratio 3e-4 / 0.02
+    "original": (
+        {"lr": 0.02, "weight_decay": 0.1},
+        {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "nesterov": True, "adjust_lr_fn": "original"},
+        {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-10},
+    ),
+    # every other knob moved away from its default
+    "moonlight": (
+        {
+            "lr": 1e-3, "weight_decay": 0.05, "momentum": 0.9, "nesterov": False, "ns_steps": 3,
+            "ns_coefficients": (3.0, -3.2, 1.2), "eps": 1e-3, "adjust_lr_fn": "match_rms_adamw",
+            "adamw_lr": 5e-3, "adamw_betas": (0.8, 0.99), "adamw_eps": 1e-6,
+        },
+        {
+            "lr": 1e-3, "weight_decay": 0.05, "momentum": 0.9, "nesterov": False, "ns_steps": 3,
+            "ns_coefficients": (3.0, -3.2, 1.2), "eps": 1e-3, "adjust_lr_fn": "match_rms_adamw",
+        },
+        {"lr": 5e-3, "weight_decay": 0.05, "betas": (0.8, 0.99), "eps": 1e-6},
+    ),
+    # match_rms_adamw: one lr for both sides by default; explicit ratio here
+    "ratio": (
+        {"lr": 2e-3, "adjust_lr_fn": "match_rms_adamw", "adamw_lr_ratio": 0.5},
+        {"lr": 2e-3, "weight_decay": 0.0, "adjust_lr_fn": "match_rms_adamw"},
+        {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.95), "eps": 1e-10},
+    ),
+}
+
+
+def _tensors(dtype: torch.dtype, shapes=SHAPES, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for n, s in shapes.items()}
+
+
+def _grads(params: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for n, p in params.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_matches_torch_muon_and_adamw(config: str, dtype: torch.dtype) -> None:
+    ours_kw, muon_kw, adamw_kw = CONFIGS[config]
+    init = _tensors(dtype)
+    ours = {n: t.clone().requires_grad_() for n, t in init.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = Muon(list(ours.items()), ns_dtype="bfloat16", **ours_kw)
+    ref_muon = torch.optim.Muon([ref[n] for n in MUON_NAMES], **muon_kw)
+    ref_adamw = torch.optim.AdamW([ref[n] for n in ADAMW_NAMES], foreach=False, **adamw_kw)
+    for step in range(20):
+        grads = _grads(init, step)
+        for n in SHAPES:
+            ours[n].grad = grads[n].clone()
+            ref[n].grad = grads[n].clone()
+        opt.step()
+        ref_muon.step()
+        ref_adamw.step()
+    for n in SHAPES:
+        torch.testing.assert_close(ours[n], ref[n], msg=lambda m, n=n: f"{n}: {m}")
+    # the comparison is not vacuous: every parameter moved
+    for n in SHAPES:
+        assert not torch.allclose(ours[n], init[n])
+
+
+def _ns_by_svd(G: torch.Tensor, steps: int, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> torch.Tensor:
+    """The Newton-Schulz result computed on the singular values (float64)."""
+    a, b, c = coefficients
+    U, s, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    x = s / s.square().sum().sqrt().clamp(min=eps)
+    for _ in range(steps):
+        x = a * x + b * x**3 + c * x**5
+    return U @ torch.diag(x) @ Vh
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24), (32, 32)])
+def test_newton_schulz_against_singular_value_iteration(shape: tuple[int, int]) -> None:
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = _ns_by_svd(G, 5)
+    torch.testing.assert_close(zeropower_via_newtonschulz(G, 5, torch.float64), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(zeropower_via_newtonschulz(G, 5, torch.float32).double(), expected, rtol=1e-4, atol=1e-5)
+    coeffs = (3.0, -3.2, 1.2)
+    torch.testing.assert_close(
+        zeropower_via_newtonschulz(G, 3, torch.float64, coefficients=coeffs), _ns_by_svd(G, 3, coeffs), rtol=1e-10, atol=1e-10
+    )
+    # bf16 is within Keller's tolerance but far from float32's (what ns_dtype buys)
+    err_bf16 = (zeropower_via_newtonschulz(G, 5, torch.bfloat16).double() - expected).norm() / expected.norm()
+    assert 1e-4 < err_bf16 < 5e-2
+    assert G.dtype == torch.float64 and zeropower_via_newtonschulz(G.float(), 5, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_default_ns_dtype_is_full_precision_on_cpu(dtype: torch.dtype) -> None:
+    # one step from zero momentum: p1 = p0 - lr * sqrt(max(1, A/B)) * NS(g) (NS is scale-invariant)
+    p0 = torch.randn(48, 16, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    g = torch.randn(48, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    p = p0.clone().requires_grad_()
+    p.grad = g.clone()
+    Muon([p], lr=0.02).step()
+    expected = p0.double() - 0.02 * math.sqrt(3) * _ns_by_svd(g, 5)
+    tol = 1e-12 if dtype is torch.float64 else 1e-6
+    torch.testing.assert_close(p.detach().double(), expected, rtol=tol, atol=tol)
+    q = p0.clone().requires_grad_()
+    q.grad = g.clone()
+    Muon([q], lr=0.02, ns_dtype=torch.bfloat16).step()
+    assert (q.detach().double() - expected).abs().max() > 1e-4  # bf16 would not pass the check above
+
+
+def test_flatten_conv_matches_torch_muon_on_the_matrix_view() -> None:
+    w0 = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = w0.clone().requires_grad_()
+    ref = w0.reshape(8, 27).clone().requires_grad_()
+    plain = w0.clone().requires_grad_()
+    opt = Muon([("conv.weight", ours)], lr=0.02, weight_decay=0.1, flatten_conv=True, ns_dtype="bfloat16")
+    ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1)
+    plain_opt = Muon([("conv.weight", plain)], lr=0.02, weight_decay=0.1)
+    ref_adamw = w0.clone().requires_grad_()
+    ref_adamw_opt = torch.optim.AdamW([ref_adamw], lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-10)
+    assert opt.param_groups[0]["muon_mask"] == [True] and plain_opt.param_groups[0]["muon_mask"] == [False]
+    for step in range(20):
+        g = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        ours.grad, ref.grad, plain.grad, ref_adamw.grad = g.clone(), g.reshape(8, 27).clone(), g.clone(), g.clone()
+        opt.step(), ref_opt.step(), plain_opt.step(), ref_adamw_opt.step()
+    torch.testing.assert_close(ours.detach().reshape(8, 27), ref.detach())
+    torch.testing.assert_close(plain, ref_adamw)  # without flatten_conv a conv weight gets AdamW
+
+
+class TinyGPT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 16)
+        self.wpe = nn.Embedding(8, 16)
+        self.h = nn.ModuleList([nn.ModuleDict({"c_attn": nn.Linear(16, 48), "ln": nn.LayerNorm(16)})])
+        self.lm_head = nn.Linear(16, 11, bias=False)
+
+
+def _split(opt: Muon) -> dict[str, bool]:
+    return {n: m for g in opt.param_groups for n, m in zip(g["param_names"], g["muon_mask"])}
+
+
+def test_split_by_name_and_shape() -> None:
+    opt = build_optimizer(TinyGPT(), "muon", lr=0.02, weight_decay=0.1)
+    assert isinstance(opt, Muon)
+    assert _split(opt) == {
+        "wte.weight": False, "wpe.weight": False, "h.0.c_attn.weight": True, "h.0.c_attn.bias": False,
+        "h.0.ln.weight": False, "h.0.ln.bias": False, "lm_head.weight": False,
+    }
+    custom = build_optimizer(TinyGPT(), "muon", lr=0.02, adamw_patterns=[r"c_attn"])
+    split = _split(custom)
+    assert split["h.0.c_attn.weight"] is False and split["lm_head.weight"] is True and split["wte.weight"] is True
+    # BERT's hidden attention.output.dense is not an output head
+    bert = Muon([("encoder.layer.0.attention.output.dense.weight", torch.zeros(4, 4, requires_grad=True))])
+    assert bert.param_groups[0]["muon_mask"] == [True]
+    # without names only the shape decides
+    unnamed = Muon([torch.zeros(4, 4, requires_grad=True), torch.zeros(4, requires_grad=True)])
+    assert unnamed.param_groups[0]["muon_mask"] == [True, False]
+
+
+def test_use_muon_group_key_overrides_the_rules() -> None:
+    w, e = torch.zeros(6, 4, requires_grad=True), torch.zeros(6, 4, requires_grad=True)
+    opt = Muon([
+        {"params": [w], "param_names": ["fc.weight"], "use_muon": False},
+        {"params": [e], "param_names": ["embed.weight"], "use_muon": True},
+    ])
+    assert [g["muon_mask"] for g in opt.param_groups] == [[False], [True]]
+    w.grad, e.grad = torch.ones(6, 4), torch.ones(6, 4)
+    opt.step()
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"} and set(opt.state[e]) == {"momentum_buffer"}
+    with pytest.raises(ValueError, match="use_muon=True.*bias"):
+        Muon([{"params": [torch.zeros(3, requires_grad=True)], "param_names": ["bias"], "use_muon": True}])
+    with pytest.raises(ValueError, match="flatten_conv=True"):
+        Muon([{"params": [torch.zeros(2, 2, 3, 3, requires_grad=True)], "use_muon": True}])
+
+
+def test_split_is_restored_from_the_checkpoint() -> None:
+    init = _tensors(torch.float32)
+
+    def run(opt_kwargs: dict, params: dict, steps: int, state=None):
+        opt = Muon(list(params.items()), **opt_kwargs)
+        if state is not None:
+            opt.load_state_dict(state)
+        for s in range(steps):
+            for n, g in _grads(init, s if state is None else s + steps).items():
+                params[n].grad = g
+            opt.step()
+        return opt
+
+    straight = {n: t.clone().requires_grad_() for n, t in init.items()}
+    run({"weight_decay": 0.01}, straight, 6)
+    first = {n: t.clone().requires_grad_() for n, t in init.items()}
+    saved = copy.deepcopy(run({"weight_decay": 0.01}, first, 3).state_dict())
+    # patterns that would send everything to AdamW: the saved split wins, and the resume is exact
+    resumed_opt = run({"weight_decay": 0.01, "adamw_patterns": [r"."]}, first, 3, state=saved)
+    assert resumed_opt.param_groups[0]["muon_mask"] == [n in MUON_NAMES for n in SHAPES]
+    for n in SHAPES:
+        assert torch.equal(first[n], straight[n]), n
+
+
+def test_bf16_parameters_keep_fp32_state_through_save_and_load() -> None:
+    init = _tensors(torch.bfloat16)
+
+    def steps(params, opt, start, count):
+        for s in range(start, start + count):
+            for n, g in _grads(init, s).items():
+                params[n].grad = g
+            opt.step()
+
+    straight = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = Muon(list(straight.items()), weight_decay=0.01)
+    steps(straight, opt, 0, 6)
+    assert {v.dtype for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)} == {torch.float32}
+    first = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt1 = Muon(list(first.items()), weight_decay=0.01)
+    steps(first, opt1, 0, 3)
+    saved = copy.deepcopy(opt1.state_dict())
+    opt2 = Muon(list(first.items()), weight_decay=0.01)
+    opt2.load_state_dict(saved)
+    assert opt2.state[first["layers.0.attn.weight"]]["momentum_buffer"].dtype == torch.float32
+    steps(first, opt2, 3, 3)
+    for n in SHAPES:
+        assert first[n].dtype == torch.bfloat16 and torch.equal(first[n], straight[n]), n
+
+
+def test_closure_is_called_once_with_grad_enabled() -> None:
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = Muon([w])
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert calls == [True] and loss is not None
+
+
+def test_rejects_sharded_dtensor_parameters(tmp_path) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        b = nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="DTensor.*'fc.weight'.*later issue"):
+            Muon([("fc.weight", w)])
+        Muon([("fc.bias", b)])  # the elementwise AdamW side is shard-safe
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"momentum": 1.0}, "momentum=1.0"),
+        ({"ns_steps": 0}, "ns_steps=0"),
+        ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+        ({"ns_dtype": "int8"}, "ns_dtype='int8'"),
+        ({"adjust_lr_fn": "moonlight"}, "adjust_lr_fn='moonlight'.*match_rms_adamw"),
+        ({"adamw_lr": 1e-3, "adamw_lr_ratio": 0.1}, "exclusive"),
+        ({"adamw_betas": (0.9, 1.0)}, "adamw_betas"),
+        ({"adamw_patterns": "embed"}, "list of regexes"),
+        ({"adamw_patterns": ["("]}, r"adamw_patterns=\[\.\.\., '\('\]"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Muon([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+
+
+def test_default_adamw_ratio_follows_adjust_lr_fn() -> None:
+    p = [torch.zeros(2, 2, requires_grad=True)]
+    assert Muon(p).param_groups[0]["adamw_lr_ratio"] == pytest.approx(0.015)
+    assert Muon(p, adjust_lr_fn="match_rms_adamw").param_groups[0]["adamw_lr_ratio"] == 1.0
+    assert Muon(p, lr=0.01, adamw_lr=1e-3).param_groups[0]["adamw_lr_ratio"] == pytest.approx(0.1)
+    assert Muon(p, ns_dtype="float64").param_groups[0]["ns_dtype"] is torch.float64
+
+
+def test_registry_entry_and_deepspeed_alias() -> None:
+    assert get_optimizer_info("muon").cls is Muon
+    assert get_optimizer_info("MuonOptimizer").cls is Muon
+    assert get_optimizer_info("Muon").cls is Muon

@@ -158,6 +158,7 @@ class ScheduleFreeBase(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         defaults = {**defaults, "k": 0, "train_mode": True, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_stash_fp32_state)
         self.register_load_state_dict_post_hook(_restore_fp32_state)
 
     # -- hooks for subclasses
@@ -261,16 +262,25 @@ def _apply_(p: Tensor, z: Tensor, beta: float, fn: Callable[[Tensor, Tensor, flo
         p.copy_(y)
 
 
+def _stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    # Optimizer.load_state_dict casts floating state to the param dtype, which would round the
+    # float32 state of bf16/fp16 parameters; keep the saved float32 tensors to put back after
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    optimizer._fp32_stash = (ids, {
+        k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
+        for k, s in state_dict["state"].items()
+    })
+
+
 def _restore_fp32_state(optimizer: Optimizer) -> None:
-    # Optimizer.load_state_dict casts floating state to the param dtype; bf16/fp16 params keep
-    # float32 state here, so cast it back
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.dtype in _LOW_PRECISION:
-                state = optimizer.state.get(p, {})
-                for key, value in state.items():
-                    if isinstance(value, Tensor) and value.is_floating_point():
-                        state[key] = value.float()
+    ids, stash = getattr(optimizer, "_fp32_stash", None) or ([], {})
+    optimizer._fp32_stash = None
+    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
+    for k, saved in stash.items():
+        p = params.get(k)
+        if p is not None and p.dtype in _LOW_PRECISION:
+            for n, v in saved.items():
+                optimizer.state[p][n] = v.to(p.device, copy=True)
 
 
 class AdamWScheduleFree(ScheduleFreeBase):

@@ -175,6 +175,7 @@ class _Sophia(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_stash_fp32_state)
         self.register_load_state_dict_post_hook(_restore_fp32_state)
 
     def _scale(self, group: dict[str, Any]) -> float:
@@ -268,16 +269,25 @@ class _Sophia(Optimizer):
         return clipped / total if total else 0.0
 
 
+def _stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    # Optimizer.load_state_dict casts floating state to the param dtype, which would round the
+    # float32 state of bf16/fp16 parameters; keep the saved float32 tensors to put back after
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    optimizer._fp32_stash = (ids, {
+        k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
+        for k, s in state_dict["state"].items()
+    })
+
+
 def _restore_fp32_state(optimizer: Optimizer) -> None:
-    # Optimizer.load_state_dict casts floating state to the param dtype; keep float32 state for
-    # bf16/fp16 parameters
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.dtype in _LOW_PRECISION:
-                state = optimizer.state.get(p, {})
-                for key in ("exp_avg", "hessian"):
-                    if key in state:
-                        state[key] = state[key].float()
+    ids, stash = getattr(optimizer, "_fp32_stash", None) or ([], {})
+    optimizer._fp32_stash = None
+    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
+    for k, saved in stash.items():
+        p = params.get(k)
+        if p is not None and p.dtype in _LOW_PRECISION:
+            for n, v in saved.items():
+                optimizer.state[p][n] = v.to(p.device, copy=True)
 
 
 class SophiaG(_Sophia):

@@ -1,0 +1,336 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's preconditioners (Vyas et al. 2024, arXiv:2409.11321).
+
+Registered as ``soap``. The math lives in plain functions of tensors (:func:`soap_merge_shape`,
+:func:`soap_project`, :func:`soap_eigenbasis`, :func:`soap_refresh_eigenbasis`,
+:func:`soap_update_`) so a fused kernel or a sharded wrapper can call it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim.muon import keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.registry import OptimInfo, register
+
+__all__ = [
+    "SOAP",
+    "soap_eigenbasis",
+    "soap_merge_shape",
+    "soap_project",
+    "soap_refresh_eigenbasis",
+    "soap_update_",
+]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+
+
+def soap_merge_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
+    """Merge neighbouring dims while their product stays ``<= max_precond_dim`` (the SOAP repo's rule).
+
+    ``(8, 4, 3, 3)`` with 40 becomes ``(32, 9)``; a dim larger than the limit stays alone.
+    """
+    merged: list[int] = []
+    current = 1
+    for size in shape:
+        if current * size > max_precond_dim:
+            if current > 1:
+                merged.append(current)
+                current = size
+            else:
+                merged.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not merged:
+        merged.append(current)
+    return merged
+
+
+def soap_project(x: Tensor, Q: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
+    """Rotate ``x`` into the eigenbasis (``Q_1^T x Q_2`` for a matrix) or, with ``back``, out of it.
+
+    ``Q[i]`` is the orthogonal basis of dim ``i`` or ``None`` for a dim that is not preconditioned.
+    Each dim is contracted in turn and moved to the end, so the dim order is restored at the end.
+    """
+    for q in Q:
+        if q is None:
+            x = x.movedim(0, -1)
+        else:
+            x = torch.tensordot(x, q, dims=([0], [1 if back else 0]))
+    return x
+
+
+def soap_eigenbasis(L: Tensor) -> Tensor:
+    """Eigenvectors of the symmetric ``L``, by descending eigenvalue (``eigh``; float64 fallback)."""
+    eye = torch.eye(L.size(0), dtype=L.dtype, device=L.device)
+    try:
+        _, q = torch.linalg.eigh(L + 1e-30 * eye)
+    except RuntimeError:  # eigh fails to converge on some ill-conditioned float32 inputs
+        _, q = torch.linalg.eigh(L.double() + 1e-30 * eye.double())
+        q = q.to(L.dtype)
+    return q.flip(1)
+
+
+def soap_refresh_eigenbasis(
+    GG: Sequence[Tensor | None], Q: Sequence[Tensor | None], exp_avg_sq: Tensor
+) -> tuple[list[Tensor | None], Tensor]:
+    """One power iteration and QR per preconditioned dim: ``Q <- qr(L Q)`` (the paper's refresh).
+
+    The columns are first sorted by the estimated eigenvalues ``diag(Q^T L Q)`` (descending), and
+    ``exp_avg_sq`` is permuted along that dim to follow its coordinates.
+
+    Returns:
+        The new bases and the permuted second moment.
+    """
+    new_Q: list[Tensor | None] = []
+    for dim, (L, q) in enumerate(zip(GG, Q)):
+        if L is None:
+            new_Q.append(None)
+            continue
+        LQ = L @ q
+        order = torch.argsort((q * LQ).sum(dim=0), descending=True)
+        exp_avg_sq = exp_avg_sq.index_select(dim, order)
+        new_Q.append(torch.linalg.qr(LQ.index_select(1, order))[0])
+    return new_Q, exp_avg_sq
+
+
+def _accumulate_(GG: Sequence[Tensor | None], g: Tensor, shampoo_beta: float) -> None:
+    for dim, L in enumerate(GG):
+        if L is None:
+            continue
+        others = [*chain(range(dim), range(dim + 1, g.ndim))]
+        L.lerp_(torch.tensordot(g, g, dims=(others, others)), 1 - shampoo_beta)
+
+
+def soap_update_(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+    precondition_frequency: int,
+    normalize_grads: bool,
+    correct_bias: bool,
+) -> None:
+    """One SOAP step for one parameter whose ``state`` was made by :meth:`SOAP._init_state`.
+
+    ``G' = project(G)``; ``m' = lerp(m', G', 1-b1)``; ``v' = b2 v' + (1-b2) G'^2``;
+    ``N = project_back(m' / (sqrt(v') + eps))`` (divided by its RMS with ``normalize_grads``);
+    ``p -= lr sqrt(bc2)/bc1 N``; ``p -= lr wd p``; then the preconditioners take ``G`` and, every
+    ``precondition_frequency`` updates, the bases are refreshed (``m'`` is rotated along with them).
+    """
+    dt = _math_dtype(param)
+    g = grad.to(dt).reshape(state["exp_avg"].shape)
+    Q = state["Q"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    g_rot = soap_project(g, Q)
+    state["step"] += 1
+    step = state["step"]
+    exp_avg.lerp_(g_rot, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
+    step_size = lr
+    if correct_bias:
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    update = soap_project(exp_avg / exp_avg_sq.sqrt().add_(eps), Q, back=True)
+    if normalize_grads:
+        update.div_(update.square().mean().sqrt().add_(1e-30))
+    p = param if param.dtype == dt else param.to(dt)
+    p.add_(update.reshape(param.shape), alpha=-step_size)
+    if weight_decay != 0:
+        # after the step, on the updated p (the SOAP repo's order)
+        p.mul_(1 - lr * weight_decay)
+    if p is not param:
+        param.copy_(p)
+    _accumulate_(state["GG"], g, shampoo_beta)
+    if step % precondition_frequency == 0:
+        m = soap_project(exp_avg, Q, back=True)
+        state["Q"], state["exp_avg_sq"] = soap_refresh_eigenbasis(state["GG"], Q, exp_avg_sq)
+        state["exp_avg"] = soap_project(m, state["Q"])
+
+
+def _check(key: str, value: Any, ok: bool, hint: str) -> None:
+    if not ok:
+        raise ValueError(f"SOAP({key}={value!r}) is invalid; {hint}")
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class SOAP(Optimizer):
+    """SOAP: Shampoo's eigenbasis, refreshed every ``precondition_frequency`` steps, with Adam inside it.
+
+    For a matrix gradient ``G``, ``L = EMA(G G^T)`` and ``R = EMA(G^T G)`` (decay ``shampoo_beta``)
+    give bases ``Q_L, Q_R`` (``eigh`` at the first step, then one power iteration + QR per refresh);
+    Adam runs on ``Q_L^T G Q_R`` and its update is rotated back. Higher-dim tensors get one basis per
+    dim. The first step of every parameter only initializes the preconditioners and does not move
+    it (as in the paper's code); bias correction counts the updates taken after it.
+
+    Args:
+        params: parameters or param-group dicts (extra keys such as ``param_names`` pass through).
+        lr: learning rate (default ``3e-3``).
+        betas: Adam ``(beta1, beta2)`` in the rotated basis (default ``(0.95, 0.95)``).
+        shampoo_beta: EMA decay of ``L`` and ``R``; ``None`` (default) uses ``beta2``.
+        eps: added to ``sqrt(v')`` (default ``1e-8``).
+        weight_decay: decoupled decay ``p -= lr * wd * p``, applied after the update (default ``0.01``).
+        precondition_frequency: updates between eigenbasis refreshes (default 10).
+        max_precond_dim: dims larger than this are not rotated (default 10000).
+        merge_dims: merge neighbouring small dims (conv kernels) up to ``max_precond_dim`` (default
+            ``False``); the moments are kept in the merged shape.
+        precondition_1d: also rotate 1-D parameters (default ``False``: plain Adam for them).
+        normalize_grads: divide the rotated-back update by its RMS (default ``False``).
+        correct_bias: Adam bias correction ``sqrt(1-b2^t)/(1-b1^t)`` (default ``True``).
+
+    Raises:
+        ValueError: invalid lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency or
+            max_precond_dim.
+        NotImplementedError: a DTensor (FSDP2-sharded) parameter.
+
+    Example:
+        >>> opt = SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01)
+
+    Differences from the references, each equal in exact arithmetic or a documented choice: the
+    first moment is kept in the rotated basis and rotated along at each refresh (the SOAP repo's
+    current code; ``pytorch_optimizer.SOAP`` keeps it unrotated); the refresh QR runs in the
+    parameter's math dtype (float64 for float64 parameters) where both references use float32;
+    ``normalize_grads`` divides by ``RMS + 1e-30`` as the SOAP repo does (``pytorch_optimizer``
+    adds ``eps``); ``data_format`` is channels-first only. The moments and preconditioners of
+    bf16/fp16 parameters are float32. Paper: Vyas et al., "SOAP: Improving and Stabilizing Shampoo
+    using Adam", arXiv:2409.11321.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        correct_bias: bool = True,
+    ) -> None:
+        _check("lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        _check(
+            "betas", betas,
+            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            "expected two floats in [0, 1)",
+        )
+        _check("shampoo_beta", shampoo_beta, shampoo_beta is None or (_is_number(shampoo_beta) and 0 <= shampoo_beta < 1), "expected None (use beta2) or a float in [0, 1)")
+        _check("eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
+        _check("weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        _check("precondition_frequency", precondition_frequency, _is_int(precondition_frequency) and precondition_frequency >= 1, "it must be an int >= 1")
+        _check("max_precond_dim", max_precond_dim, _is_int(max_precond_dim) and max_precond_dim >= 1, "it must be an int >= 1")
+        defaults = {
+            "lr": lr,
+            "betas": tuple(float(b) for b in betas),
+            "shampoo_beta": shampoo_beta,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "precondition_frequency": precondition_frequency,
+            "max_precond_dim": max_precond_dim,
+            "merge_dims": bool(merge_dims),
+            "precondition_1d": bool(precondition_1d),
+            "normalize_grads": bool(normalize_grads),
+            "correct_bias": bool(correct_bias),
+        }
+        super().__init__(params, defaults)
+        keep_state_dtype_on_load(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; DTensor (sharded) parameters are refused here, before any step."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names") or [None] * len(group["params"])
+        for p, name in zip(group["params"], names):
+            reject_dtensor("SOAP", p, name)
+
+    @staticmethod
+    def _init_state(param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        dt = _math_dtype(param)
+        max_dim = group["max_precond_dim"]
+        if param.ndim <= 1:
+            shape = [max(param.numel(), 1)]
+            rotated = [group["precondition_1d"] and shape[0] <= max_dim]
+        else:
+            shape = soap_merge_shape(param.shape, max_dim) if group["merge_dims"] else list(param.shape)
+            rotated = [size <= max_dim for size in shape]
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros(shape, dtype=dt, device=param.device)
+        state["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=param.device)
+        state["GG"] = [torch.zeros(n, n, dtype=dt, device=param.device) if r else None for n, r in zip(shape, rotated)]
+        beta2 = group["betas"][1]
+        shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+        _accumulate_(state["GG"], grad.to(dt).reshape(shape), shampoo_beta)
+        state["Q"] = [None if L is None else soap_eigenbasis(L) for L in state["GG"]]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SOAP does not support sparse gradients")
+                state = self.state[p]
+                if "Q" not in state:
+                    # the first step only builds the preconditioners (no update), as in the paper's code
+                    self._init_state(p, p.grad, group, state)
+                    continue
+                soap_update_(
+                    p,
+                    p.grad,
+                    state,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    shampoo_beta=shampoo_beta,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    precondition_frequency=group["precondition_frequency"],
+                    normalize_grads=group["normalize_grads"],
+                    correct_bias=group["correct_bias"],
+                )
+        return loss
+
+
+register(
+    OptimInfo(
+        name="soap",
+        cls=SOAP,
+        description="SOAP: Adam in the eigenbasis of Shampoo's preconditioners",
+        paper="Vyas et al., arXiv:2409.11321",
+        default_lr=3e-3,
+    )
+)

@@ -21,5 +21,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # timm's LARS adapts only groups with weight_decay != 0; the suite's default wd=0 would make it
     # plain SGD at lr=1.0 (it warns), so always_adapt makes every test exercise the trust ratio
     "lars": {"hparams": {"always_adapt": True}, "why": "wd=0 groups are not adapted unless always_adapt"},
+    # bitsandbytes' Lion8bit: the same sign steps as "lion" above, so the same too-slow default lr
+    "lion_8bit": {"lr": 1e-3, "why": "sign steps of size lr: the default 1e-4 is too slow for 300 steps"},
     # "name": {"lr": 1e-2, "hparams": {...}, "loss_threshold": 0.1, "steps": 60, "bf16": True},
 }

@@ -108,7 +108,7 @@ class ScheduleConfig:
         shape: one of :data:`SHAPES` (default ``"cosine"``).
         warmup_steps: linear warmup length in optimizer steps (default 0). For ``onecycle`` it sets
             the rising phase instead of ``pct_start`` (torch's anneal shape, from ``1/div_factor``).
-        warmup_ratio: warmup as a fraction of ``total_steps`` in ``[0, 1)``, rounded down; exclusive
+        warmup_ratio: warmup as a fraction of ``total_steps`` in ``[0, 1)``, rounded up; exclusive
             with ``warmup_steps``.
         total_steps: run length in optimizer steps; ``None`` means "known at ``resolve``" (the
             callback passes ``trainer.estimated_stepping_batches``).
@@ -122,7 +122,8 @@ class ScheduleConfig:
         decay_shape: ``wsd`` decay: ``linear`` ``1-s``, ``cosine`` ``(1+cos(pi s))/2``, ``1-sqrt``
             ``1-sqrt(s)`` (each mapped to ``r + (1-r) f``), or ``exponential`` ``r**s`` (needs
             ``min_lr_ratio > 0``); default ``"linear"``.
-        decay_steps, decay_ratio: ``wsd`` decay length in steps or as a fraction of ``total_steps``.
+        decay_steps, decay_ratio: ``wsd`` decay length in steps or as a fraction of ``total_steps``
+            (rounded up, so a ratio > 0 always decays).
         decay_start: ``wsd`` step at which the decay starts (default ``total_steps - decay_steps``);
             set it on resume to start the decay now.
         decay_offset: ``cosine``: steps by which the cosine's progress is ahead,
@@ -350,7 +351,7 @@ class ScheduleConfig:
             raise _fail("total_steps", None, f"shape {self.shape!r} with these options needs the run length; pass total_steps")
         warmup = self.warmup_steps
         if self.warmup_ratio is not None:
-            warmup = int(self.warmup_ratio * total)
+            warmup = _ratio_steps(self.warmup_ratio, total)
         if total is not None and warmup > total:
             raise _fail("warmup_steps", warmup, f"the warmup is longer than the run ({total} steps)")
         if self.shape == "onecycle":
@@ -360,7 +361,7 @@ class ScheduleConfig:
             return Schedule(self, total, 0, pct_start=pct)
         decay_steps = decay_start = 0
         if self.shape == "wsd":
-            decay_steps = self.decay_steps if self.decay_steps is not None else int(self.decay_ratio * total)
+            decay_steps = self.decay_steps if self.decay_steps is not None else _ratio_steps(self.decay_ratio, total)
             if decay_steps < 1:
                 raise _fail("decay_ratio", self.decay_ratio, f"it gives no decay step over a run of {total} steps")
             if self.decay_start is not None:
@@ -379,6 +380,11 @@ class ScheduleConfig:
                         f"the decay is longer than what is left after {warmup} warmup steps of a {total}-step run",
                     )
         return Schedule(self, total, warmup, decay_steps=decay_steps, decay_start=decay_start)
+
+
+def _ratio_steps(ratio: float, total: int) -> int:
+    """``ceil(ratio * total)`` (Hugging Face Trainer's warmup rounding), robust to float noise."""
+    return max(0, math.ceil(ratio * total - 1e-9))
 
 
 def _check_int(name: str, value: Any, *, low: int) -> None:

@@ -54,7 +54,7 @@ T = 40
     [
         ("constant_with_warmup", {}, dict(shape="constant", warmup_steps=7)),
         ("linear", {}, dict(shape="linear", warmup_steps=5)),
-        ("linear", {}, dict(shape="linear", warmup_ratio=0.1)),  # int(0.1 * 40) = 4 warmup steps
+        ("linear", {}, dict(shape="linear", warmup_ratio=0.1)),  # ceil(0.1 * 40) = 4 warmup steps
         ("cosine", {}, dict(shape="cosine", warmup_steps=6)),
         ("cosine_with_min_lr", {"min_lr_rate": 0.1}, dict(shape="cosine", warmup_steps=6, min_lr_ratio=0.1)),
         ("cosine_with_restarts", {"num_cycles": 3}, dict(shape="cosine_restarts", warmup_steps=10, restart_period=10)),
@@ -272,3 +272,10 @@ def test_plot_and_plot_schedule_command(tmp_path):
     with pytest.raises(ValueError, match="needs decay_steps"):
         plot_schedule_main(["wsd", "--total-steps", "100", "-o", str(tmp_path / "d.png")])
     assert math.isfinite(ScheduleConfig("wsd", decay_ratio=0.1).resolve(100)(99))
+
+
+def test_ratios_round_up_robustly():
+    assert ScheduleConfig("linear", warmup_ratio=0.07).resolve(100).warmup_steps == 7  # 0.07 * 100 = 7.000000000000001
+    assert ScheduleConfig("linear", warmup_ratio=0.05).resolve(30).warmup_steps == 2  # ceil(1.5), as HF's Trainer
+    s = ScheduleConfig("wsd", warmup_ratio=0.05, decay_ratio=0.2).resolve(2)  # a tiny run still decays
+    assert (s.warmup_steps, s.decay_steps, s.decay_start) == (1, 1, 1)

@@ -1,0 +1,204 @@
+"""Lookahead: k fast steps of any registered optimizer, then pull toward slow weights (Zhang et al. 2019).
+
+Registered as ``lookahead`` (``base`` names the inner optimizer, default ``"adamw"``) and, for the
+common bases, as ``lookahead_adamw``, ``lookahead_sgd``, ``lookahead_radam`` (Ranger's pairing),
+``lookahead_lion`` and ``lookahead_lamb``, which take their base's hyperparameters directly plus
+``k`` and ``alpha``. Names are not generated for every entry (that would double the registry and
+the contract suite); ``lookahead`` with ``base=...`` reaches every other one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_opt.optim._kahan import compute_dtype
+from lightning_opt.optim.build import normalize_groups
+from lightning_opt.optim.registry import OptimInfo, accepted_hparams, get_optimizer_info, register, validate_hparams
+
+__all__ = ["LOOKAHEAD_BASES", "Lookahead", "lookahead_sync_"]
+
+#: the bases that get a ``lookahead_<name>`` registry entry
+LOOKAHEAD_BASES = ("adamw", "sgd", "radam", "lion", "lamb")
+
+
+def lookahead_sync_(param: torch.Tensor, slow: torch.Tensor, *, alpha: float) -> None:
+    """``slow <- slow + alpha (param - slow)``, then ``param <- slow`` (in float32 for bf16/fp16)."""
+    dt = compute_dtype(param)
+    s = slow.to(dt)
+    s.add_(param.to(dt) - s, alpha=alpha)
+    if s is not slow:
+        slow.copy_(s)
+    param.copy_(slow)
+
+
+class Lookahead(Optimizer):
+    """Run a registered optimizer on fast weights; every ``k`` steps move slow weights toward them.
+
+    Every ``k`` steps: ``slow <- slow + alpha (fast - slow)`` and ``fast <- slow``. The model holds
+    the fast weights, which equal the slow ones right after each sync, so validation at a multiple
+    of ``k`` steps sees the slow weights. The inner optimizer's ``param_groups`` and ``state`` *are*
+    this object's, so LR schedulers, layer decay and checkpointing work unchanged; the slow weights
+    are saved in the state as ``lookahead_slow`` and the step counter in each group as
+    ``lookahead_step``.
+
+    Args:
+        params: parameters, ``(name, tensor)`` pairs or param-group dicts (as ``build_optimizer``
+            passes them); groups keep their own ``lr``/``weight_decay``.
+        lr: base learning rate (default: the base's registry ``default_lr``).
+        base: registry name of the inner optimizer (default ``"adamw"``). Schedule-free optimizers
+            and those that need a callback (Sophia) are refused: their extra machinery would talk
+            to the wrapper, not to the inner optimizer.
+        k: fast steps between syncs, an integer >= 1 (default ``5``).
+        alpha: slow-weight step size, in (0, 1] (default ``0.5``; 1 disables the pull-back).
+        weight_decay: weight decay passed to the base (default ``0.0``).
+        base_hparams: the base's own hyperparameters, e.g. ``{"betas": (0.9, 0.95)}`` (default none);
+            validated like ``build_optimizer``'s (unknown names raise ``TypeError``).
+
+    Raises:
+        ValueError: unknown ``base``, a refused base, invalid ``k``/``alpha``/``lr``.
+        TypeError: a ``base_hparams`` entry the base does not take.
+
+    Example:
+        >>> opt = Lookahead(model.parameters(), lr=1e-3, base="adamw", k=5, alpha=0.5,
+        ...                 base_hparams={"betas": (0.9, 0.95)})
+        >>> opt = build_optimizer(model, "lookahead_radam", lr=1e-3, k=6)  # Ranger
+
+    Equal to ``pytorch_optimizer.Lookahead`` with ``pullback_momentum="none"`` (no pull-back
+    option here). Paper: Zhang, Lucas, Hinton & Ba, "Lookahead Optimizer: k steps forward, 1 step
+    back", arXiv:1907.08610.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        *,
+        base: str = "adamw",
+        k: int = 5,
+        alpha: float = 0.5,
+        weight_decay: float = 0.0,
+        base_hparams: Mapping[str, Any] | None = None,
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Lookahead(k={k!r}) is invalid; it must be an integer >= 1 (fast steps per sync)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+            raise ValueError(f"Lookahead(alpha={alpha!r}) is invalid; it must lie in (0, 1]")
+        info = get_optimizer_info(base)
+        if info.cls is Lookahead or info.name.startswith("lookahead"):
+            raise ValueError(f"Lookahead(base={base!r}) would nest Lookahead; pick the inner optimizer's name")
+        if info.schedule_free or info.callbacks:
+            raise ValueError(
+                f"Lookahead(base={base!r}) is not supported: {info.name} needs "
+                f"{'a train/eval switch' if info.schedule_free else 'a callback'} that would reach the wrapper, not the inner optimizer"
+            )
+        lr = info.default_lr if lr is None else lr
+        info, kwargs = validate_hparams(base, lr=lr, weight_decay=weight_decay, hparams=dict(base_hparams or {}))
+        groups = normalize_groups(params, lr=lr, weight_decay=weight_decay)
+        if "weight_decay" in accepted_hparams(info) or "weight_decay" in info.fixed:
+            kwargs.setdefault("weight_decay", weight_decay)
+        elif any(g.get("weight_decay", 0.0) for g in groups):
+            raise TypeError(f"Lookahead(base={base!r}): {info.name} takes no weight decay, but a param group sets one")
+        self.base_optimizer: Optimizer = info.cls(groups, lr=lr, **kwargs)
+        self.base = info.name
+        defaults = {"lookahead_k": k, "lookahead_alpha": float(alpha), "lookahead_step": 0}
+        # torch's __init__ writes the defaults into the inner optimizer's group dicts (shared below)
+        super().__init__(self.base_optimizer.param_groups, defaults)
+        self.defaults = {**self.base_optimizer.defaults, **defaults}
+        self._share_inner()
+
+    def _share_inner(self) -> None:
+        self._shared = True
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def __repr__(self) -> str:
+        return f"Lookahead(base={self.base!r}, {self.base_optimizer!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the inner optimizer (with this wrapper's ``k``/``alpha`` unless it sets them)."""
+        if not getattr(self, "_shared", False):  # Optimizer.__init__ registering the inner groups
+            super().add_param_group(param_group)
+            return
+        self.base_optimizer.add_param_group(param_group)
+        for key in ("lookahead_k", "lookahead_alpha", "lookahead_step"):
+            self.base_optimizer.param_groups[-1].setdefault(key, self.defaults[key])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # the inner load replaces its state and group objects; share the new ones again
+        self.base_optimizer.load_state_dict(state_dict)
+        self._share_inner()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One inner step (which calls ``closure`` once), then a sync in groups at a multiple of ``k``."""
+        # Slow weights start as the weights before a tensor's first inner step. They enter the
+        # state only once the inner optimizer has stepped the tensor, because torch's optimizers
+        # initialise a tensor's state when it is empty.
+        pending = {
+            p: p.detach().clone()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.requires_grad and "lookahead_slow" not in self.state.get(p, ())
+        }
+        loss = self.base_optimizer.step(closure)
+        for p, slow in pending.items():
+            if p.grad is not None:
+                self.state[p]["lookahead_slow"] = slow
+        for group in self.param_groups:
+            group["lookahead_step"] += 1
+            if group["lookahead_step"] % group["lookahead_k"]:
+                continue
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and "lookahead_slow" in state:
+                    lookahead_sync_(p, state["lookahead_slow"], alpha=group["lookahead_alpha"])
+        return loss
+
+
+def _lookahead_over(base: str) -> Callable[..., Lookahead]:
+    def make(params: Iterable[Any], lr: float | None = None, *, k: int = 5, alpha: float = 0.5, **hparams: Any) -> Lookahead:
+        weight_decay = hparams.pop("weight_decay", 0.0)
+        return Lookahead(params, lr=lr, base=base, k=k, alpha=alpha, weight_decay=weight_decay, base_hparams=hparams)
+
+    make.__name__ = make.__qualname__ = f"lookahead_{base}"
+    make.__doc__ = f"Lookahead over {base!r}: takes {base}'s hyperparameters plus k and alpha."
+    return make
+
+
+register(
+    OptimInfo(
+        name="lookahead",
+        cls=Lookahead,
+        description="Lookahead around any registered optimizer (base=..., k, alpha, base_hparams)",
+        paper="Zhang, Lucas, Hinton & Ba, arXiv:1907.08610",
+        default_lr=1e-3,
+    )
+)
+
+
+def register_after_all() -> None:
+    """Register ``lookahead_<base>`` for :data:`LOOKAHEAD_BASES` (called once every family is loaded)."""
+    for base in LOOKAHEAD_BASES:
+        info = get_optimizer_info(base)
+        register(
+            OptimInfo(
+                name=f"lookahead_{info.name}",
+                cls=_lookahead_over(info.name),
+                description=f"Lookahead (k=5, alpha=0.5) around {info.name}",
+                paper=f"Zhang et al., arXiv:1907.08610; {info.paper}",
+                default_lr=info.default_lr,
+                hparams=tuple(h for h in accepted_hparams(info) if h != "lr") + ("k", "alpha"),
+                extra=info.extra,
+            )
+        )

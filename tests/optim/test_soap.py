@@ -1,0 +1,213 @@
+"""SOAP against pytorch_optimizer.SOAP: same weights, same gradients, 20 steps, float64 and float32.
+
+The update does not depend on the sign of the eigenvectors (a sign flip of a basis column flips the
+matching rows of ``G'`` and ``m'`` and cancels in the rotation back; ``v'`` is squared), and both
+implementations run ``eigh`` on the same matrix, so the comparison is exact up to rounding. The
+reference runs its refresh QR in float32 even for float64 parameters; its effect (~1e-8 here) is
+inside float64's default tolerance, while each trajectory is ~2e-2 away from plain Adam's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pytorch_optimizer import SOAP as RefSOAP
+
+from lightning_opt import build_optimizer, get_optimizer_info
+from lightning_opt.optim.soap import SOAP, soap_merge_shape, soap_project
+
+SHAPES = [(16, 16), (12, 20), (20, 12), (7,), (8, 4, 3, 3)]
+
+# name -> (our kwargs, the reference's kwargs); every option moved away from its default somewhere
+CONFIGS = {
+    "defaults": ({}, {}),
+    "refresh_every_3": ({"precondition_frequency": 3}, {"precondition_frequency": 3}),
+    "betas_eps_wd": (
+        {"betas": (0.9, 0.99), "eps": 1e-3, "weight_decay": 0.5, "precondition_frequency": 4},
+        {"betas": (0.9, 0.99), "eps": 1e-3, "weight_decay": 0.5, "precondition_frequency": 4},
+    ),
+    "shampoo_beta": ({"shampoo_beta": 0.5, "precondition_frequency": 3}, {"shampoo_beta": 0.5, "precondition_frequency": 3}),
+    # 20 > 16: the second dim of (12, 20) and the first of (20, 12) stay unrotated
+    "max_precond_dim": ({"max_precond_dim": 16, "precondition_frequency": 3}, {"max_precondition_dim": 16, "precondition_frequency": 3}),
+    # (8, 4, 3, 3) -> (32, 9) and (12, 20) stays (12, 20) with a limit of 40; the 1-D parameter is
+    # left out because the reference's merge_small_dims turns shape (7,) into (1,) and fails
+    "merge_dims": (
+        {"merge_dims": True, "max_precond_dim": 40, "precondition_frequency": 3},
+        {"merge_dims": True, "max_precondition_dim": 40, "precondition_frequency": 3},
+    ),
+    # a 1-D preconditioner g g^T gains rank 1 per step; refreshing it while it is singular (rank 4 of 7
+    # at update 3) makes QR's basis of the null space rounding noise, and the reference's float32 QR
+    # picks another one than our float64 QR; at update 10 it has full rank
+    "precondition_1d": ({"precondition_1d": True}, {"precondition_1d": True}),
+    # the reference divides by RMS + eps, the SOAP repo (and we) by RMS + 1e-30: eps=0 makes them equal
+    "normalize_grads": (
+        {"normalize_grads": True, "eps": 0.0, "precondition_frequency": 3},
+        {"normalize_gradient": True, "eps": 0.0, "precondition_frequency": 3},
+    ),
+    "no_bias_correction": ({"correct_bias": False}, {"correct_bias": False}),
+}
+
+
+def _init(dtype: torch.dtype, shapes=SHAPES) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+
+
+def _grads(init: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in init]
+
+
+def _run(make, init: list[torch.Tensor], steps: int = 20) -> list[torch.Tensor]:
+    params = [t.clone().requires_grad_() for t in init]
+    opt = make(params)
+    for s in range(steps):
+        for p, g in zip(params, _grads(init, s)):
+            p.grad = g
+        opt.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_matches_pytorch_optimizer_soap(config: str, dtype: torch.dtype) -> None:
+    ours_kw, ref_kw = CONFIGS[config]
+    base = {"lr": 3e-3, "weight_decay": 0.01}
+    init = _init(dtype, [s for s in SHAPES if len(s) > 1] if config == "merge_dims" else SHAPES)
+    ours = _run(lambda ps: SOAP(ps, **{**base, **ours_kw}), init)
+    ref = _run(lambda ps: RefSOAP(ps, **{**base, **ref_kw}), init)
+    for o, r in zip(ours, ref):
+        torch.testing.assert_close(o, r, msg=lambda m, s=tuple(o.shape): f"{s}: {m}")
+    # a wrong algorithm would not pass: the trajectory is far from plain Adam's and, where the
+    # option changes anything, from our run with default options
+    adam = _run(lambda ps: _LateAdam(ps, lr=3e-3), init)
+    assert any((o - a).abs().max() > 1e-3 for o, a in zip(ours, adam))
+    if config != "defaults":
+        default = _run(lambda ps: SOAP(ps, **base), init)
+        assert any((o - d).abs().max() > 1e-5 for o, d in zip(ours, default)), f"{config} changed nothing"
+
+
+class _LateAdam(torch.optim.Adam):
+    """Adam that, like SOAP, skips its first step (so the comparison is about the basis only)."""
+
+    def step(self, closure=None):
+        self._seen = getattr(self, "_seen", 0) + 1
+        return super().step(closure) if self._seen > 1 else None
+
+
+def test_first_step_only_builds_the_preconditioners() -> None:
+    p = torch.randn(6, 4, requires_grad=True)
+    before = p.detach().clone()
+    opt = SOAP([p], weight_decay=0.1)
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    assert torch.equal(p, before)
+    state = opt.state[p]
+    assert state["step"] == 0 and [L.shape for L in state["GG"]] == [(6, 6), (4, 4)]
+    p.grad = torch.randn(6, 4)
+    opt.step()
+    assert not torch.equal(p, before) and state["step"] == 1
+
+
+def test_merge_shape_and_projection() -> None:
+    assert soap_merge_shape((8, 4, 3, 3), 40) == [32, 9]
+    assert soap_merge_shape((2000, 3), 1000) == [2000, 3]
+    assert soap_merge_shape((3, 2000), 1000) == [3, 2000]
+    assert soap_merge_shape((4, 2, 3, 3), 10000) == [72]
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    QL = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))[0]
+    QR = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+    torch.testing.assert_close(soap_project(G, [QL, QR]), QL.T @ G @ QR)
+    torch.testing.assert_close(soap_project(G, [None, QR]), G @ QR)
+    torch.testing.assert_close(soap_project(soap_project(G, [QL, QR]), [QL, QR], back=True), G)
+    # a conv kernel merged into one dim gets one preconditioner
+    w = torch.randn(4, 2, 3, 3, requires_grad=True)
+    opt = SOAP([w], merge_dims=True)
+    w.grad = torch.randn(4, 2, 3, 3)
+    opt.step()
+    assert [L.shape for L in opt.state[w]["GG"]] == [(72, 72)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_resume_is_exact_across_a_refresh(dtype: torch.dtype) -> None:
+    init = _init(dtype)
+
+    def steps(params, opt, start, count):
+        for s in range(start, start + count):
+            for p, g in zip(params, _grads(init, s)):
+                p.grad = g
+            opt.step()
+
+    kw = {"precondition_frequency": 3, "precondition_1d": True}
+    straight = [t.clone().requires_grad_() for t in init]
+    opt = SOAP(straight, **kw)
+    steps(straight, opt, 0, 8)
+    first = [t.clone().requires_grad_() for t in init]
+    opt1 = SOAP(first, **kw)
+    steps(first, opt1, 0, 4)  # 3 updates after the init step: the bases were refreshed once
+    saved = copy.deepcopy(opt1.state_dict())
+    opt2 = SOAP(first, **kw)
+    opt2.load_state_dict(saved)
+    state = opt2.state[first[0]]
+    assert state["exp_avg"].dtype == torch.float32 and state["Q"][0].dtype == torch.float32
+    steps(first, opt2, 4, 4)
+    for a, b in zip(straight, first):
+        assert a.dtype == dtype and torch.equal(a, b)
+
+
+def test_closure_is_called_once_with_grad_enabled() -> None:
+    w = torch.randn(4, 4, requires_grad=True)
+    opt = SOAP([w])
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None and calls == [True]
+
+
+def test_rejects_sharded_dtensor_parameters(tmp_path) -> None:
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="SOAP got a DTensor.*'fc.weight'.*later issue"):
+            SOAP([{"params": [w], "param_names": ["fc.weight"]}])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": float("nan")}, "lr=nan"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"shampoo_beta": 1.5}, "shampoo_beta=1.5"),
+        ({"eps": -1.0}, "eps=-1.0"),
+        ({"weight_decay": -0.1}, "weight_decay=-0.1"),
+        ({"precondition_frequency": 0}, "precondition_frequency=0"),
+        ({"max_precond_dim": 2.5}, "max_precond_dim=2.5"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=f"SOAP\\({match}"):
+        SOAP([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+
+
+def test_registry_entry() -> None:
+    assert get_optimizer_info("soap").cls is SOAP
+    opt = build_optimizer(torch.nn.Linear(4, 3), "soap", lr=1e-3, weight_decay=0.1, precondition_frequency=5)
+    assert isinstance(opt, SOAP) and opt.param_groups[0]["precondition_frequency"] == 5

@@ -317,3 +317,37 @@ def test_registry_entry_and_deepspeed_alias() -> None:
     assert get_optimizer_info("muon").cls is Muon
     assert get_optimizer_info("MuonOptimizer").cls is Muon
     assert get_optimizer_info("Muon").cls is Muon
+
+
+def test_lightning_automatic_optimization_steps_both_sides() -> None:
+    import lightning as L
+
+    from lightning_opt import OptimizerConfig, OptimizerMixin
+
+    class Module(OptimizerMixin, L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.optimizer = OptimizerConfig("muon", lr=0.02, hparams={"ns_dtype": "float32", "adamw_betas": [0.9, 0.95]})
+            self.wte = nn.Embedding(11, 16)
+            self.fc = nn.Linear(16, 16)
+            self.lm_head = nn.Linear(16, 11, bias=False)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.lm_head(torch.tanh(self.fc(self.wte(x)))), y)
+
+    torch.manual_seed(0)
+    model = Module()
+    before = copy.deepcopy(model.state_dict())
+    data = torch.utils.data.TensorDataset(torch.randint(0, 11, (16,)), torch.randint(0, 11, (16,)))
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
+    (opt,) = trainer.optimizers
+    assert isinstance(opt, Muon)
+    split = _split(opt)
+    assert split["fc.weight"] and not split["wte.weight"] and not split["lm_head.weight"]
+    for k, v in model.state_dict().items():
+        assert not torch.equal(before[k], v), f"{k} did not move"

@@ -291,3 +291,7 @@ class LRSchedule(Callback):
             self.plateau = dict(state_dict["plateau"])
         if self._decay_start_now:
             self.resolved_decay_start = state_dict.get("decay_start")
+        if self.schedule is not None and len(self.steps) == len(self._optimizers):
+            # loaded mid-run (a SpikeGuard rollback): the lr follows the restored step at once
+            for i in range(len(self._optimizers)):
+                self._apply(i)

@@ -42,6 +42,10 @@ class Regression(pl.LightningModule):
             return torch.optim.Adagrad(groups)
         if self.optimizer_name == "adam":
             return torch.optim.Adam(groups)
+        if self.optimizer_name == "adam_tensor_lr":
+            for g in groups:
+                g["lr"] = torch.tensor(g["lr"], dtype=torch.float64)
+            return torch.optim.Adam(groups)
         return torch.optim.SGD(groups, momentum=0.9)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
@@ -49,7 +53,7 @@ class Regression(pl.LightningModule):
             optimizer_closure()
             return
         groups = optimizer.param_groups
-        self.lrs.append([g["lr"] for g in groups])
+        self.lrs.append([float(g["lr"]) for g in groups])
         self.momenta.append(groups[0]["betas"][0] if "betas" in groups[0] else groups[0]["momentum"])
         optimizer.step(closure=optimizer_closure)
 
@@ -78,6 +82,7 @@ def _expected(schedule, steps, momentum: bool = False):
         (dict(shape="onecycle"), "sgd"),
         (dict(shape="onecycle", three_phase=True), "adam"),
         (dict(shape="wsd", warmup_ratio=0.2, decay_ratio=0.4, decay_shape="1-sqrt"), "sgd"),
+        (dict(shape="polynomial", warmup_steps=2, power=2.0), "adam_tensor_lr"),  # a tensor lr is filled in place
     ],
 )
 def test_lr_per_step_equals_schedule_with_gradient_accumulation(kwargs, optimizer):
@@ -176,9 +181,11 @@ class TwoOptimizers(pl.LightningModule):
 
 def test_several_optimizers_each_advance_on_their_own_steps():
     model, cb = TwoOptimizers(), LRSchedule("linear", total_steps=10)
-    _trainer([cb], max_epochs=2).fit(model, _data())
+    trainer = _trainer([cb], max_epochs=2)
+    trainer.fit(model, _data())
     s = ScheduleConfig("linear").resolve(10)
     assert cb.steps == [10, 6]
+    assert {"lr-SGD", "lr-Adam"} <= set(trainer.callback_metrics)  # every optimizer's lr is logged
     assert model.lrs["a"] == pytest.approx([0.1 * s(t) for t in range(10)], abs=1e-15)
     assert model.lrs["b"] == pytest.approx([0.01 * s(t) for t in range(6)], abs=1e-15)
 
@@ -252,3 +259,44 @@ def test_state_dict_round_trips_and_reads_old_checkpoints():
     old = LRSchedule()
     old.load_state_dict({"step": 4})
     assert old.steps == [4] and old.step == 4
+
+
+def test_gan_demo_builds_two_registry_optimizers_that_the_schedule_drives():
+    from lightning_opt.demo.gan import RingGaussians, ToyGAN
+
+    model, cb = ToyGAN(), LRSchedule("cosine", warmup_steps=1, total_steps=4)
+    _trainer([cb], max_epochs=1, limit_train_batches=3).fit(model, RingGaussians(samples=512))
+    opt_g, opt_d = (o for o in cb._optimizers)
+    assert type(opt_g).__name__ == type(opt_d).__name__ == "Adam"
+    assert opt_g.param_groups[0]["betas"] == (0.5, 0.999) and opt_d.param_groups[0]["betas"] == (0.5, 0.999)
+    gen = {id(p) for g in opt_g.param_groups for p in g["params"]}
+    assert gen == {id(p) for p in model.generator.parameters()}  # each optimizer over its own network
+    assert cb.steps == [3, 3]
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * ScheduleConfig("cosine", warmup_steps=1).resolve(4)(3), abs=1e-18)
+
+
+def test_plateau_monitor_and_eps_are_read():
+    class LogsAcc(WithValidation):
+        def validation_step(self, batch, batch_idx):
+            self.log("val_acc", self.METRICS[self.current_epoch])
+
+    model = LogsAcc()
+    model.epoch_lrs = []
+    # mode=max: accuracy 1.0, then 0.875 and 0.9375 never beat it, so patience=0 halves twice
+    cb = LRSchedule("plateau", monitor="val_acc", mode="max", patience=0, factor=0.5)
+    _trainer([cb], max_epochs=3, num_sanity_val_steps=0).fit(model, _data(), _data(4))
+    assert cb.plateau["best"] == 1.0 and cb.plateau["scale"] == 0.25  # 0.875 and 0.9375 never beat 1.0
+    # eps: a reduction smaller than eps (in multiplier units) is not applied, as torch's
+    for eps, scale in ((0.6, 1.0), (None, 0.5)):
+        config = ScheduleConfig("plateau", patience=0, factor=0.5, eps=eps)
+        state = plateau_update(config, plateau_update(config, plateau_init(config), 1.0), 2.0)
+        assert state["scale"] == scale
+
+
+def test_loading_state_mid_run_applies_the_restored_step():
+    model, cb = Regression(), LRSchedule("linear", total_steps=10)
+    _trainer([cb], max_steps=6).fit(model, _data())
+    groups = cb._optimizers[0].param_groups
+    assert groups[0]["lr"] == pytest.approx(0.1 * 0.4)
+    cb.load_state_dict({"step": 2, "steps": [2]})  # e.g. a rollback to the snapshot of step 2
+    assert groups[0]["lr"] == pytest.approx(0.1 * 0.8) and groups[1]["lr"] == pytest.approx(0.04 * 0.8)

@@ -78,7 +78,9 @@ class ScheduleFreeMode(Callback):
                 "files hold the training point y, not the averaged weights x; save full checkpoints"
             )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._train(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -93,12 +95,16 @@ class ScheduleFreeMode(Callback):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval(trainer)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if not self._eval(trainer):
             return  # already in eval mode: the checkpoint holds x and says so
         # Lightning collected the weights and optimizer states before calling this hook; collect
         # them again at x (cloned: the next training batch turns the live parameters back into y)
-        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()}
+        checkpoint["state_dict"] = {
+            k: v.detach().clone() for k, v in trainer.strategy.lightning_module_state_dict().items()
+        }
         if "optimizer_states" in checkpoint:
             for i, opt in enumerate(trainer.optimizers):
                 if is_schedule_free(opt):

@@ -23,9 +23,14 @@ def sophia_optimizer(optimizer: Any) -> Optimizer | None:
     """``optimizer`` (or the optimizer a wrapper holds) if it is a Sophia optimizer, else ``None``."""
     seen = 0
     while optimizer is not None and seen < 4:
-        if getattr(optimizer, "hessian_estimator", "") in ("gnb", "hutchinson") and callable(getattr(optimizer, "update_hessian", None)):
+        if getattr(optimizer, "hessian_estimator", "") in ("gnb", "hutchinson") and callable(
+            getattr(optimizer, "update_hessian", None)
+        ):
             return optimizer
-        optimizer = next((getattr(optimizer, a) for a in ("_optimizer", "base_optimizer", "optimizer") if hasattr(optimizer, a)), None)
+        optimizer = next(
+            (getattr(optimizer, a) for a in ("_optimizer", "base_optimizer", "optimizer") if hasattr(optimizer, a)),
+            None,
+        )
         seen += 1
     return None
 
@@ -87,11 +92,15 @@ class SophiaHessian(Callback):
         seed: int = 0,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"SophiaHessian(every_n_steps={every_n_steps!r}) is invalid; it must be an integer >= 1 (the paper uses 10)")
+            raise ValueError(
+                f"SophiaHessian(every_n_steps={every_n_steps!r}) is invalid; it must be an integer >= 1 (the paper uses 10)"
+            )
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"SophiaHessian(num_samples={num_samples!r}) is invalid; it must be an integer >= 1")
         if distribution not in get_args(Distribution):
-            raise ValueError(f"SophiaHessian(distribution={distribution!r}) is invalid; expected one of {get_args(Distribution)}")
+            raise ValueError(
+                f"SophiaHessian(distribution={distribution!r}) is invalid; expected one of {get_args(Distribution)}"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"SophiaHessian(seed={seed!r}) is invalid; expected an integer")
         self.every_n_steps = every_n_steps
@@ -148,17 +157,25 @@ class SophiaHessian(Callback):
         found = [o for o in (sophia_optimizer(opt) for opt in trainer.optimizers) if o is not None]
         if not found:
             names = ", ".join(type(o).__name__ for o in trainer.optimizers) or "none"
-            raise ValueError(f"SophiaHessian found no Sophia optimizer (sophia, sophia_h) among the trainer's optimizers ({names}); remove the callback or choose sophia")
+            raise ValueError(
+                f"SophiaHessian found no Sophia optimizer (sophia, sophia_h) among the trainer's optimizers ({names}); remove the callback or choose sophia"
+            )
         for opt in found:
             self._require_fn(pl_module, opt.hessian_estimator)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = batch
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._batch = None
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         opt = sophia_optimizer(optimizer)
         if opt is None or self._batch is None:
             return
@@ -189,9 +206,17 @@ class SophiaHessian(Callback):
                     estimates[i] = est
             else:
                 if out.dim() != 0:
-                    raise ValueError(f"SophiaHessian: sophia_loss/loss_fn must return a scalar, got shape {tuple(out.shape)}")
+                    raise ValueError(
+                        f"SophiaHessian: sophia_loss/loss_fn must return a scalar, got shape {tuple(out.shape)}"
+                    )
                 gen = self._generator(params[live[0]].device) if live else None
-                ests = hutchinson_estimate(out, [params[i] for i in live], num_samples=self.num_samples, distribution=self.distribution, generator=gen)
+                ests = hutchinson_estimate(
+                    out,
+                    [params[i] for i in live],
+                    num_samples=self.num_samples,
+                    distribution=self.distribution,
+                    generator=gen,
+                )
                 for i, est in zip(live, ests):
                     estimates[i] = None if est is None else self._mean(trainer, est.detach())
         optimizer.update_hessian(estimates)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.registry import OptimInfo, register, register_alias
+from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
     "AdamWScheduleFree",
@@ -56,7 +56,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # the math, as plain functions of tensors and numbers
 
 
-def average_weight(k: int, lr: float, lr_max: float, weight_sum: float, *, r: float, weight_lr_power: float) -> tuple[float, float, float]:
+def average_weight(
+    k: int, lr: float, lr_max: float, weight_sum: float, *, r: float, weight_lr_power: float
+) -> tuple[float, float, float]:
     """The averaging coefficient of step ``k`` (0-based): returns ``(c, lr_max, weight_sum)`` updated.
 
     ``lr_max = max(lr_max, lr)``; ``w = (k + 1)**r * lr_max**weight_lr_power``;
@@ -266,10 +268,13 @@ def _stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     # Optimizer.load_state_dict casts floating state to the param dtype, which would round the
     # float32 state of bf16/fp16 parameters; keep the saved float32 tensors to put back after
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    optimizer._fp32_stash = (ids, {
-        k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
-        for k, s in state_dict["state"].items()
-    })
+    optimizer._fp32_stash = (
+        ids,
+        {
+            k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
+            for k, s in state_dict["state"].items()
+        },
+    )
 
 
 def _restore_fp32_state(optimizer: Optimizer) -> None:
@@ -333,7 +338,15 @@ class AdamWScheduleFree(ScheduleFreeBase):
         _check_number(name, "warmup_steps", warmup_steps, integer=True)
         _check_number(name, "r", r)
         _check_number(name, "weight_lr_power", weight_lr_power)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "r": r,
+            "weight_lr_power": weight_lr_power,
+        }
         super().__init__(params, defaults)
 
     def _beta(self, group: dict[str, Any]) -> float:
@@ -349,7 +362,9 @@ class AdamWScheduleFree(ScheduleFreeBase):
 
     def _direction(self, group: dict[str, Any], k: int, grad: Tensor, state: dict[str, Any]) -> Tensor:
         beta2 = group["betas"][1]
-        return adam_direction(grad, state["exp_avg_sq"], beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group["eps"])
+        return adam_direction(
+            grad, state["exp_avg_sq"], beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group["eps"]
+        )
 
 
 class RAdamScheduleFree(ScheduleFreeBase):
@@ -400,7 +415,15 @@ class RAdamScheduleFree(ScheduleFreeBase):
         _check_number(name, "weight_lr_power", weight_lr_power)
         if not isinstance(silent_sgd_phase, bool):
             raise ValueError(f"{name}(silent_sgd_phase={silent_sgd_phase!r}) is invalid; expected True or False")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r, weight_lr_power=weight_lr_power, silent_sgd_phase=silent_sgd_phase)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "r": r,
+            "weight_lr_power": weight_lr_power,
+            "silent_sgd_phase": silent_sgd_phase,
+        }
         super().__init__(params, defaults)
 
     def _beta(self, group: dict[str, Any]) -> float:
@@ -465,7 +488,14 @@ class SGDScheduleFree(ScheduleFreeBase):
         _check_number(name, "warmup_steps", warmup_steps, integer=True)
         _check_number(name, "r", r)
         _check_number(name, "weight_lr_power", weight_lr_power)
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power)
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "r": r,
+            "weight_lr_power": weight_lr_power,
+        }
         super().__init__(params, defaults)
 
     def _beta(self, group: dict[str, Any]) -> float:
@@ -486,7 +516,37 @@ def _schedule_free_mode() -> Any:
 
 
 _PAPER = "Defazio et al., The Road Less Scheduled, arXiv:2405.15682"
-register(OptimInfo(name="schedule_free_adamw", cls=AdamWScheduleFree, default_lr=0.0025, description="Schedule-Free AdamW (no LR schedule; eval() holds the averaged weights)", paper=_PAPER, callbacks=(_schedule_free_mode,), schedule_free=True))
-register(OptimInfo(name="schedule_free_sgd", cls=SGDScheduleFree, default_lr=1.0, description="Schedule-Free SGD (no LR schedule; eval() holds the averaged weights)", paper=_PAPER, callbacks=(_schedule_free_mode,), schedule_free=True))
-register(OptimInfo(name="schedule_free_radam", cls=RAdamScheduleFree, default_lr=0.0025, description="Schedule-Free RAdam (no LR schedule or warmup; eval() holds the averaged weights)", paper=_PAPER, callbacks=(_schedule_free_mode,), schedule_free=True))
+register(
+    OptimInfo(
+        name="schedule_free_adamw",
+        cls=AdamWScheduleFree,
+        default_lr=0.0025,
+        description="Schedule-Free AdamW (no LR schedule; eval() holds the averaged weights)",
+        paper=_PAPER,
+        callbacks=(_schedule_free_mode,),
+        schedule_free=True,
+    )
+)
+register(
+    OptimInfo(
+        name="schedule_free_sgd",
+        cls=SGDScheduleFree,
+        default_lr=1.0,
+        description="Schedule-Free SGD (no LR schedule; eval() holds the averaged weights)",
+        paper=_PAPER,
+        callbacks=(_schedule_free_mode,),
+        schedule_free=True,
+    )
+)
+register(
+    OptimInfo(
+        name="schedule_free_radam",
+        cls=RAdamScheduleFree,
+        default_lr=0.0025,
+        description="Schedule-Free RAdam (no LR schedule or warmup; eval() holds the averaged weights)",
+        paper=_PAPER,
+        callbacks=(_schedule_free_mode,),
+        schedule_free=True,
+    )
+)
 # Hugging Face TrainingArguments.optim uses our names ("schedule_free_adamw", ...); nothing to alias

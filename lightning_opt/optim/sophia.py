@@ -123,7 +123,9 @@ def hutchinson_estimate(
         ValueError: unknown ``distribution`` or ``num_samples < 1``.
     """
     if distribution not in ("gaussian", "rademacher"):
-        raise ValueError(f"hutchinson_estimate(distribution={distribution!r}) is invalid; expected 'gaussian' or 'rademacher'")
+        raise ValueError(
+            f"hutchinson_estimate(distribution={distribution!r}) is invalid; expected 'gaussian' or 'rademacher'"
+        )
     if num_samples < 1:
         raise ValueError(f"hutchinson_estimate(num_samples={num_samples!r}) is invalid; it must be >= 1")
     params = list(params)
@@ -139,7 +141,13 @@ def hutchinson_estimate(
             else:
                 u = torch.randint(0, 2, shape, generator=generator, device=dev, dtype=dt).mul_(2).sub_(1)
             probes.append(u)
-        hvps = torch.autograd.grad([grads[i] for i in live], [params[i] for i in live], grad_outputs=probes, retain_graph=s < num_samples - 1, allow_unused=True)
+        hvps = torch.autograd.grad(
+            [grads[i] for i in live],
+            [params[i] for i in live],
+            grad_outputs=probes,
+            retain_graph=s < num_samples - 1,
+            allow_unused=True,
+        )
         for i, u, hu in zip(live, probes, hvps):
             est = u * hu if hu is not None else torch.zeros_like(u)
             out[i] = est if out[i] is None else out[i].add_(est)
@@ -153,9 +161,16 @@ def hutchinson_estimate(
 
 
 def _check(cls: str, key: str, value: Any, *, positive: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (value > 0 if positive else value >= 0)
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
     if not ok:
-        raise ValueError(f"{cls}({key}={value!r}) is invalid; it must be a finite number {'> 0' if positive else '>= 0'}")
+        raise ValueError(
+            f"{cls}({key}={value!r}) is invalid; it must be a finite number {'> 0' if positive else '>= 0'}"
+        )
 
 
 def _check_betas(cls: str, betas: Any) -> tuple[float, float]:
@@ -206,7 +221,9 @@ class _Sophia(Optimizer):
             estimates = self._default_estimates(params)
         estimates = list(estimates)
         if len(estimates) != len(params):
-            raise ValueError(f"{type(self).__name__}.update_hessian got {len(estimates)} estimates for {len(params)} parameters")
+            raise ValueError(
+                f"{type(self).__name__}.update_hessian got {len(estimates)} estimates for {len(params)} parameters"
+            )
         it = iter(estimates)
         for group in self.param_groups:
             beta2 = group["betas"][1]
@@ -215,7 +232,9 @@ class _Sophia(Optimizer):
                 if est is None:
                     continue
                 if est.shape != p.shape:
-                    raise ValueError(f"{type(self).__name__}.update_hessian: estimate of shape {tuple(est.shape)} for a parameter of shape {tuple(p.shape)}")
+                    raise ValueError(
+                        f"{type(self).__name__}.update_hessian: estimate of shape {tuple(est.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
                 state = self.state[p]
                 if "hessian" not in state:
                     self._init_state(p, state)
@@ -245,7 +264,17 @@ class _Sophia(Optimizer):
                 state["step"] += 1
                 m, h = state["exp_avg"], state["hessian"]
                 x = p if p.dtype == m.dtype else p.to(m.dtype)
-                sophia_update_(x, p.grad.to(m.dtype), m, h, lr=group["lr"], beta1=beta1, scale=scale, eps=group["eps"], weight_decay=group["weight_decay"])
+                sophia_update_(
+                    x,
+                    p.grad.to(m.dtype),
+                    m,
+                    h,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    scale=scale,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
                 if x is not p:
                     p.copy_(x)
         return loss
@@ -273,10 +302,13 @@ def _stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
     # Optimizer.load_state_dict casts floating state to the param dtype, which would round the
     # float32 state of bf16/fp16 parameters; keep the saved float32 tensors to put back after
     ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    optimizer._fp32_stash = (ids, {
-        k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
-        for k, s in state_dict["state"].items()
-    })
+    optimizer._fp32_stash = (
+        ids,
+        {
+            k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
+            for k, s in state_dict["state"].items()
+        },
+    )
 
 
 def _restore_fp32_state(optimizer: Optimizer) -> None:
@@ -337,7 +369,9 @@ class SophiaG(_Sophia):
             _check("SophiaG", key, value)
         _check("SophiaG", "bs", bs, positive=True)
         betas = _check_betas("SophiaG", betas)
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, eps=eps))
+        super().__init__(
+            params, {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "bs": bs, "eps": eps}
+        )
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"] * group["bs"]
@@ -387,7 +421,7 @@ class SophiaH(_Sophia):
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaH", key, value)
         betas = _check_betas("SophiaH", betas)
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps))
+        super().__init__(params, {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "eps": eps})
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"]
@@ -400,6 +434,24 @@ def _sophia_hessian() -> Any:
 
 
 _PAPER = "Liu et al., Sophia, arXiv:2305.14342"
-register(OptimInfo(name="sophia", cls=SophiaG, default_lr=1e-4, description="SophiaG: clipped sign-momentum preconditioned by a GNB Hessian EMA", paper=_PAPER, callbacks=(_sophia_hessian,)))
-register(OptimInfo(name="sophia_h", cls=SophiaH, default_lr=6e-4, description="SophiaH: clipped sign-momentum preconditioned by a Hutchinson Hessian EMA", paper=_PAPER, callbacks=(_sophia_hessian,)))
+register(
+    OptimInfo(
+        name="sophia",
+        cls=SophiaG,
+        default_lr=1e-4,
+        description="SophiaG: clipped sign-momentum preconditioned by a GNB Hessian EMA",
+        paper=_PAPER,
+        callbacks=(_sophia_hessian,),
+    )
+)
+register(
+    OptimInfo(
+        name="sophia_h",
+        cls=SophiaH,
+        default_lr=6e-4,
+        description="SophiaH: clipped sign-momentum preconditioned by a Hutchinson Hessian EMA",
+        paper=_PAPER,
+        callbacks=(_sophia_hessian,),
+    )
+)
 register_alias("SophiaOptimizer", "sophia", source="deepspeed")

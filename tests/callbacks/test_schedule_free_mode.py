@@ -28,7 +28,7 @@ def _loader(n: int = 16, batch_size: int = 16) -> DataLoader:
 
 
 class Reg(OptimizerMixin, pl.LightningModule):
-    def __init__(self, optimizer: dict | str = None) -> None:
+    def __init__(self, optimizer: dict | str | None = None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.optimizer = optimizer or {"name": "schedule_free_adamw", "lr": 0.05, "hparams": {"betas": (BETA, 0.999)}}

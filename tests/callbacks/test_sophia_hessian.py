@@ -92,7 +92,9 @@ def test_gnb_estimate_uses_sampled_labels_and_leaves_the_training_gradient_alone
     x, y = next(iter(_loader()))
     # the estimate, computed here by hand: labels drawn from softmax(logits) with the callback's seed
     logits = init(x)
-    labels = torch.multinomial(torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(123)).squeeze(-1)
+    labels = torch.multinomial(
+        torch.softmax(logits.detach(), -1), 1, generator=torch.Generator().manual_seed(123)
+    ).squeeze(-1)
     assert not torch.equal(labels, y)  # sampled, not the data labels
     g_hat = torch.autograd.grad(F.cross_entropy(logits, labels), init.weight)[0]
     torch.testing.assert_close(opt.state[model.net.weight]["hessian"], (1 - BETAS[1]) * g_hat * g_hat)

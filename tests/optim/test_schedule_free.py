@@ -9,8 +9,8 @@ import torch
 
 schedulefree = pytest.importorskip("schedulefree")
 
-from lightning_opt import build_optimizer, get_optimizer_info  # noqa: E402
-from lightning_opt.optim.schedule_free import (  # noqa: E402
+from lightning_opt import build_optimizer, get_optimizer_info
+from lightning_opt.optim.schedule_free import (
     AdamWScheduleFree,
     RAdamScheduleFree,
     SGDScheduleFree,
@@ -117,7 +117,11 @@ def test_eval_gives_the_reference_average_x() -> None:
 
 def test_gradient_is_not_modified_in_place() -> None:
     p = torch.randn(4, requires_grad=True)
-    for opt in (AdamWScheduleFree([p], weight_decay=0.1), SGDScheduleFree([p], weight_decay=0.1), RAdamScheduleFree([p], weight_decay=0.1)):
+    for opt in (
+        AdamWScheduleFree([p], weight_decay=0.1),
+        SGDScheduleFree([p], weight_decay=0.1),
+        RAdamScheduleFree([p], weight_decay=0.1),
+    ):
         g = torch.randn(4)
         p.grad = g.clone()
         opt.step()
@@ -193,7 +197,14 @@ def test_rejects_invalid_hyperparameters(cls, kw, match) -> None:
         cls([torch.zeros(2, requires_grad=True)], **kw)
 
 
-@pytest.mark.parametrize(("name", "cls"), [("schedule_free_adamw", AdamWScheduleFree), ("schedule_free_sgd", SGDScheduleFree), ("schedule_free_radam", RAdamScheduleFree)])
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("schedule_free_adamw", AdamWScheduleFree),
+        ("schedule_free_sgd", SGDScheduleFree),
+        ("schedule_free_radam", RAdamScheduleFree),
+    ],
+)
 def test_registry_entries(name, cls) -> None:
     from lightning_opt.callbacks import ScheduleFreeMode
 

@@ -73,7 +73,13 @@ def test_sophia_h_matches_pytorch_optimizer(ref_kw) -> None:
     ref_kw = {"betas": (0.96, 0.99), "weight_decay": 0.0, "eps": 1e-12, **ref_kw}
     clip = ref_kw["p"]
     # theirs: lr' clamp(m / max(h, eps'), -p, p); ours: lr clip(m / max(rho h, eps), 1)
-    ours = dict(lr=ref_kw["lr"] * clip, rho=clip, eps=clip * ref_kw["eps"], weight_decay=ref_kw["weight_decay"] / clip, betas=ref_kw["betas"])
+    ours = {
+        "lr": ref_kw["lr"] * clip,
+        "rho": clip,
+        "eps": clip * ref_kw["eps"],
+        "weight_decay": ref_kw["weight_decay"] / clip,
+        "betas": ref_kw["betas"],
+    }
     pa = [p.clone().requires_grad_() for p in _params(2)]
     pb = [p.clone().requires_grad_() for p in _params(2)]
     oa = SophiaH(pa, **ours)
@@ -144,7 +150,9 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian_with_rademacher_probes() -> 
     unused = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     a = torch.tensor([2.0, -1.0, 5.0], dtype=torch.float64)
     loss = 0.5 * (a * w * w).sum() + (w[0] * w[0] * w[0])  # H = diag(a) + diag(6 w0, 0, 0)
-    est, none = hutchinson_estimate(loss, [w, unused], distribution="rademacher", generator=torch.Generator().manual_seed(0))
+    est, none = hutchinson_estimate(
+        loss, [w, unused], distribution="rademacher", generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(est, torch.tensor([8.0, -1.0, 5.0], dtype=torch.float64))
     assert none is None
 
@@ -158,7 +166,9 @@ def test_hutchinson_num_samples_and_distribution() -> None:
 
     def est(n: int, dist: str, seed: int = 1) -> torch.Tensor:
         loss = 0.5 * w @ hess @ w
-        return hutchinson_estimate(loss, [w], num_samples=n, distribution=dist, generator=torch.Generator().manual_seed(seed))[0]
+        return hutchinson_estimate(
+            loss, [w], num_samples=n, distribution=dist, generator=torch.Generator().manual_seed(seed)
+        )[0]
 
     many = est(4000, "gaussian")
     torch.testing.assert_close(many, torch.diagonal(hess), rtol=0.15, atol=0.3)

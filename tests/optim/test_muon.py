@@ -65,7 +65,7 @@ def _tensors(dtype: torch.dtype, shapes=SHAPES, seed: int = 0) -> dict[str, torc
 
 def _grads(params: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) for n, p in params.items()}
+    return {n: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype) for n, p in params.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -351,3 +351,21 @@ def test_lightning_automatic_optimization_steps_both_sides() -> None:
     assert split["fc.weight"] and not split["wte.weight"] and not split["lm_head.weight"]
     for k, v in model.state_dict().items():
         assert not torch.equal(before[k], v), f"{k} did not move"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_ns_dtype_on_cuda_is_bfloat16_like_torch() -> None:
+    init = {n: t.cuda() for n, t in _tensors(torch.float32).items()}
+    ours = {n: t.clone().requires_grad_() for n, t in init.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = Muon(list(ours.items()), lr=0.02, weight_decay=0.1)  # ns_dtype=None: bf16 on CUDA
+    ref_muon = torch.optim.Muon([ref[n] for n in MUON_NAMES], lr=0.02, weight_decay=0.1)
+    ref_adamw = torch.optim.AdamW([ref[n] for n in ADAMW_NAMES], lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-10)
+    for step in range(20):
+        grads = _grads(init, step)
+        for n in SHAPES:
+            ours[n].grad, ref[n].grad = grads[n].clone(), grads[n].clone()
+        opt.step(), ref_muon.step(), ref_adamw.step()
+    for n in SHAPES:
+        torch.testing.assert_close(ours[n], ref[n], msg=lambda m, n=n: f"{n}: {m}")

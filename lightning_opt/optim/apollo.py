@@ -1,0 +1,496 @@
+"""APOLLO and APOLLO-Mini: AdamW-like updates at SGD-like memory (Zhu et al. 2024, arXiv:2412.05270).
+
+For a selected 2-D weight ``W`` (m x n) with gradient ``G``, APOLLO keeps Adam moments only for a
+random projection ``R`` of ``G`` to ``rank`` dimensions and uses them to *scale the raw gradient*:
+
+1. ``R = G P^T`` (``P``: rank x n) when m >= n, else ``R = P^T G`` (``P``: m x rank); ``P`` is
+   Gaussian with variance ``1/rank``, regenerated from a seed every ``update_proj_gap`` steps.
+2. ``m, v <- Adam moments of R``; ``N = m / (sqrt(v) + eps)``.
+3. ``s = ||N|| / (||R|| + 1e-8)``: per channel (the norm over the rank dimension, one factor per
+   row of ``W`` when m >= n, per column otherwise) or per tensor.
+4. ``U = sqrt(scale) * s * G``; the norm-growth limiter (Fira, arXiv:2410.01623) rescales ``U`` so
+   that ``||U||`` grows at most by ``norm_growth_limit`` (1.01) per step.
+5. ``W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U``, then ``W <- W - lr * wd * W``.
+
+Every other parameter gets AdamW in the same optimizer (one object for Lightning's automatic
+optimization). The math lives in plain functions of tensors (:func:`apollo_update_`,
+:func:`adamw_update_`, :func:`random_projection`) so a fused kernel or a sharded wrapper can reuse it.
+
+Registered as ``apollo`` (Hugging Face ``apollo_adamw``) and ``apollo_mini`` (rank 1, tensor-wise
+scaling, ``scale=128``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim.muon import DEFAULT_ADAMW_PATTERNS, keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.registry import OptimInfo, register, register_alias
+
+__all__ = [
+    "APOLLO",
+    "APOLLOMini",
+    "adamw_update_",
+    "apollo_update_",
+    "next_projection_seed",
+    "project",
+    "random_projection",
+]
+
+ScaleType = Literal["channel", "tensor"]
+Proj = Literal["random"]
+
+#: added to ||R|| in the scaling factor and to the previous norm in the limiter (the reference's)
+_TINY = 1e-8
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+
+
+def next_projection_seed(seed: int) -> int:
+    """The seed of the next projection: the 15th int64 drawn from a CPU generator seeded ``seed``.
+
+    The same chain as the reference implementation (``apollo_torch``), so projections match it.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
+
+
+def random_projection(shape: Sequence[int], rank: int, seed: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """The Gaussian projection (variance ``1/rank``) for a ``shape`` = (m, n) gradient.
+
+    Returns ``P`` of shape (rank, n) when m >= n (project ``G P^T``), else (m, rank) (``P^T G``).
+    It is drawn in float32 from a CPU generator seeded ``seed`` and then cast and moved, so the same
+    seed gives the same matrix on every device and after a checkpoint resume.
+    """
+    m, n = shape
+    size = (rank, n) if m >= n else (m, rank)
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(size, generator=gen, dtype=torch.float32) / math.sqrt(rank)
+    return proj.to(device=device, dtype=dtype)
+
+
+def project(grad: Tensor, proj: Tensor) -> Tensor:
+    """``G P^T`` (m >= n) or ``P^T G`` (m < n): the rank-r image of ``grad``."""
+    if grad.shape[0] >= grad.shape[1]:
+        return grad @ proj.t()
+    return proj.t() @ grad
+
+
+def adamw_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step in APOLLO's convention, in place on ``param`` and the moments.
+
+    ``p <- p - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, then ``p <- p - lr wd p`` (decay after
+    the update; eps is not bias-corrected). This is the reference's (Hugging Face's) AdamW, not
+    torch's, so the non-APOLLO parameters move exactly as in ``apollo_torch.APOLLOAdamW``.
+    """
+    dt = _math_dtype(param)
+    g = grad.to(dt)
+    p = param.to(dt)
+    exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
+    if weight_decay != 0:
+        p.add_(p, alpha=-lr * weight_decay)
+    if p is not param:
+        param.copy_(p)
+
+
+def apollo_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    proj: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    scale_type: ScaleType,
+    scale_front: bool = False,
+    norm_growth_limit: float | None = 1.01,
+    prev_norm: Tensor | None = None,
+) -> Tensor | None:
+    """One APOLLO step for one 2-D tensor, in place on ``param`` and the low-rank moments.
+
+    Args:
+        param, grad: the (m, n) weight and its gradient.
+        exp_avg, exp_avg_sq: Adam moments of the projected gradient (shape of ``project(grad, proj)``).
+        proj: the projection from :func:`random_projection`.
+        step: 1-based step count (bias correction).
+        lr, beta1, beta2, eps, weight_decay: as in AdamW (decay ``p -= lr wd p`` after the update).
+        scale: the update is multiplied by ``sqrt(scale)``.
+        scale_type: ``"channel"`` (one factor per row when m >= n, per column otherwise) or ``"tensor"``.
+        scale_front: apply ``sqrt(scale)`` before the norm-growth limiter instead of after.
+        norm_growth_limit: max growth factor of the update norm per step (``None``: no limiter).
+        prev_norm: the limited update norm of the previous step (``None`` on the first).
+
+    Returns:
+        The update norm to pass as ``prev_norm`` next step (``None`` without a limiter).
+    """
+    dt = _math_dtype(param)
+    g = grad.to(dt)
+    r = project(g, proj)
+    exp_avg.mul_(beta1).add_(r, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1 - beta2)
+    norm_update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    if scale_type == "channel":
+        dim = 1 if g.shape[0] >= g.shape[1] else 0  # the rank dimension of r
+        factor = torch.linalg.vector_norm(norm_update, dim=dim) / (torch.linalg.vector_norm(r, dim=dim) + _TINY)
+        if dim == 1:
+            factor = factor.unsqueeze(1)
+    else:
+        factor = torch.linalg.vector_norm(norm_update) / (torch.linalg.vector_norm(r) + _TINY)
+    update = g * factor
+    root_scale = math.sqrt(scale)
+    if scale_front:
+        update.mul_(root_scale)
+    new_norm = None
+    if norm_growth_limit is not None:
+        norm = torch.linalg.vector_norm(update)
+        if prev_norm is None:
+            new_norm = norm
+        else:
+            # tensor ops only: no host sync per step
+            limiter = torch.clamp(norm / (prev_norm + _TINY), min=norm_growth_limit) / norm_growth_limit
+            update.div_(limiter)
+            new_norm = norm / limiter
+    if not scale_front:
+        update.mul_(root_scale)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    p = param.to(dt)
+    p.add_(update, alpha=-step_size)
+    if weight_decay != 0:
+        p.add_(p, alpha=-lr * weight_decay)
+    if p is not param:
+        param.copy_(p)
+    return new_norm
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class APOLLO(Optimizer):
+    """APOLLO on selected 2-D weights, AdamW on everything else, in one optimizer.
+
+    Which side a parameter takes is decided when its group is added and saved in the group
+    (``apollo_mask``), so a checkpoint resumes with the same split:
+
+    1. a group key ``use_apollo`` (``True``/``False``) decides for the whole group (``True`` on a
+       parameter that is not 2-D is an error);
+    2. otherwise a 2-D parameter gets APOLLO if its name (the group's ``param_names``) matches one of
+       ``target_modules`` (``re.search``, like Hugging Face's ``optim_target_modules``), or, with
+       ``target_modules=None``, if it matches none of :data:`~lightning_opt.optim.muon.DEFAULT_ADAMW_PATTERNS`
+       (embeddings and the output head stay on AdamW, the rule ``muon`` uses). Parameters that are
+       not 2-D (biases, norms) always get AdamW.
+
+    Args:
+        params: parameters, or param-group dicts with ``param_names`` (``build_optimizer`` adds them).
+        lr: learning rate of both sides (default ``1e-2``, the APOLLO README's).
+        betas: Adam ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
+        eps: added to ``sqrt(v)`` (default ``1e-6``, the reference's).
+        weight_decay: decoupled decay ``p -= lr * wd * p`` after the update (default ``0.0``).
+        rank: rank of the projection (default ``128``, Hugging Face's; the paper uses ~1/4 of the
+            hidden size). A rank at or above the projected dimension still works but saves nothing.
+        scale: the APOLLO update is multiplied by ``sqrt(scale)`` (default ``1.0``).
+        scale_type: ``"channel"`` (default) or ``"tensor"`` gradient scaling.
+        update_proj_gap: steps between projection refreshes (default ``200``).
+        proj: projection kind; only ``"random"`` (default) is implemented.
+        target_modules: name regexes selecting the APOLLO weights (default ``None``: see above). A
+            single string is one regex. Each must match at least one 2-D parameter.
+        scale_front: apply ``sqrt(scale)`` before the norm-growth limiter (default ``False``).
+        norm_growth_limit: the limiter's max growth of the update norm per step (default ``1.01``;
+            ``None`` turns it off, the reference's ``disable_nl=True``).
+
+    Raises:
+        ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,
+            proj, norm_growth_limit or a regex; a ``target_modules`` pattern that matches no 2-D
+            parameter; ``target_modules`` without parameter names; ``use_apollo=True`` on a non-2-D
+            parameter.
+        NotImplementedError: a DTensor (FSDP2-sharded) parameter on the APOLLO side.
+
+    Example:
+        >>> opt = build_optimizer(model, "apollo", lr=1e-2, rank=256, target_modules=[r"attn", r"mlp"])
+        >>> opt = build_optimizer(model, "apollo_mini", lr=1e-2)
+
+    Matches ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3, the authors' code; ``proj_type="std"``,
+    ``correct_bias=True``), including its projection seeds (the 1-based position of the parameter in
+    the optimizer, advanced by :func:`next_projection_seed` at every refresh) and its AdamW convention
+    for the other parameters (see :func:`adamw_update_`). Differences: the projection is always drawn
+    on CPU in float32 and moved (the reference draws on the parameter's device, so CUDA projections
+    differ from it but not between runs); the moments of bf16/fp16 parameters are float32; the
+    closure runs with grad enabled (the reference calls it under ``no_grad``). The projection matrix
+    and the next seed are optimizer state, so a resumed run uses the same projections.
+    Paper: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv:2412.05270.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        rank: int = 128,
+        scale: float = 1.0,
+        scale_type: ScaleType = "channel",
+        update_proj_gap: int = 200,
+        proj: Proj = "random",
+        target_modules: Sequence[str] | str | None = None,
+        scale_front: bool = False,
+        norm_growth_limit: float | None = 1.01,
+    ) -> None:
+        name = type(self).__name__
+        self._check(name, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        self._check(name, "weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+        self._check(name, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
+        self._check(name, "eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
+        self._check(name, "rank", rank, _is_int(rank) and rank >= 1, "it must be an int >= 1 (APOLLO-Mini uses 1)")
+        self._check(name, "scale", scale, _is_number(scale) and scale > 0, "it must be a finite number > 0 (the update is multiplied by sqrt(scale))")
+        self._check(name, "scale_type", scale_type, scale_type in get_args(ScaleType), f"expected one of {get_args(ScaleType)}")
+        self._check(name, "update_proj_gap", update_proj_gap, _is_int(update_proj_gap) and update_proj_gap >= 1, "it must be an int >= 1 (steps between projection refreshes)")
+        self._check(name, "proj", proj, proj in get_args(Proj), "only the random projection ('random') is implemented")
+        ok = norm_growth_limit is None or (_is_number(norm_growth_limit) and norm_growth_limit >= 1)
+        self._check(name, "norm_growth_limit", norm_growth_limit, ok, "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off")
+        if isinstance(target_modules, str):
+            target_modules = (target_modules,)
+        if target_modules is not None:
+            target_modules = tuple(target_modules)
+            self._check(name, "target_modules", target_modules, len(target_modules) > 0, "pass at least one regex, or None for every hidden 2-D weight")
+            for pattern in target_modules:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{name}(target_modules=[..., {pattern!r}]) is invalid: {err}") from err
+        defaults = {
+            "lr": lr,
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "rank": rank,
+            "scale": float(scale),
+            "scale_type": scale_type,
+            "update_proj_gap": update_proj_gap,
+            "proj": proj,
+            "target_modules": target_modules,
+            "scale_front": bool(scale_front),
+            "norm_growth_limit": None if norm_growth_limit is None else float(norm_growth_limit),
+        }
+        super().__init__(params, defaults)
+        if target_modules is not None:
+            self._check_targets(name, target_modules)
+        keep_state_dtype_on_load(self)
+        self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
+
+    @staticmethod
+    def _check(cls: str, key: str, value: Any, ok: bool, hint: str) -> None:
+        if not ok:
+            raise ValueError(f"{cls}({key}={value!r}) is invalid; {hint}")
+
+    def _check_targets(self, name: str, target_modules: tuple[str, ...]) -> None:
+        matched = set()
+        for group in self.param_groups:
+            if group.get("target_modules") is None or group.get("use_apollo") is not None:
+                continue
+            names = group.get("param_names")
+            if names is None:
+                raise ValueError(
+                    f"{name}(target_modules={list(target_modules)!r}) needs parameter names: build it with "
+                    "build_optimizer(model, ...) or pass groups with 'param_names'"
+                )
+            for n, p in zip(names, group["params"]):
+                if p.ndim == 2:
+                    matched.update(pat for pat in group["target_modules"] if re.search(pat, n))
+        missing = [p for p in target_modules if p not in matched]
+        if missing:
+            raise ValueError(
+                f"{name}(target_modules={list(target_modules)!r}): {missing!r} match no 2-D parameter; "
+                "patterns are re.search-ed against parameter names such as 'layers.0.attn.q_proj.weight'"
+            )
+
+    def _apollo_mask(self, group: dict[str, Any]) -> list[bool]:
+        names = group.get("param_names")
+        use = group.get("use_apollo")
+        targets = group["target_modules"]
+        mask = []
+        for i, p in enumerate(group["params"]):
+            name = names[i] if names is not None and i < len(names) else None
+            if use is not None:
+                if use and p.ndim != 2:
+                    raise ValueError(
+                        f"{type(self).__name__}: param group has use_apollo=True but "
+                        f"{name or f'parameter {i}'} has shape {tuple(p.shape)}; APOLLO projects 2-D weights only"
+                    )
+                on = bool(use)
+            elif p.ndim != 2:
+                on = False
+            elif targets is None:
+                on = not (name is not None and any(re.search(pat, name) for pat in DEFAULT_ADAMW_PATTERNS))
+            else:
+                on = name is not None and any(re.search(pat, name) for pat in targets)
+            if on:
+                reject_dtensor(type(self).__name__, p, name)
+            mask.append(on)
+        return mask
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its APOLLO/AdamW split is decided here and stored as ``group["apollo_mask"]``."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group["apollo_mask"] = self._apollo_mask(group)
+
+    @staticmethod
+    def _backfill_masks(opt: Optimizer) -> None:
+        for group in opt.param_groups:
+            if "apollo_mask" not in group:
+                group["apollo_mask"] = opt._apollo_mask(group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("scale_front", False)
+            group.setdefault("norm_growth_limit", 1.01)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        index = 0  # 1-based position in the optimizer: the projection's first seed
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p, on_apollo in zip(group["params"], group["apollo_mask"]):
+                index += 1
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                dt = _math_dtype(p)
+                if not on_apollo:
+                    if "exp_avg" not in state:
+                        state["step"] = 0
+                        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                    state["step"] += 1
+                    adamw_update_(
+                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
+                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    )
+                    continue
+                if "step" not in state:
+                    state["step"] = 0
+                    state["seed"] = index
+                if state["step"] % group["update_proj_gap"] == 0 or "proj" not in state:
+                    state["proj"] = random_projection(p.shape, group["rank"], state["seed"], dtype=dt, device=p.device)
+                    state["seed"] = next_projection_seed(state["seed"])
+                if "exp_avg" not in state:
+                    m, n = p.shape
+                    low_rank = (m, group["rank"]) if m >= n else (group["rank"], n)
+                    state["exp_avg"] = torch.zeros(low_rank, dtype=dt, device=p.device)
+                    state["exp_avg_sq"] = torch.zeros(low_rank, dtype=dt, device=p.device)
+                state["step"] += 1
+                new_norm = apollo_update_(
+                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["proj"], step=state["step"],
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                    scale=group["scale"], scale_type=group["scale_type"], scale_front=group["scale_front"],
+                    norm_growth_limit=group["norm_growth_limit"], prev_norm=state.get("update_norm"),
+                )
+                if new_norm is not None:
+                    state["update_norm"] = new_norm
+        return loss
+
+
+class APOLLOMini(APOLLO):
+    """APOLLO-Mini: rank-1 projection with tensor-wise scaling and ``scale=128``.
+
+    The arguments are :class:`APOLLO`'s except ``rank`` (fixed to 1) and ``scale_type`` (fixed to
+    ``"tensor"``); ``scale`` defaults to ``128`` (the paper's; ``sqrt(128)`` compensates the tiny
+    norm of a rank-1 projection).
+
+    Raises:
+        ValueError: as :class:`APOLLO`.
+
+    Example:
+        >>> opt = build_optimizer(model, "apollo_mini", lr=1e-2, target_modules=[r"attn", r"mlp"])
+
+    Paper: Zhu et al., arXiv:2412.05270 (APOLLO-Mini, section 4).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        scale: float = 128.0,
+        update_proj_gap: int = 200,
+        proj: Proj = "random",
+        target_modules: Sequence[str] | str | None = None,
+        scale_front: bool = False,
+        norm_growth_limit: float | None = 1.01,
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=1, scale=scale,
+            scale_type="tensor", update_proj_gap=update_proj_gap, proj=proj, target_modules=target_modules,
+            scale_front=scale_front, norm_growth_limit=norm_growth_limit,
+        )
+
+
+_PAPER = "Zhu et al., arXiv:2412.05270"
+register(
+    OptimInfo(
+        name="apollo",
+        cls=APOLLO,
+        description="APOLLO: AdamW moments of a random low-rank projection scale the raw gradient (channel-wise)",
+        paper=_PAPER,
+        default_lr=1e-2,
+    )
+)
+register(
+    OptimInfo(
+        name="apollo_mini",
+        cls=APOLLOMini,
+        description="APOLLO-Mini: rank-1 projection, tensor-wise gradient scaling (SGD-like memory)",
+        paper=_PAPER,
+        default_lr=1e-2,
+    )
+)
+register_alias("apollo_adamw", "apollo", source="huggingface")

@@ -105,6 +105,31 @@ def test_skipped_steps_do_not_advance_the_schedule():
     _same(model.lrs, _expected(ScheduleConfig("linear", warmup_steps=2).resolve(12), range(6)))
 
 
+class InfLossAt(Regression):
+    """Batch 2's loss is inf, so the GradScaler finds inf gradients and skips that optimizer step."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == 2 else loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        self.lrs.append([float(g["lr"]) for g in optimizer.param_groups])
+        before = self.layer.weight.detach().clone()
+        optimizer.step(closure=optimizer_closure)
+        self.stepped = [*getattr(self, "stepped", []), not torch.equal(before, self.layer.weight)]
+
+
+def test_grad_scaler_inf_skip_does_not_advance_the_schedule():
+    from lightning.pytorch.plugins import MixedPrecision
+
+    model, cb = InfLossAt(), LRSchedule("linear", total_steps=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    _trainer([cb], max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(model, _data())
+    assert model.stepped == [True, True, False, True, True] and cb.steps == [4]
+    s = ScheduleConfig("linear").resolve(10)
+    _same(model.lrs, _expected(s, [0, 1, 2, 2, 3]))
+
+
 def test_lr_of_every_group_is_logged():
     model, cb = Regression(), LRSchedule("linear", total_steps=5)
     trainer = _trainer([cb], max_steps=4)

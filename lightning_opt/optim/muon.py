@@ -195,9 +195,9 @@ def muon_update_(
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     if param.dtype == dt:
-        param.add_(ortho.view_as(param), alpha=-step)
+        param.add_(ortho.reshape(param.shape), alpha=-step)
     else:
-        param.copy_(param.to(dt).add_(ortho.view(param.shape), alpha=-step))
+        param.copy_(param.to(dt).add_(ortho.reshape(param.shape), alpha=-step))
 
 
 def adamw_update_(

@@ -136,10 +136,12 @@ def test_default_ns_dtype_is_full_precision_on_cpu(dtype: torch.dtype) -> None:
     assert (q.detach().double() - expected).abs().max() > 1e-4  # bf16 would not pass the check above
 
 
-def test_flatten_conv_matches_torch_muon_on_the_matrix_view() -> None:
-    w0 = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(8, 3, 3, 3), (40, 2, 2, 2)])
+def test_flatten_conv_matches_torch_muon_on_the_matrix_view(shape: tuple[int, ...]) -> None:
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    rows, cols = shape[0], math.prod(shape[1:])
     ours = w0.clone().requires_grad_()
-    ref = w0.reshape(8, 27).clone().requires_grad_()
+    ref = w0.reshape(rows, cols).clone().requires_grad_()
     plain = w0.clone().requires_grad_()
     opt = Muon([("conv.weight", ours)], lr=0.02, weight_decay=0.1, flatten_conv=True, ns_dtype="bfloat16")
     ref_opt = torch.optim.Muon([ref], lr=0.02, weight_decay=0.1)
@@ -148,10 +150,10 @@ def test_flatten_conv_matches_torch_muon_on_the_matrix_view() -> None:
     ref_adamw_opt = torch.optim.AdamW([ref_adamw], lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-10)
     assert opt.param_groups[0]["muon_mask"] == [True] and plain_opt.param_groups[0]["muon_mask"] == [False]
     for step in range(20):
-        g = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
-        ours.grad, ref.grad, plain.grad, ref_adamw.grad = g.clone(), g.reshape(8, 27).clone(), g.clone(), g.clone()
+        g = torch.randn(shape, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+        ours.grad, ref.grad, plain.grad, ref_adamw.grad = g.clone(), g.reshape(rows, cols).clone(), g.clone(), g.clone()
         opt.step(), ref_opt.step(), plain_opt.step(), ref_adamw_opt.step()
-    torch.testing.assert_close(ours.detach().reshape(8, 27), ref.detach())
+    torch.testing.assert_close(ours.detach().reshape(rows, cols), ref.detach())
     torch.testing.assert_close(plain, ref_adamw)  # without flatten_conv a conv weight gets AdamW
 
 

@@ -279,3 +279,18 @@ def test_ratios_round_up_robustly():
     assert ScheduleConfig("linear", warmup_ratio=0.05).resolve(30).warmup_steps == 2  # ceil(1.5), as HF's Trainer
     s = ScheduleConfig("wsd", warmup_ratio=0.05, decay_ratio=0.2).resolve(2)  # a tiny run still decays
     assert (s.warmup_steps, s.decay_steps, s.decay_start) == (1, 1, 1)
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-opt\[plot\]'"):
+        plot(ScheduleConfig("cosine"), tmp_path / "x.png", total_steps=10)
+
+
+def test_plot_schedule_is_a_lightning_opt_command(tmp_path):
+    from lightning_opt.cli import main
+
+    assert main(["plot-schedule", "cosine_restarts", "--restart-period", "10", "--period-mult", "2", "--total-steps", "70", "-o", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -30,7 +30,8 @@ Differences from the references (documented, tested with matching options):
   ``max`` matters for Hutchinson, whose ``h`` can be negative: ``+ eps`` would flip the step.
 - ``pytorch_optimizer.SophiaH`` computes ``lr' * clamp(m / max(h, eps'), -p, p)``; that is ours
   with ``lr = lr' * p``, ``rho = p``, ``eps = p * eps'`` and ``weight_decay = wd' / p``.
-- bf16/fp16 parameters keep float32 ``exp_avg``/``hessian`` and the math runs in float32.
+- bf16/fp16 parameters keep float32 ``exp_avg``/``hessian`` and the math runs in float32;
+  ``kahan_sum=True`` adds a Kahan compensation buffer so their small steps are not rounded away.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim._kahan import apply_update_, new_kahan_comp
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -72,19 +74,23 @@ def sophia_update_(
     scale: float,
     eps: float,
     weight_decay: float,
+    kahan_comp: Tensor | None = None,
 ) -> None:
     """One Sophia step for one tensor, in place on ``param`` and ``exp_avg``.
 
     ``p <- p (1 - lr wd)``; ``m <- beta1 m + (1 - beta1) g``;
-    ``p <- p - lr sign(m) min(|m| / max(scale h, eps), 1)``. ``grad``, ``exp_avg`` and ``hessian``
-    must share ``param``'s dtype (the optimizer casts low-precision tensors to float32 first).
+    ``p <- p - lr sign(m) min(|m| / max(scale h, eps), 1)``. The math runs in ``exp_avg``'s dtype
+    (float32 for bf16/fp16 parameters) and the step is rounded into ``param`` once; with
+    ``kahan_comp`` (a buffer in ``param``'s dtype) it is Kahan-compensated, so steps below a bf16
+    parameter's resolution accumulate instead of vanishing.
     """
     if weight_decay != 0:
+        # outside the compensation, as torch-optimi and the Lion family here
         param.mul_(1.0 - lr * weight_decay)
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg.mul_(beta1).add_(grad.to(exp_avg.dtype), alpha=1.0 - beta1)
     denom = (hessian * scale).clamp_(min=eps)
     ratio = exp_avg.abs().div_(denom).clamp_(max=1.0)
-    param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+    apply_update_(param, ratio.mul_(exp_avg.sign()).mul_(-lr), kahan_comp)
 
 
 def hessian_ema_(hessian: Tensor, estimate: Tensor, *, beta2: float) -> None:
@@ -182,6 +188,11 @@ def _check_betas(cls: str, betas: Any) -> tuple[float, float]:
     return float(betas[0]), float(betas[1])
 
 
+def _check_flag(cls: str, kahan_sum: Any) -> None:
+    if not isinstance(kahan_sum, bool):
+        raise ValueError(f"{cls}(kahan_sum={kahan_sum!r}) is invalid; expected True or False")
+
+
 class _Sophia(Optimizer):
     """The shared step, state and Hessian EMA of :class:`SophiaG` and :class:`SophiaH`."""
 
@@ -192,6 +203,11 @@ class _Sophia(Optimizer):
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_stash_fp32_state)
         self.register_load_state_dict_post_hook(_restore_fp32_state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("kahan_sum", False)  # checkpoints from before the option
 
     def _scale(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
@@ -262,21 +278,22 @@ class _Sophia(Optimizer):
                 if "exp_avg" not in state:
                     self._init_state(p, state)
                 state["step"] += 1
-                m, h = state["exp_avg"], state["hessian"]
-                x = p if p.dtype == m.dtype else p.to(m.dtype)
+                if group["kahan_sum"] and "kahan_comp" not in state:
+                    comp = new_kahan_comp(p)
+                    if comp is not None:
+                        state["kahan_comp"] = comp
                 sophia_update_(
-                    x,
-                    p.grad.to(m.dtype),
-                    m,
-                    h,
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["hessian"],
                     lr=group["lr"],
                     beta1=beta1,
                     scale=scale,
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
+                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
                 )
-                if x is not p:
-                    p.copy_(x)
         return loss
 
     @torch.no_grad()
@@ -336,6 +353,8 @@ class SophiaG(_Sophia):
             estimator ``B * g_hat**2``, multiplied into the denominator as the official code does
             (default ``5120``, the official ``step(bs=...)`` default). A wrong ``bs`` rescales ``rho``.
         eps: floor of the denominator ``max(rho * bs * h, eps)`` (default ``1e-15``).
+        kahan_sum: Kahan-compensate the steps of bf16/fp16 parameters, so steps below their
+            resolution are not lost (default ``False``; float32 parameters need and get no buffer).
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
@@ -364,14 +383,16 @@ class SophiaG(_Sophia):
         weight_decay: float = 0.1,
         bs: int = 5120,
         eps: float = 1e-15,
+        *,
+        kahan_sum: bool = False,
     ) -> None:
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaG", key, value)
         _check("SophiaG", "bs", bs, positive=True)
         betas = _check_betas("SophiaG", betas)
-        super().__init__(
-            params, {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "bs": bs, "eps": eps}
-        )
+        _check_flag("SophiaG", kahan_sum)
+        defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "bs": bs, "eps": eps}
+        super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"] * group["bs"]
@@ -393,6 +414,7 @@ class SophiaH(_Sophia):
         weight_decay: decoupled decay ``p *= 1 - lr * weight_decay`` (default ``0.0``).
         eps: floor of the denominator ``max(rho * h, eps)``; Hutchinson's ``h`` can be negative,
             which the floor turns into a full-size sign step (default ``1e-12``).
+        kahan_sum: Kahan-compensate the steps of bf16/fp16 parameters (default ``False``).
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
@@ -417,11 +439,15 @@ class SophiaH(_Sophia):
         rho: float = 0.01,
         weight_decay: float = 0.0,
         eps: float = 1e-12,
+        *,
+        kahan_sum: bool = False,
     ) -> None:
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaH", key, value)
         betas = _check_betas("SophiaH", betas)
-        super().__init__(params, {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "eps": eps})
+        _check_flag("SophiaH", kahan_sum)
+        defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "eps": eps}
+        super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"]

@@ -196,6 +196,29 @@ def test_bf16_params_keep_fp32_state_and_round_trip() -> None:
     torch.testing.assert_close(fresh.state[p]["hessian"], opt.state[p]["hessian"])
 
 
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH])
+def test_kahan_sum_keeps_small_bf16_steps(cls) -> None:
+    # h = 0, so every step is a sign step of size lr = 1e-4: below bf16's resolution near 1 (2**-8)
+    def run(dtype: torch.dtype, kahan: bool) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        p = torch.ones(64, dtype=dtype, requires_grad=True)
+        opt = cls([p], lr=1e-4, weight_decay=0.0, kahan_sum=kahan)
+        for _ in range(20):
+            p.grad = torch.ones(64, dtype=dtype)
+            opt.step()
+        return p.detach(), opt
+
+    ref, _ = run(torch.float32, False)
+    torch.testing.assert_close(ref, torch.full((64,), 1 - 20e-4))
+    lost, _ = run(torch.bfloat16, False)
+    assert torch.equal(lost.float(), torch.ones(64))  # every step rounded away
+    kept, opt = run(torch.bfloat16, True)
+    comp = opt.state[opt.param_groups[0]["params"][0]]["kahan_comp"]
+    assert kept.dtype == comp.dtype == torch.bfloat16 and (kept.float() < 1).all()
+    torch.testing.assert_close(kept.float() + comp.float(), ref, rtol=0, atol=1e-5)
+    fp32, opt32 = run(torch.float32, True)  # no buffer for float32 parameters, same result
+    assert torch.equal(fp32, ref) and "kahan_comp" not in opt32.state[opt32.param_groups[0]["params"][0]]
+
+
 @pytest.mark.parametrize(
     ("cls", "kw", "match"),
     [
@@ -205,6 +228,7 @@ def test_bf16_params_keep_fp32_state_and_round_trip() -> None:
         (SophiaG, {"betas": (0.9, 1.0)}, r"SophiaG\(betas=\(0.9, 1.0\)\)"),
         (SophiaH, {"eps": -1e-12}, r"SophiaH\(eps=-1e-12\)"),
         (SophiaH, {"weight_decay": -0.1}, r"SophiaH\(weight_decay=-0.1\)"),
+        (SophiaH, {"kahan_sum": 1}, r"SophiaH\(kahan_sum=1\)"),
     ],
 )
 def test_rejects_invalid_hyperparameters(cls, kw, match) -> None:

@@ -171,3 +171,44 @@ def test_registry_names_and_validation() -> None:
     if "schedule_free_adamw" in names:
         with pytest.raises(ValueError, match="not supported"):
             Lookahead(model.parameters(), base="schedule_free_adamw")
+
+
+def test_lightning_fit_and_resume_from_checkpoint(tmp_path) -> None:
+    """Under a Trainer: 1 epoch (6 steps) + checkpoint + resume for a 2nd == 2 epochs straight.
+
+    Epochs, not max_steps: a run stopped by max_steps at an epoch's end resumes by repeating a batch.
+    """
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Model(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return build_optimizer(self, "lookahead_adamw", lr=1e-2, weight_decay=0.1, k=4)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(48, 4, generator=g), torch.randn(48, 1, generator=g))  # 6 batches: resume at an epoch end
+
+    def fit(max_epochs: int, ckpt_path=None):
+        model = Model()
+        trainer = pl.Trainer(
+            max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        )
+        trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+        return trainer, model
+
+    _, straight = fit(2)
+    trainer, _ = fit(1)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    _, resumed = fit(2, ckpt_path=tmp_path / "one.ckpt")
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -93,6 +93,62 @@ def test_matches_torch_muon_and_adamw(config: str, dtype: torch.dtype) -> None:
         assert not torch.allclose(ours[n], init[n])
 
 
+def _run_pair(ours_kw: dict, muon_kw: dict, adamw_kw: dict, *, grad_scale: float = 1.0, steps: int = 20):
+    init = _tensors(torch.float64)
+    ours = {n: t.clone().requires_grad_() for n, t in init.items()}
+    ref = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = Muon(list(ours.items()), ns_dtype="bfloat16", **ours_kw)
+    ref_muon = torch.optim.Muon([ref[n] for n in MUON_NAMES], **muon_kw)
+    ref_adamw = torch.optim.AdamW([ref[n] for n in ADAMW_NAMES], foreach=False, **adamw_kw)
+    for step in range(steps):
+        grads = _grads(init, step)
+        for n in SHAPES:
+            ours[n].grad = grads[n] * grad_scale
+            ref[n].grad = grads[n] * grad_scale
+        opt.step(), ref_muon.step(), ref_adamw.step()
+    return ours, ref
+
+
+BASE = (
+    {"lr": 0.02, "weight_decay": 0.1},
+    {"lr": 0.02, "weight_decay": 0.1},
+    {"lr": 3e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-10},
+)
+# one option at a time: (ours, torch.optim.Muon, torch.optim.AdamW) changes from BASE
+SINGLE_OPTIONS = {
+    "weight_decay": ({"weight_decay": 0.0}, {"weight_decay": 0.0}, {"weight_decay": 0.0}),
+    "momentum": ({"momentum": 0.8}, {"momentum": 0.8}, {}),
+    "nesterov": ({"nesterov": False}, {"nesterov": False}, {}),
+    "ns_steps": ({"ns_steps": 2}, {"ns_steps": 2}, {}),
+    "ns_coefficients": ({"ns_coefficients": (3.0, -3.2, 1.2)}, {"ns_coefficients": (3.0, -3.2, 1.2)}, {}),
+    # match_rms_adamw also makes the AdamW side's default lr ratio 1
+    "adjust_lr_fn": ({"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "match_rms_adamw"}, {"lr": 0.02}),
+    "adamw_lr": ({"adamw_lr": 5e-3}, {}, {"lr": 5e-3}),
+    "adamw_lr_ratio": ({"adamw_lr_ratio": 0.5}, {}, {"lr": 0.01}),
+    "adamw_betas": ({"adamw_betas": (0.8, 0.99)}, {}, {"betas": (0.8, 0.99)}),
+    "adamw_eps": ({"adamw_eps": 0.1}, {}, {"eps": 0.1}),
+}
+
+
+@pytest.mark.parametrize("option", sorted(SINGLE_OPTIONS))
+def test_each_option_matches_torch_and_changes_the_result(option: str) -> None:
+    delta = SINGLE_OPTIONS[option]
+    ours, ref = _run_pair(*({**b, **d} for b, d in zip(BASE, delta)))
+    for n in SHAPES:
+        torch.testing.assert_close(ours[n], ref[n], msg=lambda m, n=n: f"{n}: {m}")
+    base, _ = _run_pair(*BASE, steps=20)
+    assert any((ours[n] - base[n]).abs().max() > 1e-6 for n in SHAPES), f"{option} changed nothing"
+
+
+def test_eps_bounds_the_normalization_like_torch() -> None:
+    # eps only acts when ||momentum||_F < eps: gradients of ~1e-6 (norm ~2e-5) with eps=1e-3
+    ours, ref = _run_pair({**BASE[0], "eps": 1e-3}, {**BASE[1], "eps": 1e-3}, BASE[2], grad_scale=1e-6)
+    base, _ = _run_pair(*BASE, grad_scale=1e-6)
+    for n in MUON_NAMES:
+        torch.testing.assert_close(ours[n], ref[n])
+        assert (ours[n] - base[n]).abs().max() > 1e-4
+
+
 def _ns_by_svd(G: torch.Tensor, steps: int, coefficients=(3.4445, -4.7750, 2.0315), eps: float = 1e-7) -> torch.Tensor:
     """The Newton-Schulz result computed on the singular values (float64)."""
     a, b, c = coefficients

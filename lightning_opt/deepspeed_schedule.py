@@ -52,7 +52,9 @@ _PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
-def lr_schedule_from_deepspeed(scheduler: Mapping[str, Any], *, optimizer_lr: float | None = None, **auto: Any) -> LRSchedule:
+def lr_schedule_from_deepspeed(
+    scheduler: Mapping[str, Any], *, optimizer_lr: float | None = None, **auto: Any
+) -> LRSchedule:
     """The :class:`LRSchedule` equivalent to a DeepSpeed ``scheduler`` block.
 
     Args:
@@ -94,13 +96,17 @@ def lr_schedule_from_deepspeed(scheduler: Mapping[str, Any], *, optimizer_lr: fl
             value = auto[key]
         params[key] = value
     if kind != "WarmupLR" and "total_num_steps" not in given:
-        raise ValueError(f"DeepSpeed {kind} needs params.total_num_steps (a number or \"auto\")")
+        raise ValueError(f'DeepSpeed {kind} needs params.total_num_steps (a number or "auto")')
     warmup_type = params["warmup_type"]
     if warmup_type not in ("log", "linear"):
-        raise ValueError(f"DeepSpeed scheduler.params.warmup_type={warmup_type!r} is invalid; expected 'log' or 'linear'")
+        raise ValueError(
+            f"DeepSpeed scheduler.params.warmup_type={warmup_type!r} is invalid; expected 'log' or 'linear'"
+        )
     warmup = params["warmup_num_steps"]
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup <= 0:
-        raise ValueError(f"DeepSpeed scheduler.params.warmup_num_steps={warmup!r} is invalid; expected a positive integer")
+        raise ValueError(
+            f"DeepSpeed scheduler.params.warmup_num_steps={warmup!r} is invalid; expected a positive integer"
+        )
     common = {"warmup_steps": max(2, warmup), "warmup_type": warmup_type}
     total = params.get("total_num_steps")
 
@@ -126,7 +132,9 @@ def lr_schedule_from_deepspeed(scheduler: Mapping[str, Any], *, optimizer_lr: fl
     if min_lr == 0.0:
         ratio = 0.0
     elif max_lr is None:
-        raise ValueError(f"DeepSpeed {kind} with warmup_min_lr={min_lr} needs warmup_max_lr or optimizer_lr to form the ratio")
+        raise ValueError(
+            f"DeepSpeed {kind} with warmup_min_lr={min_lr} needs warmup_max_lr or optimizer_lr to form the ratio"
+        )
     else:
         ratio = min_lr / float(max_lr)
     if kind == "WarmupLR":

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 __all__ = [
-    "DecayShape",
     "SHAPES",
+    "DecayShape",
     "Schedule",
     "ScheduleConfig",
     "Shape",
@@ -195,7 +195,9 @@ class ScheduleConfig:
             raise _fail("shape", shape, f"expected one of {', '.join(SHAPES)}")
         for name, (shapes, _) in _SHAPE_OPTIONS.items():
             if getattr(self, name) is not None and shape not in shapes:
-                raise _fail(name, getattr(self, name), f"only shape {' or '.join(map(repr, shapes))} reads it, not {shape!r}")
+                raise _fail(
+                    name, getattr(self, name), f"only shape {' or '.join(map(repr, shapes))} reads it, not {shape!r}"
+                )
         if self.milestones is not None:
             object.__setattr__(self, "milestones", tuple(self.milestones))
         if self.decay_shape not in DECAY_SHAPES:
@@ -213,15 +215,23 @@ class ScheduleConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise _fail("min_lr_ratio", self.min_lr_ratio, "it is a fraction of each group's initial lr, in [0, 1]")
         if not 0.0 <= self.warmup_init_ratio <= 1.0:
-            raise _fail("warmup_init_ratio", self.warmup_init_ratio, "it is a fraction of each group's initial lr, in [0, 1]")
+            raise _fail(
+                "warmup_init_ratio", self.warmup_init_ratio, "it is a fraction of each group's initial lr, in [0, 1]"
+            )
         if self.warmup_type not in ("linear", "log"):
             raise _fail("warmup_type", self.warmup_type, "expected 'linear' or 'log'")
-        if self.warmup_type == "log" and (shape == "onecycle" or self.warmup_ratio is not None or self.warmup_steps < 2):
+        if self.warmup_type == "log" and (
+            shape == "onecycle" or self.warmup_ratio is not None or self.warmup_steps < 2
+        ):
             raise _fail("warmup_type", "log", "a log warmup needs warmup_steps >= 2 (and not onecycle or warmup_ratio)")
         if self.decay_offset is not None:
             _check_int("decay_offset", self.decay_offset, low=0)
         if shape in ("constant", "onecycle") and self.min_lr_ratio != 0.0:
-            hint = "a constant schedule has no decay" if shape == "constant" else "onecycle ends at 1/(div_factor*final_div_factor)"
+            hint = (
+                "a constant schedule has no decay"
+                if shape == "constant"
+                else "onecycle ends at 1/(div_factor*final_div_factor)"
+            )
             raise _fail("min_lr_ratio", self.min_lr_ratio, hint)
         if shape == "onecycle" and self.warmup_init_ratio != 0.0:
             raise _fail("warmup_init_ratio", self.warmup_init_ratio, "onecycle starts at 1/div_factor; set div_factor")
@@ -279,7 +289,9 @@ class ScheduleConfig:
         if list(ms) != sorted(set(ms)):
             raise _fail("milestones", list(ms), "give strictly increasing steps")
         if ms[0] <= self.warmup_steps:
-            raise _fail("milestones", list(ms), f"the first milestone must come after the warmup ({self.warmup_steps} steps)")
+            raise _fail(
+                "milestones", list(ms), f"the first milestone must come after the warmup ({self.warmup_steps} steps)"
+            )
 
     def _check_onecycle(self) -> None:
         pct = self.pct_start
@@ -307,9 +319,17 @@ class ScheduleConfig:
         if self.decay_start is not None:
             _check_int("decay_start", self.decay_start, low=0)
             if self.decay_start < self.warmup_steps:
-                raise _fail("decay_start", self.decay_start, f"the decay cannot start inside the warmup ({self.warmup_steps} steps)")
+                raise _fail(
+                    "decay_start",
+                    self.decay_start,
+                    f"the decay cannot start inside the warmup ({self.warmup_steps} steps)",
+                )
         if self.decay_shape == "exponential" and self.min_lr_ratio <= 0.0:
-            raise _fail("min_lr_ratio", self.min_lr_ratio, "decay_shape='exponential' decays to min_lr_ratio geometrically; it needs min_lr_ratio > 0")
+            raise _fail(
+                "min_lr_ratio",
+                self.min_lr_ratio,
+                "decay_shape='exponential' decays to min_lr_ratio geometrically; it needs min_lr_ratio > 0",
+            )
 
     def _check_plateau(self) -> None:
         if self.option("mode") not in ("min", "max"):
@@ -348,7 +368,9 @@ class ScheduleConfig:
             total = int(total)
             _check_int("total_steps", total, low=1)
         elif self.needs_total_steps:
-            raise _fail("total_steps", None, f"shape {self.shape!r} with these options needs the run length; pass total_steps")
+            raise _fail(
+                "total_steps", None, f"shape {self.shape!r} with these options needs the run length; pass total_steps"
+            )
         warmup = self.warmup_steps
         if self.warmup_ratio is not None:
             warmup = _ratio_steps(self.warmup_ratio, total)
@@ -368,7 +390,8 @@ class ScheduleConfig:
                 decay_start = self.decay_start
                 if decay_start + decay_steps > total:
                     raise _fail(
-                        "decay_start", decay_start,
+                        "decay_start",
+                        decay_start,
                         f"a decay of {decay_steps} steps from step {decay_start} ends after the run ({total} steps); "
                         "lengthen total_steps/max_steps or shorten decay_steps",
                     )
@@ -376,7 +399,8 @@ class ScheduleConfig:
                 decay_start = total - decay_steps
                 if decay_start < warmup:
                     raise _fail(
-                        "decay_steps", decay_steps,
+                        "decay_steps",
+                        decay_steps,
                         f"the decay is longer than what is left after {warmup} warmup steps of a {total}-step run",
                     )
         return Schedule(self, total, warmup, decay_steps=decay_steps, decay_start=decay_start)
@@ -523,7 +547,11 @@ def _onecycle(s: Schedule, t: int) -> tuple[float, float]:
     m_lo, m_hi = c.option("base_momentum"), c.option("max_momentum")
     rise_end = float(s.pct_start * total) - 1
     if c.option("three_phase"):
-        phases = [(rise_end, initial, 1.0, m_hi, m_lo), (2 * rise_end, 1.0, initial, m_lo, m_hi), (total - 1, initial, low, m_hi, m_hi)]
+        phases = [
+            (rise_end, initial, 1.0, m_hi, m_lo),
+            (2 * rise_end, 1.0, initial, m_lo, m_hi),
+            (total - 1, initial, low, m_hi, m_hi),
+        ]
     else:
         phases = [(rise_end, initial, 1.0, m_hi, m_lo), (total - 1, 1.0, low, m_lo, m_hi)]
     strategy, start = c.option("anneal_strategy"), 0.0
@@ -538,7 +566,12 @@ def _onecycle(s: Schedule, t: int) -> tuple[float, float]:
 # --- plateau: torch's ReduceLROnPlateau rule as a pure update --------------------------------
 def plateau_init(config: ScheduleConfig) -> dict[str, Any]:
     """The initial plateau state: ``{"best", "num_bad", "cooldown_counter", "scale"}``."""
-    return {"best": math.inf if config.option("mode") == "min" else -math.inf, "num_bad": 0, "cooldown_counter": 0, "scale": 1.0}
+    return {
+        "best": math.inf if config.option("mode") == "min" else -math.inf,
+        "num_bad": 0,
+        "cooldown_counter": 0,
+        "scale": 1.0,
+    }
 
 
 def plateau_update(config: ScheduleConfig, state: dict[str, Any], metric: float) -> dict[str, Any]:
@@ -600,7 +633,9 @@ def plot(
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError("lightning_opt.schedules.plot needs matplotlib: pip install 'lightning-opt[plot]'") from err
+        raise ModuleNotFoundError(
+            "lightning_opt.schedules.plot needs matplotlib: pip install 'lightning-opt[plot]'"
+        ) from err
     sched = schedule if isinstance(schedule, Schedule) else schedule.resolve(total_steps)
     n = total_steps or sched.total_steps
     if n is None:
@@ -617,7 +652,11 @@ def plot(
         ax2.plot(steps, momentum, color="tab:orange", label="momentum / beta1")
         ax2.set_ylabel("momentum / beta1")
     if title is None:
-        opts = {k: v for k, v in dataclasses.asdict(sched.config).items() if v not in (None, 0, 0.0, "linear") and k != "shape"}
+        opts = {
+            k: v
+            for k, v in dataclasses.asdict(sched.config).items()
+            if v not in (None, 0, 0.0, "linear") and k != "shape"
+        }
         title = f"{sched.shape} " + ", ".join(f"{k}={v}" for k, v in opts.items())
         if sched.shape == "plateau":
             title += " (metric-driven reductions not drawn)"
@@ -657,7 +696,9 @@ def plot_schedule_main(argv: Sequence[str] | None = None) -> int:
             --decay-shape 1-sqrt --base-lr 3e-4 -o wsd.png
     """
     parser = argparse.ArgumentParser(prog="lightning-opt plot-schedule", description="Plot an LRSchedule to a PNG.")
-    parser.add_argument("shape", nargs="?", default=None, choices=SHAPES, help="schedule shape (default: from --config, else cosine)")
+    parser.add_argument(
+        "shape", nargs="?", default=None, choices=SHAPES, help="schedule shape (default: from --config, else cosine)"
+    )
     parser.add_argument("--config", help="a LightningCLI YAML whose trainer.callbacks has an LRSchedule")
     parser.add_argument("-o", "--output", default="lr_schedule.png", help="PNG path (default lr_schedule.png)")
     parser.add_argument("--base-lr", type=float, default=1.0, help="initial lr (default 1.0: draw the multiplier)")

@@ -33,7 +33,12 @@ class TinyRegression(OptimizerMixin, pl.LightningModule):
 
 def _trainer(**kw) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
     )
 
 

@@ -52,15 +52,23 @@ T = 40
 @pytest.mark.parametrize(
     ("hf_name", "hf_kwargs", "config"),
     [
-        ("constant_with_warmup", {}, dict(shape="constant", warmup_steps=7)),
-        ("linear", {}, dict(shape="linear", warmup_steps=5)),
-        ("linear", {}, dict(shape="linear", warmup_ratio=0.1)),  # ceil(0.1 * 40) = 4 warmup steps
-        ("cosine", {}, dict(shape="cosine", warmup_steps=6)),
-        ("cosine_with_min_lr", {"min_lr_rate": 0.1}, dict(shape="cosine", warmup_steps=6, min_lr_ratio=0.1)),
-        ("cosine_with_restarts", {"num_cycles": 3}, dict(shape="cosine_restarts", warmup_steps=10, restart_period=10)),
-        ("polynomial", {"power": 2.0, "lr_end": 1e-7}, dict(shape="polynomial", warmup_steps=5, power=2.0, min_lr_ratio=1e-6)),
-        ("inverse_sqrt", {}, dict(shape="inverse_sqrt", warmup_steps=10)),
-        ("inverse_sqrt", {"timescale": 25}, dict(shape="inverse_sqrt", warmup_steps=10, timescale=25)),
+        ("constant_with_warmup", {}, {"shape": "constant", "warmup_steps": 7}),
+        ("linear", {}, {"shape": "linear", "warmup_steps": 5}),
+        ("linear", {}, {"shape": "linear", "warmup_ratio": 0.1}),  # ceil(0.1 * 40) = 4 warmup steps
+        ("cosine", {}, {"shape": "cosine", "warmup_steps": 6}),
+        ("cosine_with_min_lr", {"min_lr_rate": 0.1}, {"shape": "cosine", "warmup_steps": 6, "min_lr_ratio": 0.1}),
+        (
+            "cosine_with_restarts",
+            {"num_cycles": 3},
+            {"shape": "cosine_restarts", "warmup_steps": 10, "restart_period": 10},
+        ),
+        (
+            "polynomial",
+            {"power": 2.0, "lr_end": 1e-7},
+            {"shape": "polynomial", "warmup_steps": 5, "power": 2.0, "min_lr_ratio": 1e-6},
+        ),
+        ("inverse_sqrt", {}, {"shape": "inverse_sqrt", "warmup_steps": 10}),
+        ("inverse_sqrt", {"timescale": 25}, {"shape": "inverse_sqrt", "warmup_steps": 10, "timescale": 25}),
     ],
 )
 def test_matches_hugging_face(hf_name, hf_kwargs, config):
@@ -68,7 +76,9 @@ def test_matches_hugging_face(hf_name, hf_kwargs, config):
     lrs = LRS[:1] if hf_name == "polynomial" else LRS  # HF's polynomial reads optimizer.defaults["lr"]
 
     def make(opt):
-        return get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=T, scheduler_specific_kwargs=hf_kwargs)
+        return get_scheduler(
+            hf_name, opt, num_warmup_steps=warmup, num_training_steps=T, scheduler_specific_kwargs=hf_kwargs
+        )
 
     _close(_ours(ScheduleConfig(**config), T, lrs, total=T), _reference(make, T, lrs))
 
@@ -78,7 +88,12 @@ def test_matches_hugging_face(hf_name, hf_kwargs, config):
 def test_wsd_matches_hugging_face(decay_shape, min_lr_ratio):
     # HF's WSD warmup rises from min_lr_ratio: warmup_init_ratio=min_lr_ratio is the matching option
     config = ScheduleConfig(
-        "wsd", warmup_steps=6, decay_steps=12, decay_shape=decay_shape, min_lr_ratio=min_lr_ratio, warmup_init_ratio=min_lr_ratio
+        "wsd",
+        warmup_steps=6,
+        decay_steps=12,
+        decay_shape=decay_shape,
+        min_lr_ratio=min_lr_ratio,
+        warmup_init_ratio=min_lr_ratio,
     )
 
     def make(opt):
@@ -102,7 +117,12 @@ def test_wsd_exponential_decay_is_geometric_to_min_lr():
     vals = s.values(32)
     assert vals[19] == 1.0 and vals[20] == 1.0  # decay starts at 30 - 10
     ratios = [vals[t + 1] / vals[t] for t in range(20, 29)]
-    torch.testing.assert_close(torch.tensor(ratios, dtype=torch.float64), torch.full((9,), r ** (1 / d), dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(ratios, dtype=torch.float64),
+        torch.full((9,), r ** (1 / d), dtype=torch.float64),
+        rtol=0,
+        atol=1e-12,
+    )
     assert vals[30] == pytest.approx(r, abs=1e-15) and vals[31] == pytest.approx(r, abs=1e-15)
 
 
@@ -110,15 +130,24 @@ def test_wsd_exponential_decay_is_geometric_to_min_lr():
 @pytest.mark.parametrize(
     ("make", "config"),
     [
-        (lambda o: tls.LinearLR(o, start_factor=1.0, end_factor=0.2, total_iters=T), dict(shape="linear", min_lr_ratio=0.2)),
-        (lambda o: tls.LambdaLR(o, lambda t: min(1.0, t / 8)), dict(shape="constant", warmup_steps=8)),
-        (lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=6, T_mult=2, eta_min=0.0), dict(shape="cosine_restarts", restart_period=6, period_mult=2)),
-        (lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=7), dict(shape="cosine_restarts", restart_period=7)),
-        (lambda o: tls.PolynomialLR(o, total_iters=T, power=2.0), dict(shape="polynomial", power=2.0)),
-        (lambda o: tls.ExponentialLR(o, gamma=0.9), dict(shape="exponential", gamma=0.9)),
-        (lambda o: tls.StepLR(o, step_size=4, gamma=0.5), dict(shape="step", step_size=4, gamma=0.5)),
-        (lambda o: tls.StepLR(o, step_size=4), dict(shape="step", step_size=4)),
-        (lambda o: tls.MultiStepLR(o, milestones=[5, 12, 20], gamma=0.3), dict(shape="multistep", milestones=[5, 12, 20], gamma=0.3)),
+        (
+            lambda o: tls.LinearLR(o, start_factor=1.0, end_factor=0.2, total_iters=T),
+            {"shape": "linear", "min_lr_ratio": 0.2},
+        ),
+        (lambda o: tls.LambdaLR(o, lambda t: min(1.0, t / 8)), {"shape": "constant", "warmup_steps": 8}),
+        (
+            lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=6, T_mult=2, eta_min=0.0),
+            {"shape": "cosine_restarts", "restart_period": 6, "period_mult": 2},
+        ),
+        (lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=7), {"shape": "cosine_restarts", "restart_period": 7}),
+        (lambda o: tls.PolynomialLR(o, total_iters=T, power=2.0), {"shape": "polynomial", "power": 2.0}),
+        (lambda o: tls.ExponentialLR(o, gamma=0.9), {"shape": "exponential", "gamma": 0.9}),
+        (lambda o: tls.StepLR(o, step_size=4, gamma=0.5), {"shape": "step", "step_size": 4, "gamma": 0.5}),
+        (lambda o: tls.StepLR(o, step_size=4), {"shape": "step", "step_size": 4}),
+        (
+            lambda o: tls.MultiStepLR(o, milestones=[5, 12, 20], gamma=0.3),
+            {"shape": "multistep", "milestones": [5, 12, 20], "gamma": 0.3},
+        ),
     ],
 )
 def test_matches_torch(make, config):
@@ -127,13 +156,13 @@ def test_matches_torch(make, config):
 
 def test_cosine_min_lr_matches_torch_cosine_annealing():
     lr, r = 0.1, 0.05
-    make = lambda o: tls.CosineAnnealingLR(o, T_max=T, eta_min=r * lr)  # noqa: E731
+    make = lambda o: tls.CosineAnnealingLR(o, T_max=T, eta_min=r * lr)
     _close(_ours(ScheduleConfig("cosine", min_lr_ratio=r), T, (lr,), total=T), _reference(make, T, (lr,)))
 
 
 def test_cosine_restarts_eta_min_matches_torch():
     lr, r = 0.1, 0.2
-    make = lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=3, eta_min=r * lr)  # noqa: E731
+    make = lambda o: tls.CosineAnnealingWarmRestarts(o, T_0=5, T_mult=3, eta_min=r * lr)
     config = ScheduleConfig("cosine_restarts", restart_period=5, period_mult=3, min_lr_ratio=r)
     _close(_ours(config, T, (lr,), total=T), _reference(make, T, (lr,)))
 
@@ -167,7 +196,7 @@ def test_onecycle_matches_torch_lr_and_momentum(kwargs, kind):
 
 
 def test_onecycle_warmup_steps_set_the_rising_phase():
-    make = lambda o: tls.OneCycleLR(o, max_lr=list(LRS), total_steps=T, pct_start=0.25)  # noqa: E731
+    make = lambda o: tls.OneCycleLR(o, max_lr=list(LRS), total_steps=T, pct_start=0.25)
     _close(_ours(ScheduleConfig("onecycle", warmup_steps=10), T, total=T), _reference(make, T))
     _close(_ours(ScheduleConfig("onecycle", warmup_ratio=0.25), T, total=T), _reference(make, T))
     assert ScheduleConfig("onecycle", cycle_momentum=False).resolve(T).momentum(3) is None
@@ -186,7 +215,11 @@ def test_plateau_matches_reduce_lr_on_plateau(kwargs):
     torch_kw = {k: v for k, v in kwargs.items() if k != "min_lr_ratio"}
     config = ScheduleConfig("plateau", **{**kwargs, "patience": kwargs.get("patience", 2)})
     opt = _optimizer()
-    ref = tls.ReduceLROnPlateau(opt, **{**torch_kw, "patience": config.option("patience")}, min_lr=[kwargs.get("min_lr_ratio", 0.0) * lr for lr in LRS])
+    ref = tls.ReduceLROnPlateau(
+        opt,
+        **{**torch_kw, "patience": config.option("patience")},
+        min_lr=[kwargs.get("min_lr_ratio", 0.0) * lr for lr in LRS],
+    )
     state, ours, theirs = plateau_init(config), [], []
     for m in metrics:
         ref.step(m)
@@ -201,7 +234,12 @@ def test_plateau_matches_reduce_lr_on_plateau(kwargs):
 def test_warmup_init_ratio_and_every_shape_takes_a_warmup():
     s = ScheduleConfig("cosine", warmup_steps=4, warmup_init_ratio=0.2).resolve(20)
     assert [s(t) for t in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0], abs=1e-15)
-    extra = {"exponential": {"gamma": 0.9}, "step": {"step_size": 3}, "multistep": {"milestones": [6]}, "wsd": {"decay_steps": 5}}
+    extra = {
+        "exponential": {"gamma": 0.9},
+        "step": {"step_size": 3},
+        "multistep": {"milestones": [6]},
+        "wsd": {"decay_steps": 5},
+    }
     for shape in SHAPES:
         if shape == "onecycle":
             continue
@@ -224,7 +262,10 @@ def test_wsd_longer_run_extends_the_stable_phase_and_decay_start_moves_the_decay
     [
         ({"shape": "cosin"}, "expected one of constant, linear, cosine, cosine_restarts"),
         ({"warmup_steps": 50, "total_steps": 40}, "warmup is longer than the run"),
-        ({"shape": "wsd", "warmup_steps": 10, "decay_steps": 31, "total_steps": 40}, "decay is longer than what is left"),
+        (
+            {"shape": "wsd", "warmup_steps": 10, "decay_steps": 31, "total_steps": 40},
+            "decay is longer than what is left",
+        ),
         ({"shape": "wsd", "decay_steps": 10, "decay_start": 35, "total_steps": 40}, "ends after the run"),
         ({"min_lr_ratio": 1.5}, r"min_lr_ratio=1.5.*\[0, 1\]"),
         ({"min_lr_ratio": -0.1}, "min_lr_ratio"),
@@ -268,7 +309,10 @@ def test_plot_and_plot_schedule_command(tmp_path):
     )
     assert plot_schedule_main(["--config", str(yaml_path), "--total-steps", "100", "-o", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "b.png").stat().st_size > 1000
-    assert plot_schedule_main(["multistep", "--milestones", "10", "20", "--steps", "30", "-o", str(tmp_path / "c.png")]) == 0
+    assert (
+        plot_schedule_main(["multistep", "--milestones", "10", "20", "--steps", "30", "-o", str(tmp_path / "c.png")])
+        == 0
+    )
     with pytest.raises(ValueError, match="needs decay_steps"):
         plot_schedule_main(["wsd", "--total-steps", "100", "-o", str(tmp_path / "d.png")])
     assert math.isfinite(ScheduleConfig("wsd", decay_ratio=0.1).resolve(100)(99))
@@ -292,5 +336,21 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
 def test_plot_schedule_is_a_lightning_opt_command(tmp_path):
     from lightning_opt.cli import main
 
-    assert main(["plot-schedule", "cosine_restarts", "--restart-period", "10", "--period-mult", "2", "--total-steps", "70", "-o", str(tmp_path / "r.png")]) == 0
+    assert (
+        main(
+            [
+                "plot-schedule",
+                "cosine_restarts",
+                "--restart-period",
+                "10",
+                "--period-mult",
+                "2",
+                "--total-steps",
+                "70",
+                "-o",
+                str(tmp_path / "r.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"

@@ -240,7 +240,9 @@ class LRSchedule(Callback):
                 else:
                     group["momentum"] = momentum
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self.log_lr:
             return
         names = [type(o).__name__ for o in self._optimizers]

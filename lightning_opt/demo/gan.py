@@ -63,10 +63,20 @@ class RingGaussians(L.LightningDataModule):
         seed: sampling seed (default 0).
     """
 
-    def __init__(self, modes: int = 8, radius: float = 2.0, std: float = 0.05, samples: int = 2048, batch_size: int = 128, seed: int = 0) -> None:
+    def __init__(
+        self,
+        modes: int = 8,
+        radius: float = 2.0,
+        std: float = 0.05,
+        samples: int = 2048,
+        batch_size: int = 128,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if modes < 1 or samples < 1 or batch_size < 1:
-            raise ValueError(f"RingGaussians(modes={modes}, samples={samples}, batch_size={batch_size}) must all be >= 1")
+            raise ValueError(
+                f"RingGaussians(modes={modes}, samples={samples}, batch_size={batch_size}) must all be >= 1"
+            )
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
 
@@ -75,14 +85,28 @@ class RingGaussians(L.LightningDataModule):
         g = torch.Generator().manual_seed(hp.seed)
         k = torch.randint(0, hp.modes, (hp.samples,), generator=g).double() * (2 * math.pi / hp.modes)
         centers = hp.radius * torch.stack([k.cos(), k.sin()], dim=1)
-        self.train_set = TensorDataset((centers + hp.std * torch.randn(hp.samples, 2, generator=g, dtype=torch.float64)).float())
+        self.train_set = TensorDataset(
+            (centers + hp.std * torch.randn(hp.samples, 2, generator=g, dtype=torch.float64)).float()
+        )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
 
 
 def _mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden),
+        nn.LeakyReLU(0.2),
+        nn.Linear(hidden, d_out),
+    )
 
 
 class ToyGAN(L.LightningModule):
@@ -126,9 +150,9 @@ class ToyGAN(L.LightningModule):
         fake = self.generator(z)
         ones, zeros = torch.ones(len(real), 1, device=real.device), torch.zeros(len(real), 1, device=real.device)
 
-        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(real), ones) + F.binary_cross_entropy_with_logits(
-            self.discriminator(fake.detach()), zeros
-        )
+        d_loss = F.binary_cross_entropy_with_logits(
+            self.discriminator(real), ones
+        ) + F.binary_cross_entropy_with_logits(self.discriminator(fake.detach()), zeros)
         opt_d.zero_grad()
         self.manual_backward(d_loss)
         opt_d.step()
@@ -140,7 +164,11 @@ class ToyGAN(L.LightningModule):
         self.log_dict({"d_loss": d_loss, "g_loss": g_loss}, prog_bar=True)
 
     def configure_optimizers(self) -> list[Optimizer]:
-        return list(build_gan_optimizers(self.generator, self.discriminator, self.generator_optimizer, self.discriminator_optimizer))
+        return list(
+            build_gan_optimizers(
+                self.generator, self.discriminator, self.generator_optimizer, self.discriminator_optimizer
+            )
+        )
 
     def configure_callbacks(self) -> list[Any]:
         from lightning_opt.optim.registry import get_optimizer_info

@@ -48,7 +48,13 @@ class SyntheticImages(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("image_size", image_size), ("train_samples", train_samples), ("val_samples", val_samples), ("batch_size", batch_size)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("image_size", image_size),
+            ("train_samples", train_samples),
+            ("val_samples", val_samples),
+            ("batch_size", batch_size),
+        ):
             if value < 1:
                 raise ValueError(f"SyntheticImages({name}={value}) must be >= 1")
         self.save_hyperparameters()
@@ -70,7 +76,12 @@ class SyntheticImages(L.LightningDataModule):
         self.val_set = self._split(hp.val_samples, templates, g)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False)
@@ -126,7 +137,9 @@ class TinyResNet(_Classifier):
     Paper: He et al., "Deep Residual Learning for Image Recognition", arXiv 1512.03385.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16, stages: int = 2, optimizer: OptimizerConfig | None = None) -> None:
+    def __init__(
+        self, num_classes: int = 10, width: int = 16, stages: int = 2, optimizer: OptimizerConfig | None = None
+    ) -> None:
         super().__init__()
         if width < 1 or stages < 1:
             raise ValueError(f"TinyResNet(width={width}, stages={stages}) must both be >= 1")
@@ -134,7 +147,9 @@ class TinyResNet(_Classifier):
         self.optimizer = optimizer if optimizer is not None else OptimizerConfig()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         chans = [width * 2**i for i in range(stages)]
-        self.layers = nn.Sequential(*(_BasicBlock(chans[max(i - 1, 0)], c, 1 if i == 0 else 2) for i, c in enumerate(chans)))
+        self.layers = nn.Sequential(
+            *(_BasicBlock(chans[max(i - 1, 0)], c, 1 if i == 0 else 2) for i, c in enumerate(chans))
+        )
         self.fc = nn.Linear(chans[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +184,9 @@ class TinyViT(_Classifier):
     ) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"TinyViT(image_size={image_size}, patch_size={patch_size}): the patch size must divide the image size")
+            raise ValueError(
+                f"TinyViT(image_size={image_size}, patch_size={patch_size}): the patch size must divide the image size"
+            )
         if dim % heads:
             raise ValueError(f"TinyViT(dim={dim}, heads={heads}): dim must be divisible by heads")
         self.save_hyperparameters()
@@ -178,7 +195,9 @@ class TinyViT(_Classifier):
         self.patch_embed = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

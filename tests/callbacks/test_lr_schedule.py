@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -37,7 +39,10 @@ class Regression(pl.LightningModule):
         return nn.functional.mse_loss(self.layer(x), y)
 
     def configure_optimizers(self):
-        groups = [{"params": [self.layer.weight], "lr": BASE["weight"]}, {"params": [self.layer.bias], "lr": BASE["bias"]}]
+        groups = [
+            {"params": [self.layer.weight], "lr": BASE["weight"]},
+            {"params": [self.layer.bias], "lr": BASE["bias"]},
+        ]
         if self.optimizer_name == "adagrad":
             return torch.optim.Adagrad(groups)
         if self.optimizer_name == "adam":
@@ -59,14 +64,20 @@ class Regression(pl.LightningModule):
 
 
 def _trainer(callbacks, **kw) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
     return pl.Trainer(callbacks=callbacks, **{**defaults, **kw})
 
 
 def _same(actual, expected) -> None:
-    torch.testing.assert_close(torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 def _expected(schedule, steps, momentum: bool = False):
@@ -78,11 +89,11 @@ def _expected(schedule, steps, momentum: bool = False):
 @pytest.mark.parametrize(
     ("kwargs", "optimizer"),
     [
-        (dict(shape="cosine", warmup_steps=3, min_lr_ratio=0.1), "sgd"),
-        (dict(shape="onecycle"), "sgd"),
-        (dict(shape="onecycle", three_phase=True), "adam"),
-        (dict(shape="wsd", warmup_ratio=0.2, decay_ratio=0.4, decay_shape="1-sqrt"), "sgd"),
-        (dict(shape="polynomial", warmup_steps=2, power=2.0), "adam_tensor_lr"),  # a tensor lr is filled in place
+        ({"shape": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1}, "sgd"),
+        ({"shape": "onecycle"}, "sgd"),
+        ({"shape": "onecycle", "three_phase": True}, "adam"),
+        ({"shape": "wsd", "warmup_ratio": 0.2, "decay_ratio": 0.4, "decay_shape": "1-sqrt"}, "sgd"),
+        ({"shape": "polynomial", "warmup_steps": 2, "power": 2.0}, "adam_tensor_lr"),  # a tensor lr is filled in place
     ],
 )
 def test_lr_per_step_equals_schedule_with_gradient_accumulation(kwargs, optimizer):
@@ -135,7 +146,9 @@ def test_lr_of_every_group_is_logged():
     trainer = _trainer([cb], max_steps=4)
     trainer.fit(model, _data())
     m = trainer.callback_metrics
-    assert float(m["lr-SGD/pg1"]) == pytest.approx(0.1 * 2 / 5) and float(m["lr-SGD/pg2"]) == pytest.approx(0.04 * 2 / 5)
+    assert float(m["lr-SGD/pg1"]) == pytest.approx(0.1 * 2 / 5) and float(m["lr-SGD/pg2"]) == pytest.approx(
+        0.04 * 2 / 5
+    )
     model, trainer = Regression(), _trainer([LRSchedule("linear", total_steps=5, log_lr=False)], max_steps=4)
     trainer.fit(model, _data())
     assert "lr-SGD/pg1" not in trainer.callback_metrics
@@ -153,7 +166,7 @@ def _fit(cb, max_steps, ckpt_in=None, ckpt_out=None):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    kwargs = dict(shape="cosine", warmup_steps=2, total_steps=10)  # the first half stops early at 5
+    kwargs = {"shape": "cosine", "warmup_steps": 2, "total_steps": 10}  # the first half stops early at 5
     straight = _fit(LRSchedule(**kwargs), 10)
     _fit(LRSchedule(**kwargs), 5, ckpt_out=tmp_path / "half.ckpt")
     resumed_cb = LRSchedule(**kwargs)
@@ -164,7 +177,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_wsd_resumes_with_a_longer_run_and_with_decay_start_now(tmp_path):
-    kwargs = dict(shape="wsd", warmup_steps=2, decay_steps=3)
+    kwargs = {"shape": "wsd", "warmup_steps": 2, "decay_steps": 3}
     _fit(LRSchedule(**kwargs), 5, ckpt_out=tmp_path / "stable.ckpt")  # planned run: 10 steps
     longer = _fit(LRSchedule(**kwargs), 15, ckpt_in=tmp_path / "stable.ckpt")
     _same(longer.lrs, _expected(ScheduleConfig(**kwargs).resolve(15), range(5, 15)))
@@ -216,7 +229,7 @@ def test_several_optimizers_each_advance_on_their_own_steps():
 
 
 class WithValidation(Regression):
-    METRICS = [1.0, 0.875, 0.9375, 0.96875, 0.984375, 0.9921875, 0.5]  # exact in float32
+    METRICS: ClassVar[list[float]] = [1.0, 0.875, 0.9375, 0.96875, 0.984375, 0.9921875, 0.5]  # exact in float32
 
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self.METRICS[self.current_epoch])
@@ -297,7 +310,9 @@ def test_gan_demo_builds_two_registry_optimizers_that_the_schedule_drives():
     gen = {id(p) for g in opt_g.param_groups for p in g["params"]}
     assert gen == {id(p) for p in model.generator.parameters()}  # each optimizer over its own network
     assert cb.steps == [3, 3]
-    assert opt_g.param_groups[0]["lr"] == pytest.approx(2e-4 * ScheduleConfig("cosine", warmup_steps=1).resolve(4)(3), abs=1e-18)
+    assert opt_g.param_groups[0]["lr"] == pytest.approx(
+        2e-4 * ScheduleConfig("cosine", warmup_steps=1).resolve(4)(3), abs=1e-18
+    )
 
 
 def test_plateau_monitor_and_eps_are_read():

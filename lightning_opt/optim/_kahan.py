@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["LOW_PRECISION", "compute_dtype", "kahan_add_", "new_kahan_comp", "apply_update_"]
+__all__ = ["LOW_PRECISION", "apply_update_", "compute_dtype", "kahan_add_", "new_kahan_comp"]
 
 #: parameter dtypes whose updates are Kahan-compensated when ``kahan_sum=True``
 LOW_PRECISION = (torch.bfloat16, torch.float16)

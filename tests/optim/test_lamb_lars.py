@@ -111,7 +111,7 @@ def test_lamb_options_change_the_result_and_leave_grad_alone() -> None:
     grads = _grads(5, scale=3.0)
     base = _run(lambda ps: Lamb(_groups(ps)), _params(), grads)
     for kw in ({"bias_correction": False}, {"max_grad_norm": 0.0}, {"trust_clip": True}, {"always_adapt": True}, {"grad_averaging": False}):
-        other = _run(lambda ps: Lamb(_groups(ps), **kw), _params(), grads)
+        other = _run(lambda ps, kw=kw: Lamb(_groups(ps), **kw), _params(), grads)
         assert not all(torch.allclose(a, b) for a, b in zip(base, other)), f"{kw} had no effect"
     ps = _params()
     opt = Lamb(ps)
@@ -171,7 +171,7 @@ def test_lars_trust_ratio_eps_and_larc_clip(trust_clip: bool, lr: float) -> None
     # always_adapt with wd=0 adapts too; eps large enough to matter
     for wd, always in ((0.01, False), (0.0, True)):
         p = p0.clone().requires_grad_()
-        ours = _run(lambda ps: Lars(ps, lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=0.01, eps=0.5, trust_clip=trust_clip, always_adapt=always), [p], [[x] for x in grads])[0]
+        ours = _run(lambda ps, wd=wd, always=always: Lars(ps, lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=0.01, eps=0.5, trust_clip=trust_clip, always_adapt=always), [p], [[x] for x in grads])[0]
         ref = _lars_reference(p0, grads, lr=lr, momentum=0.9, wd=wd, coeff=0.01, eps=0.5, trust_clip=trust_clip)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 

@@ -1,0 +1,243 @@
+"""APOLLO / APOLLO-Mini against the authors' ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3).
+
+Same initial weights, same gradients, 20 steps, float64, projections refreshed during the run; the
+reference's seeds are matched, so no projection is injected."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_opt import build_optimizer, get_optimizer_info
+from lightning_opt.optim.apollo import APOLLO, APOLLOMini, next_projection_seed, random_projection
+
+apollo_torch = pytest.importorskip("apollo_torch")
+
+# a tall and a wide matrix (both projection sides), a 1-D and a 2-D parameter on the AdamW side
+SHAPES = {"tall": (12, 8), "wide": (6, 10), "bias": (10,), "square": (5, 5)}
+STEPS = 20
+
+
+def _params(dtype: torch.dtype = torch.float64) -> dict[str, nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    return {k: nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype)) for k, s in SHAPES.items()}
+
+
+def _grads(steps: int = STEPS, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()} for _ in range(steps)]
+
+
+def _run(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], grads: list[dict[str, torch.Tensor]]) -> None:
+    for step_grads in grads:
+        for k, p in params.items():
+            p.grad = step_grads[k].to(p.dtype)
+        opt.step()
+
+
+def _reference(params, *, lr, wd, rank, scale, scale_type, gap, scale_front=False, disable_nl=False):
+    groups = [
+        {"params": [params["tall"], params["wide"]], "rank": rank, "proj": "random", "scale_type": scale_type,
+         "scale": scale, "update_proj_gap": gap, "proj_type": "std"},
+        {"params": [params["bias"], params["square"]]},
+    ]
+    return apollo_torch.APOLLOAdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd,
+                                    scale_front=scale_front, disable_nl=disable_nl)
+
+
+def _ours(params, cls=APOLLO, **kwargs):
+    groups = [
+        {"params": [params["tall"], params["wide"]], "param_names": ["tall", "wide"], "use_apollo": True},
+        {"params": [params["bias"], params["square"]], "param_names": ["bias", "square"], "use_apollo": False},
+    ]
+    return cls(groups, betas=(0.9, 0.99), eps=1e-6, **kwargs)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_matches_reference_float64(scale_type: str) -> None:
+    grads = _grads()
+    ref_params, our_params = _params(), _params()
+    _run(_reference(ref_params, lr=1e-2, wd=0.1, rank=3, scale=2.0, scale_type=scale_type, gap=7), ref_params, grads)
+    _run(_ours(our_params, lr=1e-2, weight_decay=0.1, rank=3, scale=2.0, scale_type=scale_type, update_proj_gap=7), our_params, grads)
+    for k in SHAPES:
+        torch.testing.assert_close(our_params[k], ref_params[k], msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("scale_front, limit, disable_nl", [(True, 1.01, False), (False, None, True), (True, None, True)])
+def test_scale_front_and_limiter_options_match_reference(scale_front: bool, limit: float | None, disable_nl: bool) -> None:
+    grads = _grads()
+    ref_params, our_params = _params(), _params()
+    _run(_reference(ref_params, lr=1e-2, wd=0.0, rank=2, scale=9.0, scale_type="channel", gap=5,
+                    scale_front=scale_front, disable_nl=disable_nl), ref_params, grads)
+    _run(_ours(our_params, lr=1e-2, rank=2, scale=9.0, update_proj_gap=5, scale_front=scale_front,
+               norm_growth_limit=limit), our_params, grads)
+    for k in SHAPES:
+        torch.testing.assert_close(our_params[k], ref_params[k])
+
+
+def test_norm_growth_limit_value_is_used() -> None:
+    # a limit no update norm can reach turns the limiter off: equal to the reference's disable_nl,
+    # and different from the default 1.01 (which the test above matches)
+    grads = _grads()
+    ref_params, loose, tight = _params(), _params(), _params()
+    _run(_reference(ref_params, lr=1e-2, wd=0.0, rank=2, scale=1.0, scale_type="channel", gap=5, disable_nl=True), ref_params, grads)
+    _run(_ours(loose, lr=1e-2, rank=2, update_proj_gap=5, norm_growth_limit=1e30), loose, grads)
+    _run(_ours(tight, lr=1e-2, rank=2, update_proj_gap=5, norm_growth_limit=1.0), tight, grads)
+    torch.testing.assert_close(loose["tall"], ref_params["tall"])
+    assert not torch.allclose(tight["tall"], ref_params["tall"])
+
+
+def test_apollo_mini_matches_reference_rank1_tensor_scale128() -> None:
+    grads = _grads()
+    ref_params, our_params = _params(), _params()
+    _run(_reference(ref_params, lr=1e-3, wd=0.05, rank=1, scale=128.0, scale_type="tensor", gap=6), ref_params, grads)
+    opt = _ours(our_params, cls=APOLLOMini, lr=1e-3, weight_decay=0.05, update_proj_gap=6)
+    _run(opt, our_params, grads)
+    for k in SHAPES:
+        torch.testing.assert_close(our_params[k], ref_params[k])
+    assert opt.state[our_params["tall"]]["exp_avg"].shape == (12, 1)  # rank-1 state
+    assert opt.state[our_params["wide"]]["exp_avg"].shape == (1, 10)
+
+
+def test_float32_matches_reference() -> None:
+    grads = _grads()
+    ref_params, our_params = _params(torch.float32), _params(torch.float32)
+    _run(_reference(ref_params, lr=1e-2, wd=0.1, rank=3, scale=1.0, scale_type="channel", gap=7), ref_params, grads)
+    _run(_ours(our_params, lr=1e-2, weight_decay=0.1, rank=3, update_proj_gap=7), our_params, grads)
+    for k in SHAPES:
+        torch.testing.assert_close(our_params[k], ref_params[k], rtol=1e-5, atol=1e-6)
+
+
+def test_projection_seed_chain() -> None:
+    # the projection for a (12, 8) weight at seed s is N(0, 1/r) from a CPU generator; seeds chain
+    p = random_projection((12, 8), 3, 5)
+    gen = torch.Generator().manual_seed(5)
+    torch.testing.assert_close(p, torch.randn(3, 8, generator=gen) / 3**0.5)
+    assert random_projection((6, 10), 3, 5).shape == (6, 3)
+    assert next_projection_seed(5) != 5 and next_projection_seed(5) == next_projection_seed(5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_across_projection_refresh(dtype: torch.dtype) -> None:
+    n = 5  # update_proj_gap=3: refreshes at steps 0, 3, 6, 9, on both sides of the save
+    grads = _grads(2 * n)
+
+    def fresh():
+        params = _params(dtype)
+        return params, _ours(params, lr=1e-2, weight_decay=0.1, rank=2, update_proj_gap=3)
+
+    straight, opt = fresh()
+    _run(opt, straight, grads)
+    first, opt1 = fresh()
+    _run(opt1, first, grads[:n])
+    saved = copy.deepcopy(opt1.state_dict())
+    resumed, opt2 = fresh()
+    with torch.no_grad():
+        for k in SHAPES:
+            resumed[k].copy_(first[k])
+    opt2.load_state_dict(saved)
+    assert opt2.state[resumed["tall"]]["proj"].dtype == (torch.float32 if dtype is torch.bfloat16 else dtype)
+    _run(opt2, resumed, grads[n:])
+    for k in SHAPES:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.attn = nn.Linear(8, 8)
+        self.mlp = nn.Linear(8, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 20)
+
+
+def _mask(opt: APOLLO) -> dict[str, bool]:
+    return {n: m for g in opt.param_groups for n, m in zip(g["param_names"], g["apollo_mask"])}
+
+
+def test_target_modules_select_weights_by_name() -> None:
+    opt = build_optimizer(_Block(), "apollo", lr=1e-2, rank=2, target_modules=[r"attn", r"^mlp\."])
+    on = {n for n, m in _mask(opt).items() if m}
+    assert on == {"attn.weight", "mlp.weight"}  # biases under attn/mlp stay on AdamW
+
+
+def test_default_targets_every_hidden_matrix() -> None:
+    opt = build_optimizer(_Block(), "apollo", lr=1e-2, rank=2)
+    on = {n for n, m in _mask(opt).items() if m}
+    assert on == {"attn.weight", "mlp.weight"}  # not the embedding nor the head
+
+
+def test_target_modules_change_the_trajectory() -> None:
+    # the option is not ignored: APOLLO and AdamW move a selected weight differently
+    def run(targets):
+        torch.manual_seed(0)
+        model = _Block()
+        opt = build_optimizer(model, "apollo", lr=1e-2, rank=2, target_modules=targets)
+        for _ in range(3):
+            model.attn.weight.grad = torch.ones(8, 8)
+            model.mlp.weight.grad = torch.ones(16, 8)
+            opt.step()
+        return model.attn.weight.detach().clone()
+
+    assert not torch.allclose(run([r"attn"]), run([r"mlp"]))
+
+
+def test_pattern_matching_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"\['q_proj'\] match no 2-D parameter"):
+        build_optimizer(_Block(), "apollo", lr=1e-2, target_modules=[r"attn", r"q_proj"])
+    with pytest.raises(ValueError, match="match no 2-D parameter"):
+        build_optimizer(_Block(), "apollo", lr=1e-2, target_modules=r"norm")  # only 1-D params there
+
+
+def test_target_modules_need_names() -> None:
+    with pytest.raises(ValueError, match="needs parameter names"):
+        APOLLO(nn.Linear(4, 4).parameters(), target_modules=["weight"])
+
+
+def test_use_apollo_on_a_vector_is_an_error() -> None:
+    with pytest.raises(ValueError, match="use_apollo=True"):
+        APOLLO([{"params": [nn.Parameter(torch.zeros(3))], "use_apollo": True}])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rank": 0}, "rank"), ({"scale": 0.0}, "scale"), ({"scale_type": "row"}, "scale_type"),
+        ({"update_proj_gap": 0}, "update_proj_gap"), ({"proj": "svd"}, "proj"), ({"norm_growth_limit": 0.5}, "norm_growth_limit"),
+        ({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps"), ({"target_modules": ["("]}, "target_modules"),
+    ],
+)
+def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=rf"APOLLO\({match}="):
+        APOLLO([nn.Parameter(torch.zeros(4, 4))], **kwargs)
+
+
+def test_apollo_mini_fixes_rank_and_scale_type() -> None:
+    with pytest.raises(TypeError, match="rank"):
+        build_optimizer(_Block(), "apollo_mini", lr=1e-2, rank=4)
+    opt = build_optimizer(_Block(), "apollo_mini", lr=1e-2)
+    group = opt.param_groups[0]
+    assert (group["rank"], group["scale_type"], group["scale"]) == (1, "tensor", 128.0)
+
+
+def test_hugging_face_alias() -> None:
+    assert get_optimizer_info("apollo_adamw").name == "apollo"
+
+
+def test_closure_called_once_with_grad_enabled() -> None:
+    p = nn.Parameter(torch.randn(4, 4))
+    opt = APOLLO([p], rank=2)
+    calls = []
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        p.grad = torch.ones(4, 4)
+        return 1.0
+
+    with torch.no_grad():
+        assert opt.step(closure) == 1.0
+    assert calls == [True]

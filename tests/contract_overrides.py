@@ -27,5 +27,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # needs its base's contract lr (lion) or a 3x larger one (radam: 0.31 of the first loss at 1e-3)
     "lookahead_lion": {"lr": 1e-3, "why": "as lion: the default 1e-4 is too slow for 300 steps"},
     "lookahead_radam": {"lr": 3e-3, "why": "alpha=0.5 halves progress; radam alone only reaches 0.24"},
+    # as lars: NVLAMB adapts only wd != 0 groups, so at the suite's wd=0 lamb would be Adam (it
+    # warns); with every tensor adapted, steps are lr * ||p|| and 1e-3 is too slow for 300 steps
+    "lamb": {"lr": 1e-2, "hparams": {"always_adapt": True}, "why": "wd=0 groups are not adapted unless always_adapt"},
+    "lookahead_lamb": {"lr": 1e-2, "hparams": {"always_adapt": True}, "why": "as lamb"},
     # "name": {"lr": 1e-2, "hparams": {...}, "loss_threshold": 0.1, "steps": 60, "bf16": True},
 }

@@ -1,0 +1,252 @@
+"""AdaLomo: LOMO with an adaptive, factored learning rate (Lv et al. 2023, arXiv:2310.10195).
+
+The update (no momentum, Adafactor-like factored second moment, grouped update normalization):
+
+- ``beta2_t = 1 - t^decay_rate`` (``decay_rate=-0.8``; ``beta2_1 = 0`` so ``v = g^2`` at step 1)
+- for ``ndim >= 2``: ``r <- beta2_t r + (1 - beta2_t) rowmean(g^2 + eps1)``,
+  ``c <- beta2_t c + (1 - beta2_t) colmean(g^2 + eps1)`` (factored over the last two dims),
+  ``u = g / sqrt(r c / mean(r))``; for vectors ``v <- beta2_t v + (1 - beta2_t)(g^2 + eps1)``, ``u = g / sqrt(v)``
+- grouped update normalization: ``u <- u / max(1, RMS(u) / clip_threshold)`` per tensor
+- ``lr_t = lr * max(eps2, RMS(p))``; ``p <- p (1 - lr_t wd)``; ``p <- p - lr_t u``
+
+Why a plain ``step()``: LOMO's memory saving comes from updating each parameter inside the
+backward pass, as soon as its gradient exists, and freeing the gradient at once (``fused_backward``
+replaces ``backward()`` + ``step()``). Lightning's automatic optimization owns the backward call and
+runs ``step()`` after it (and gradient accumulation, clipping and GradScaler need the gradients to
+survive until then), so the fused form cannot run there. :class:`AdaLomo` therefore has an ordinary
+``step()`` with the same math: it works under automatic optimization, with gradient accumulation,
+clipping and AMP, but holds all gradients at once like any optimizer. For the memory saving use
+manual optimization and :meth:`AdaLomo.fused_backward` instead of ``self.manual_backward``.
+
+Registered as ``adalomo`` (Hugging Face's name too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_opt.optim.muon import keep_state_dtype_on_load
+from lightning_opt.optim.registry import OptimInfo, register
+
+__all__ = ["AdaLomo", "adalomo_update_"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _math_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
+
+
+def _rms(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t) / math.sqrt(t.numel())
+
+
+def adalomo_update_(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    *,
+    step: int,
+    lr: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    decay_rate: float,
+    weight_decay: float,
+) -> None:
+    """One AdaLomo step for one tensor, in place on ``param`` and the second-moment tensors.
+
+    Args:
+        param, grad: the parameter and its gradient (math in float32 for bf16/fp16).
+        state: ``exp_avg_sq_row`` (``shape[:-1]``) and ``exp_avg_sq_col`` (``shape[:-2] + shape[-1:]``)
+            for ``param.ndim >= 2``, else ``exp_avg_sq`` (``shape``); updated in place.
+        step: the 1-based step ``t``.
+        lr: base learning rate (scaled by ``max(eps2, RMS(p))``).
+        eps1: added to ``g^2`` (``1e-30``). eps2: floor of the parameter RMS (``1e-3``).
+        clip_threshold: RMS bound of the normalized update (``1.0``).
+        decay_rate: ``beta2_t = 1 - t^decay_rate`` (``-0.8``).
+        weight_decay: ``p *= 1 - lr_t * wd``, before the update.
+    """
+    dt = _math_dtype(param)
+    g = grad.to(dt)
+    beta2t = 1.0 - math.pow(step, decay_rate)
+    sq = g.square().add_(eps1)
+    if g.ndim >= 2:
+        row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+        row.mul_(beta2t).add_(sq.mean(dim=-1), alpha=1.0 - beta2t)
+        col.mul_(beta2t).add_(sq.mean(dim=-2), alpha=1.0 - beta2t)
+        r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+        c_factor = col.unsqueeze(-2).rsqrt()
+        update = (r_factor * c_factor).mul_(g)
+    else:
+        v = state["exp_avg_sq"]
+        v.mul_(beta2t).add_(sq, alpha=1.0 - beta2t)
+        update = v.rsqrt().mul_(g)
+    update.div_((_rms(update) / clip_threshold).clamp_(min=1.0))
+    p = param.to(dt)
+    lr_t = torch.clamp(_rms(p), min=eps2) * lr  # a 0-dim tensor: no host sync
+    if weight_decay != 0:
+        p.mul_(1.0 - lr_t * weight_decay)
+    p.sub_(update.mul_(lr_t))
+    if p is not param:
+        param.copy_(p)
+
+
+class AdaLomo(Optimizer):
+    """AdaLomo: factored adaptive learning rate with grouped update normalization, no momentum.
+
+    A normal ``step()`` optimizer (works under Lightning's automatic optimization); for LOMO's fused
+    backward-and-update use :meth:`fused_backward` in manual optimization (module docstring: why).
+
+    Args:
+        params: parameters or param-group dicts (extra keys such as ``param_names`` pass through).
+        lr: learning rate, scaled per tensor by ``max(eps[1], RMS(p))`` (default ``1e-3``).
+        eps: ``(eps1, eps2)``: added to ``g^2``, and the floor of the parameter RMS (default
+            ``(1e-30, 1e-3)``).
+        clip_threshold: the normalized update's RMS bound (default ``1.0``).
+        decay_rate: exponent of ``beta2_t = 1 - t^decay_rate``, in [-1, 0) (default ``-0.8``).
+        weight_decay: ``p *= 1 - lr_t * wd`` with the scaled ``lr_t`` (default ``0.0``).
+
+    Raises:
+        ValueError: invalid lr, eps, clip_threshold, decay_rate or weight_decay.
+
+    Example:
+        >>> opt = build_optimizer(model, "adalomo", lr=1e-3)
+        >>> # manual optimization, LOMO memory: opt.fused_backward(loss) replaces backward() + step()
+
+    Matches ``lomo_optim.AdaLomo`` (lomo-optim 0.1.1, the authors' code) without its loss scaling
+    and gradient clipping (use GradScaler / Lightning's ``gradient_clip_val`` with ``step()``), and
+    with state in ``optimizer.state`` (the reference keeps it in dicts outside, so it cannot resume).
+    The reference factors only the first two dims of a tensor; tensors with more dims are factored
+    over the last two here, as Adafactor does. Paper: Lv et al., "AdaLomo: Low-memory Optimization
+    with Adaptive Learning Rate", arXiv:2310.10195.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        def number(v: Any) -> bool:
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        def check(key: str, value: Any, ok: bool, hint: str) -> None:
+            if not ok:
+                raise ValueError(f"AdaLomo({key}={value!r}) is invalid; {hint}")
+
+        check("lr", lr, number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        check("eps", eps, isinstance(eps, (tuple, list)) and len(eps) == 2 and all(number(e) and e >= 0 for e in eps), "expected (eps1, eps2), two finite numbers >= 0")
+        check("clip_threshold", clip_threshold, number(clip_threshold) and clip_threshold > 0, "it must be a finite number > 0 (the update RMS bound)")
+        check("decay_rate", decay_rate, number(decay_rate) and -1 <= decay_rate < 0, "it must lie in [-1, 0) (beta2_t = 1 - t^decay_rate)")
+        check("weight_decay", weight_decay, number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        defaults = {
+            "lr": lr,
+            "eps": (float(eps[0]), float(eps[1])),
+            "clip_threshold": float(clip_threshold),
+            "decay_rate": float(decay_rate),
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults)
+        keep_state_dtype_on_load(self)
+        self._hooked: list[Tensor] = []  # parameters carrying our post-accumulate-grad hook
+        self._fused_groups: dict[Tensor, dict[str, Any]] | None = None
+
+    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("AdaLomo does not support sparse gradients")
+        state = self.state[p]
+        dt = _math_dtype(p)
+        if "step" not in state:
+            state["step"] = 0
+            if p.ndim >= 2:
+                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=dt, device=p.device)
+                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=dt, device=p.device)
+            else:
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
+        state["step"] += 1
+        eps1, eps2 = group["eps"]
+        adalomo_update_(
+            p, p.grad, state, step=state["step"], lr=group["lr"], eps1=eps1, eps2=eps2,
+            clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], weight_decay=group["weight_decay"],
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def fused_backward(self, loss: Tensor) -> None:
+        """Backward pass that updates each parameter as soon as its gradient is ready (LOMO).
+
+        Replaces ``loss.backward(); opt.step(); opt.zero_grad()`` in manual optimization: every
+        parameter's gradient is consumed by the AdaLomo update inside the backward pass and freed, so
+        only one gradient is alive at a time. The group ``lr`` is read as usual (schedulers work).
+        Not compatible with gradient accumulation, gradient clipping or GradScaler (the gradients
+        never coexist); leave ``p.grad`` empty before calling it.
+
+        Example:
+            >>> def training_step(self, batch, idx):  # self.automatic_optimization = False
+            ...     self.optimizers().optimizer.fused_backward(self.loss(batch))
+
+        Raises:
+            RuntimeError: some parameter already holds a gradient (accumulation is not supported).
+        """
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        if any(p.grad is not None for p in groups):
+            raise RuntimeError(
+                "AdaLomo.fused_backward: parameters already hold gradients; it updates inside backward and "
+                "cannot accumulate. Call optimizer.zero_grad(set_to_none=True) first, or use backward() + step()."
+            )
+        hooked = {id(p) for p in self._hooked}
+        for p in groups:
+            if p.requires_grad and id(p) not in hooked:
+                p.register_post_accumulate_grad_hook(self._hook)
+                self._hooked.append(p)
+        # looked up per call: load_state_dict replaces the group dicts
+        self._fused_groups = groups
+        try:
+            loss.backward()
+        finally:
+            self._fused_groups = None
+
+    def _hook(self, p: Tensor) -> None:
+        groups = self._fused_groups
+        if groups is None or p.grad is None or p not in groups:
+            return  # an ordinary backward(): leave the gradient for step()
+        with torch.no_grad():
+            self._update(p, groups[p])
+        p.grad = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_hooked", [])
+        self.__dict__.setdefault("_fused_groups", None)
+
+
+register(
+    OptimInfo(
+        name="adalomo",
+        cls=AdaLomo,
+        description="AdaLomo: factored adaptive lr with grouped update normalization (step(); fused_backward for LOMO memory)",
+        paper="Lv et al., arXiv:2310.10195",
+        default_lr=1e-3,
+    )
+)

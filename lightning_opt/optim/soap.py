@@ -214,7 +214,9 @@ class SOAP(Optimizer):
     current code; ``pytorch_optimizer.SOAP`` keeps it unrotated); the refresh QR runs in the
     parameter's math dtype (float64 for float64 parameters) where both references use float32;
     ``normalize_grads`` divides by ``RMS + 1e-30`` as the SOAP repo does (``pytorch_optimizer``
-    adds ``eps``); ``data_format`` is channels-first only. The moments and preconditioners of
+    adds ``eps``); the bias correction counts each parameter's own updates (the SOAP repo's
+    per-parameter step; ``pytorch_optimizer`` counts group steps, the same when every parameter gets
+    a gradient every step); ``data_format`` is channels-first only. The moments and preconditioners of
     bf16/fp16 parameters are float32. Paper: Vyas et al., "SOAP: Improving and Stabilizing Shampoo
     using Adam", arXiv:2409.11321.
     """

@@ -175,6 +175,10 @@ class GrokAdamW(Optimizer):
         }
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; keep the signal functions on copies
+        return {**super().__getstate__(), "grokking_signal_fns": self.grokking_signal_fns}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("grokking_signal_fns", None)

@@ -218,6 +218,10 @@ class Lamb(Optimizer):
         super().__init__(params, defaults)
         _warn_if_nothing_adapted(self, "Lamb")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; the global clip is not in a group
+        return {**super().__getstate__(), "max_grad_norm": self.max_grad_norm}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", 1.0)

@@ -116,6 +116,15 @@ class Lookahead(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults/state/param_groups; the inner optimizer carries both
+        return {"defaults": self.defaults, "base_optimizer": self.base_optimizer, "base": self.base}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        super().__setstate__({"defaults": state["defaults"], "state": state["base_optimizer"].state, "param_groups": state["base_optimizer"].param_groups})
+        self._share_inner()
+
     def __repr__(self) -> str:
         return f"Lookahead(base={self.base!r}, {self.base_optimizer!r})"
 

@@ -214,3 +214,10 @@ def test_registry_and_build_groups() -> None:
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.01]
     opt = build_optimizer(model, "lars", lr=0.1, weight_decay=1e-4, nesterov=True)
     assert isinstance(opt, Lars) and opt.param_groups[0]["nesterov"]
+
+
+def test_lamb_global_clip_survives_deepcopy() -> None:
+    import copy
+
+    opt = Lamb([torch.zeros(2, requires_grad=True)], max_grad_norm=5.0)
+    assert copy.deepcopy(opt).max_grad_norm == 5.0

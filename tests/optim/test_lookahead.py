@@ -212,3 +212,17 @@ def test_lightning_fit_and_resume_from_checkpoint(tmp_path) -> None:
     _, resumed = fit(2, ckpt_path=tmp_path / "one.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_deepcopy_keeps_the_inner_optimizer_shared() -> None:
+    ps = _params()
+    opt = Lookahead(_groups(ps), k=3)
+    _run(opt, ps, _grads(2))
+    twin = copy.deepcopy(opt)
+    assert twin.param_groups is twin.base_optimizer.param_groups and twin.state is twin.base_optimizer.state
+    assert twin.param_groups[0]["lookahead_step"] == 2
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    a = _run(opt, ps, _grads(3, seed=5))
+    b = _run(twin, twin_params, _grads(3, seed=5))
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

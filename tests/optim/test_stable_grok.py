@@ -242,3 +242,11 @@ def test_registry() -> None:
     opt = build_optimizer(model, "grokadamw", lr=1e-3, lamb=3.0)
     assert opt.param_groups[0]["lamb"] == 3.0
     copy.deepcopy(opt.state_dict())
+
+
+def test_grokadamw_signal_fns_survive_deepcopy() -> None:
+    def fn():
+        return 1.0
+
+    opt = GrokAdamW([torch.zeros(2, requires_grad=True)], grokking_signal_fns=[fn])
+    assert copy.deepcopy(opt).grokking_signal_fns == [fn]

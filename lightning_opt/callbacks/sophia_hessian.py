@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal, get_args
 
@@ -10,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from lightning_opt.optim.sophia import gnb_estimate, hutchinson_estimate
@@ -52,6 +54,8 @@ class SophiaHessian(Callback):
       positions per optimizer step.
     - SophiaH (Hutchinson): the estimate is ``u * (H u)`` from a Hessian-vector product of the loss.
       Implement ``sophia_loss(self, batch) -> Tensor`` (a scalar) or pass ``loss_fn(pl_module, batch)``.
+      That forward runs under ``sdpa_kernel(SDPBackend.MATH)``: the fused attention kernels have no
+      double backward. Custom ops without one cannot be used with SophiaH.
 
     Under data parallelism the sampled-label gradients (GNB) or the estimates (Hutchinson) are
     averaged across processes. The sampling uses the callback's own generator, seeded with
@@ -191,8 +195,11 @@ class SophiaHessian(Callback):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         live = [i for i, p in enumerate(params) if p.requires_grad]
         estimates: list[Tensor | None] = [None] * len(params)
+        # Hessian-vector products differentiate the backward: fused attention kernels (flash,
+        # memory-efficient) have no double backward, so the Hutchinson forward uses the math kernel
+        kernel = sdpa_kernel([SDPBackend.MATH]) if kind == "hutchinson" else contextlib.nullcontext()
         with torch.enable_grad():
-            with trainer.precision_plugin.forward_context():
+            with trainer.precision_plugin.forward_context(), kernel:
                 out = fn(batch)
             if kind == "gnb":
                 logits = out.reshape(-1, out.shape[-1]).float()

@@ -172,3 +172,30 @@ def test_generator_state_round_trips() -> None:
 def test_rejects_invalid_arguments(kw, match) -> None:
     with pytest.raises(ValueError, match=match):
         SophiaHessian(**kw)
+
+
+class _Attn(Clf):
+    """Self-attention through F.scaled_dot_product_attention, whose fused CPU kernel has no double
+    backward: the Hutchinson refresh must still work."""
+
+    def __init__(self) -> None:
+        super().__init__("sophia_h", protocol=False)
+        self.qkv = nn.Linear(6, 18)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, heads, time, head_dim): the 4-D layout that selects the fused CPU kernel
+        q, k, v = (t.reshape(2, 8, 2, 3).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(16, 6)
+        return self.net(h)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self._logits(batch[0]), batch[1])
+
+    def sophia_loss(self, batch):
+        return F.cross_entropy(self._logits(batch[0]), batch[1])
+
+
+def test_hutchinson_through_fused_attention() -> None:
+    model = _Attn()
+    _fit(model, 1, [SophiaHessian()])
+    assert _changed(model.hessians) == [True]

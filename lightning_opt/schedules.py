@@ -117,7 +117,9 @@ class ScheduleConfig:
             ``exponential``, ``step``, ``multistep``) multiplier, in ``[0, 1]`` (default 0).
         warmup_init_ratio: multiplier at step 0 of the warmup, in ``[0, 1]`` (default 0, the Hugging
             Face convention; Hugging Face's ``get_wsd_schedule`` starts at ``min_lr_ratio``).
-        warmup_type: ``"linear"`` (default) ``a + (1-a) t/W``, or ``"log"`` ``a + (1-a) log(t+1)/log(W)``
+        warmup_type: ``"linear"`` (default) ``a + (1-a) t/W``; ``"linear_inclusive"``
+            ``a + (1-a) (t+1)/W`` (no zero-lr first step; the peak is reached at step ``W-1``, as
+            Hugging Face's ``cosine_warmup_with_min_lr``); or ``"log"`` ``a + (1-a) log(t+1)/log(W)``
             (DeepSpeed's default warmup; needs ``warmup_steps >= 2``).
         decay_shape: ``wsd`` decay: ``linear`` ``1-s``, ``cosine`` ``(1+cos(pi s))/2``, ``1-sqrt``
             ``1-sqrt(s)`` (each mapped to ``r + (1-r) f``), or ``exponential`` ``r**s`` (needs
@@ -218,12 +220,16 @@ class ScheduleConfig:
             raise _fail(
                 "warmup_init_ratio", self.warmup_init_ratio, "it is a fraction of each group's initial lr, in [0, 1]"
             )
-        if self.warmup_type not in ("linear", "log"):
-            raise _fail("warmup_type", self.warmup_type, "expected 'linear' or 'log'")
-        if self.warmup_type == "log" and (
-            shape == "onecycle" or self.warmup_ratio is not None or self.warmup_steps < 2
-        ):
-            raise _fail("warmup_type", "log", "a log warmup needs warmup_steps >= 2 (and not onecycle or warmup_ratio)")
+        if self.warmup_type not in ("linear", "linear_inclusive", "log"):
+            raise _fail("warmup_type", self.warmup_type, "expected 'linear', 'linear_inclusive' or 'log'")
+        has_warmup = bool(self.warmup_steps) or self.warmup_ratio is not None
+        if self.warmup_type != "linear" and (shape == "onecycle" or not has_warmup):
+            hint = "onecycle's rise follows anneal_strategy" if shape == "onecycle" else "there is no warmup"
+            raise _fail("warmup_type", self.warmup_type, f"{hint}; set warmup_steps or leave warmup_type='linear'")
+        if self.warmup_init_ratio != 0.0 and shape != "onecycle" and not has_warmup:
+            raise _fail("warmup_init_ratio", self.warmup_init_ratio, "there is no warmup; set warmup_steps")
+        if self.warmup_type == "log" and (self.warmup_ratio is not None or self.warmup_steps < 2):
+            raise _fail("warmup_type", "log", "a log warmup needs warmup_steps >= 2 (not warmup_ratio)")
         if self.decay_offset is not None:
             _check_int("decay_offset", self.decay_offset, low=0)
         if shape in ("constant", "onecycle") and self.min_lr_ratio != 0.0:
@@ -445,6 +451,8 @@ class Schedule:
         if t < w:
             if c.warmup_type == "log":
                 return log_warmup_factor(t, w, c.warmup_init_ratio)
+            if c.warmup_type == "linear_inclusive":
+                return warmup_factor(t + 1, w, c.warmup_init_ratio)
             return warmup_factor(t, w, c.warmup_init_ratio)
         r = c.min_lr_ratio
         return getattr(self, f"_{c.shape}")(t, w, r)

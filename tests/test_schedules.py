@@ -69,6 +69,17 @@ T = 40
         ),
         ("inverse_sqrt", {}, {"shape": "inverse_sqrt", "warmup_steps": 10}),
         ("inverse_sqrt", {"timescale": 25}, {"shape": "inverse_sqrt", "warmup_steps": 10, "timescale": 25}),
+        (  # HF's newer variant warms up as (t+1)/W and starts its cosine one step in
+            "cosine_warmup_with_min_lr",
+            {"min_lr_rate": 0.1},
+            {
+                "shape": "cosine",
+                "warmup_steps": 6,
+                "min_lr_ratio": 0.1,
+                "warmup_type": "linear_inclusive",
+                "decay_offset": 1,
+            },
+        ),
     ],
 )
 def test_matches_hugging_face(hf_name, hf_kwargs, config):
@@ -285,6 +296,12 @@ def test_wsd_longer_run_extends_the_stable_phase_and_decay_start_moves_the_decay
         ({"shape": "onecycle", "min_lr_ratio": 0.1}, "final_div_factor"),
         ({"shape": "plateau", "factor": 1.5}, "factor"),
         ({"shape": "constant", "min_lr_ratio": 0.1}, "no decay"),
+        ({"warmup_type": "linear_inclusive"}, "there is no warmup"),
+        ({"warmup_init_ratio": 0.1}, "there is no warmup"),
+        ({"shape": "onecycle", "warmup_type": "log", "warmup_steps": 5}, "anneal_strategy"),
+        ({"warmup_type": "log", "warmup_steps": 1}, "warmup_steps >= 2"),
+        ({"warmup_type": "cubic", "warmup_steps": 3}, "expected 'linear', 'linear_inclusive' or 'log'"),
+        ({"shape": "linear", "decay_offset": 1}, "only shape 'cosine'"),
     ],
 )
 def test_impossible_settings_fail_at_construction(kwargs, match):

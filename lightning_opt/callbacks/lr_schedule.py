@@ -46,7 +46,8 @@ class LRSchedule(Callback):
             or ``"now"`` to start it where this run starts (resolved once, then checkpointed).
         warmup_init_ratio: multiplier at warmup step 0 (default 0.0; Hugging Face's WSD uses
             ``min_lr_ratio``).
-        warmup_type: ``"linear"`` (default) or ``"log"`` (DeepSpeed's).
+        warmup_type: ``"linear"`` (default), ``"linear_inclusive"`` (``(t+1)/W``: no zero-lr first
+            step) or ``"log"`` (DeepSpeed's).
         decay_offset, restart_period, period_mult, power, timescale, gamma, step_size, milestones, pct_start,
             anneal_strategy, div_factor, final_div_factor, three_phase, cycle_momentum, base_momentum,
             max_momentum, monitor, mode, factor, patience, threshold, threshold_mode, cooldown, eps:
@@ -81,7 +82,7 @@ class LRSchedule(Callback):
         decay_shape: DecayShape = "linear",
         decay_start: int | Literal["now"] | None = None,
         warmup_init_ratio: float = 0.0,
-        warmup_type: Literal["linear", "log"] = "linear",
+        warmup_type: Literal["linear", "linear_inclusive", "log"] = "linear",
         decay_offset: int | None = None,
         restart_period: int | None = None,
         period_mult: int | None = None,

@@ -99,6 +99,7 @@ class GrokAdamW(Optimizer):
     ``None`` are skipped), or, without functions, the gap ``max(0, eval-train)/max(eval, train)``
     from ``group["train_loss"]``/``group["eval_loss"]``, which the user may set on a param group
     (0 while unset). Tensor ``i`` of a group uses ``beta1 * (1 - gamma)**i``.
+    The gradient clipping is per tensor (a local shard under FSDP would be clipped on its own norm).
 
     Args:
         params: parameters or param-group dicts.

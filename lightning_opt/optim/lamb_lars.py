@@ -235,7 +235,7 @@ class Lamb(Optimizer):
         norms = [torch.linalg.vector_norm(p.grad.to(compute_dtype(p.grad))) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not norms:
             return 1.0
-        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
         return 1.0 / (total / self.max_grad_norm).clamp(min=1.0)
 
     @torch.no_grad()

@@ -74,6 +74,9 @@ class StableAdamW(Optimizer):
     It replaces global gradient clipping: a tensor whose gradient is large relative to its second
     moment (a loss spike) takes a proportionally smaller step.
 
+    The RMS is per tensor, so on a sharded tensor (FSDP, ZeRO) it must be all-reduced first; this
+    class computes it over the local tensor.
+
     Args:
         params: parameters or param-group dicts.
         lr: learning rate (default ``1e-3``).

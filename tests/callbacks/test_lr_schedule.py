@@ -340,3 +340,27 @@ def test_loading_state_mid_run_applies_the_restored_step():
     assert groups[0]["lr"] == pytest.approx(0.1 * 0.4)
     cb.load_state_dict({"step": 2, "steps": [2]})  # e.g. a rollback to the snapshot of step 2
     assert groups[0]["lr"] == pytest.approx(0.1 * 0.8) and groups[1]["lr"] == pytest.approx(0.04 * 0.8)
+
+
+def test_layer_decay_and_lr_multiplier_ratios_survive_with_the_mixin():
+    from lightning_opt.mixin import OptimizerConfig, OptimizerMixin
+
+    class Net(OptimizerMixin, pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.optimizer = OptimizerConfig("adamw", lr=1e-2, layer_decay=0.5, lr_multipliers={"^head": 10.0})
+            self.layers, self.head = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), nn.Linear(3, 1)
+            self.ratios: list[list[float]] = []
+
+        def training_step(self, batch, batch_idx):
+            groups = self.trainer.optimizers[0].param_groups
+            self.ratios.append([g["lr"] / g["lr_scale"] for g in groups])
+            return nn.functional.mse_loss(self.head(self.layers(batch[0])), batch[1])
+
+    model, cb = Net(), LRSchedule("cosine", warmup_steps=1, total_steps=5)
+    _trainer([cb], max_steps=5).fit(model, _data())
+    scales = {g["lr_scale"] for g in cb._optimizers[0].param_groups}
+    assert len(scales) > 2  # layer decay and the head multiplier made different group lrs
+    s = ScheduleConfig("cosine", warmup_steps=1).resolve(5)
+    for t, row in enumerate(model.ratios):  # every group: its own lr times the same multiplier
+        assert row == pytest.approx([1e-2 * s(t)] * len(row), rel=1e-12, abs=1e-18)

@@ -25,7 +25,9 @@ __all__ = [
     "Muon",
     "adamw_update_",
     "adjusted_lr",
+    "keep_state_dtype_on_load",
     "muon_update_",
+    "reject_dtensor",
     "zeropower_via_newtonschulz",
 ]
 

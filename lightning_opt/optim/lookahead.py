@@ -153,12 +153,15 @@ class Lookahead(Optimizer):
         """One inner step (which calls ``closure`` once), then a sync in groups at a multiple of ``k``."""
         # Slow weights start as the weights before a tensor's first inner step. They enter the
         # state only once the inner optimizer has stepped the tensor, because torch's optimizers
-        # initialise a tensor's state when it is empty.
+        # initialise a tensor's state when it is empty. Without a closure the grads are known now;
+        # with one (Lightning) they appear inside the inner step, so every candidate is copied.
         pending = {
             p: p.detach().clone()
             for group in self.param_groups
             for p in group["params"]
-            if p.requires_grad and "lookahead_slow" not in self.state.get(p, ())
+            if p.requires_grad
+            and (closure is not None or p.grad is not None)
+            and "lookahead_slow" not in self.state.get(p, ())
         }
         loss = self.base_optimizer.step(closure)
         for p, slow in pending.items():

@@ -23,6 +23,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lars": {"hparams": {"always_adapt": True}, "why": "wd=0 groups are not adapted unless always_adapt"},
     # bitsandbytes' Lion8bit: the same sign steps as "lion" above, so the same too-slow default lr
     "lion_8bit": {"lr": 1e-3, "why": "sign steps of size lr: the default 1e-4 is too slow for 300 steps"},
+    "paged_lion_8bit": {"lr": 1e-3, "why": "sign steps of size lr: the default 1e-4 is too slow for 300 steps"},
     # Lookahead with alpha=0.5 keeps about half of each k-step excursion, so the toy regression
     # needs its base's contract lr (lion) or a 3x larger one (radam: 0.31 of the first loss at 1e-3)
     "lookahead_lion": {"lr": 1e-3, "why": "as lion: the default 1e-4 is too slow for 300 steps"},

@@ -145,10 +145,27 @@ class AdaLomo(Optimizer):
                 raise ValueError(f"AdaLomo({key}={value!r}) is invalid; {hint}")
 
         check("lr", lr, number(lr) and lr >= 0, "lr must be a finite number >= 0")
-        check("eps", eps, isinstance(eps, (tuple, list)) and len(eps) == 2 and all(number(e) and e >= 0 for e in eps), "expected (eps1, eps2), two finite numbers >= 0")
-        check("clip_threshold", clip_threshold, number(clip_threshold) and clip_threshold > 0, "it must be a finite number > 0 (the update RMS bound)")
-        check("decay_rate", decay_rate, number(decay_rate) and -1 <= decay_rate < 0, "it must lie in [-1, 0) (beta2_t = 1 - t^decay_rate)")
-        check("weight_decay", weight_decay, number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        check(
+            "eps",
+            eps,
+            isinstance(eps, (tuple, list)) and len(eps) == 2 and all(number(e) and e >= 0 for e in eps),
+            "expected (eps1, eps2), two finite numbers >= 0",
+        )
+        check(
+            "clip_threshold",
+            clip_threshold,
+            number(clip_threshold) and clip_threshold > 0,
+            "it must be a finite number > 0 (the update RMS bound)",
+        )
+        check(
+            "decay_rate",
+            decay_rate,
+            number(decay_rate) and -1 <= decay_rate < 0,
+            "it must lie in [-1, 0) (beta2_t = 1 - t^decay_rate)",
+        )
+        check(
+            "weight_decay", weight_decay, number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0"
+        )
         defaults = {
             "lr": lr,
             "eps": (float(eps[0]), float(eps[1])),
@@ -176,8 +193,16 @@ class AdaLomo(Optimizer):
         state["step"] += 1
         eps1, eps2 = group["eps"]
         adalomo_update_(
-            p, p.grad, state, step=state["step"], lr=group["lr"], eps1=eps1, eps2=eps2,
-            clip_threshold=group["clip_threshold"], decay_rate=group["decay_rate"], weight_decay=group["weight_decay"],
+            p,
+            p.grad,
+            state,
+            step=state["step"],
+            lr=group["lr"],
+            eps1=eps1,
+            eps2=eps2,
+            clip_threshold=group["clip_threshold"],
+            decay_rate=group["decay_rate"],
+            weight_decay=group["weight_decay"],
         )
 
     @torch.no_grad()

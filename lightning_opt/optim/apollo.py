@@ -65,7 +65,14 @@ def next_projection_seed(seed: int) -> int:
     return int(torch.randint(0, torch.iinfo(torch.int64).max, (15,), generator=gen)[-1])
 
 
-def random_projection(shape: Sequence[int], rank: int, seed: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+def random_projection(
+    shape: Sequence[int],
+    rank: int,
+    seed: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """The Gaussian projection (variance ``1/rank``) for a ``shape`` = (m, n) gradient.
 
     Returns ``P`` of shape (rank, n) when m >= n (project ``G P^T``), else (m, rank) (``P^T G``).
@@ -274,22 +281,54 @@ class APOLLO(Optimizer):
     ) -> None:
         name = type(self).__name__
         self._check(name, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-        self._check(name, "weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        self._check(
+            name,
+            "weight_decay",
+            weight_decay,
+            _is_number(weight_decay) and weight_decay >= 0,
+            "it must be a finite number >= 0",
+        )
         ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
         self._check(name, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
         self._check(name, "eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
         self._check(name, "rank", rank, _is_int(rank) and rank >= 1, "it must be an int >= 1 (APOLLO-Mini uses 1)")
-        self._check(name, "scale", scale, _is_number(scale) and scale > 0, "it must be a finite number > 0 (the update is multiplied by sqrt(scale))")
-        self._check(name, "scale_type", scale_type, scale_type in get_args(ScaleType), f"expected one of {get_args(ScaleType)}")
-        self._check(name, "update_proj_gap", update_proj_gap, _is_int(update_proj_gap) and update_proj_gap >= 1, "it must be an int >= 1 (steps between projection refreshes)")
+        self._check(
+            name,
+            "scale",
+            scale,
+            _is_number(scale) and scale > 0,
+            "it must be a finite number > 0 (the update is multiplied by sqrt(scale))",
+        )
+        self._check(
+            name, "scale_type", scale_type, scale_type in get_args(ScaleType), f"expected one of {get_args(ScaleType)}"
+        )
+        self._check(
+            name,
+            "update_proj_gap",
+            update_proj_gap,
+            _is_int(update_proj_gap) and update_proj_gap >= 1,
+            "it must be an int >= 1 (steps between projection refreshes)",
+        )
         self._check(name, "proj", proj, proj in get_args(Proj), "only the random projection ('random') is implemented")
         ok = norm_growth_limit is None or (_is_number(norm_growth_limit) and norm_growth_limit >= 1)
-        self._check(name, "norm_growth_limit", norm_growth_limit, ok, "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off")
+        self._check(
+            name,
+            "norm_growth_limit",
+            norm_growth_limit,
+            ok,
+            "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off",
+        )
         if isinstance(target_modules, str):
             target_modules = (target_modules,)
         if target_modules is not None:
             target_modules = tuple(target_modules)
-            self._check(name, "target_modules", target_modules, len(target_modules) > 0, "pass at least one regex, or None for every hidden 2-D weight")
+            self._check(
+                name,
+                "target_modules",
+                target_modules,
+                len(target_modules) > 0,
+                "pass at least one regex, or None for every hidden 2-D weight",
+            )
             for pattern in target_modules:
                 try:
                     re.compile(pattern)
@@ -316,9 +355,9 @@ class APOLLO(Optimizer):
         self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
 
     @staticmethod
-    def _check(cls: str, key: str, value: Any, ok: bool, hint: str) -> None:
+    def _check(owner: str, key: str, value: Any, ok: bool, hint: str) -> None:
         if not ok:
-            raise ValueError(f"{cls}({key}={value!r}) is invalid; {hint}")
+            raise ValueError(f"{owner}({key}={value!r}) is invalid; {hint}")
 
     def _check_targets(self, name: str, target_modules: tuple[str, ...]) -> None:
         matched = set()
@@ -409,8 +448,16 @@ class APOLLO(Optimizer):
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                     state["step"] += 1
                     adamw_update_(
-                        p, p.grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"],
-                        beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                        p,
+                        p.grad,
+                        state["exp_avg"],
+                        state["exp_avg_sq"],
+                        step=state["step"],
+                        lr=group["lr"],
+                        beta1=beta1,
+                        beta2=beta2,
+                        eps=group["eps"],
+                        weight_decay=group["weight_decay"],
                     )
                     continue
                 if "step" not in state:
@@ -426,10 +473,22 @@ class APOLLO(Optimizer):
                     state["exp_avg_sq"] = torch.zeros(low_rank, dtype=dt, device=p.device)
                 state["step"] += 1
                 new_norm = apollo_update_(
-                    p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["proj"], step=state["step"],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    scale=group["scale"], scale_type=group["scale_type"], scale_front=group["scale_front"],
-                    norm_growth_limit=group["norm_growth_limit"], prev_norm=state.get("update_norm"),
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["proj"],
+                    step=state["step"],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                    scale=group["scale"],
+                    scale_type=group["scale_type"],
+                    scale_front=group["scale_front"],
+                    norm_growth_limit=group["norm_growth_limit"],
+                    prev_norm=state.get("update_norm"),
                 )
                 if new_norm is not None:
                     state["update_norm"] = new_norm
@@ -468,9 +527,19 @@ class APOLLOMini(APOLLO):
         norm_growth_limit: float | None = 1.01,
     ) -> None:
         super().__init__(
-            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=1, scale=scale,
-            scale_type="tensor", update_proj_gap=update_proj_gap, proj=proj, target_modules=target_modules,
-            scale_front=scale_front, norm_growth_limit=norm_growth_limit,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            rank=1,
+            scale=scale,
+            scale_type="tensor",
+            update_proj_gap=update_proj_gap,
+            proj=proj,
+            target_modules=target_modules,
+            scale_front=scale_front,
+            norm_growth_limit=norm_growth_limit,
         )
 
 

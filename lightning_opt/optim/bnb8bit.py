@@ -11,7 +11,8 @@ package raises ``ModuleNotFoundError`` naming ``pip install 'lightning-opt[bnb]'
 that cannot run 8-bit optimizers on the parameters' device (CPU before 0.50, a broken native
 library) raises ``RuntimeError`` naming the 32-bit fallback (``adamw`` / ``lion``).
 
-Registered names: ``adamw_8bit``, ``paged_adamw_8bit``, ``lion_8bit``; Hugging Face's
+Registered names: ``adamw_8bit``, ``paged_adamw_8bit``, ``lion_8bit``, ``paged_lion_8bit`` (all
+Hugging Face names too); Hugging Face's
 ``adamw_bnb_8bit`` resolves to ``adamw_8bit``. The builders return the bitsandbytes optimizer
 itself (its ``step``, ``state_dict`` and ``load_state_dict``), so checkpoints are bitsandbytes'.
 """
@@ -27,7 +28,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
-__all__ = ["adamw_8bit", "lion_8bit", "paged_adamw_8bit", "require_bnb"]
+__all__ = ["adamw_8bit", "lion_8bit", "paged_adamw_8bit", "paged_lion_8bit", "require_bnb"]
 
 #: first bitsandbytes release whose 8-bit optimizers run on CPU ("Enable CPU Optimizer Support")
 _CPU_MIN_VERSION = (0, 50, 0)
@@ -97,15 +98,29 @@ def _is_number(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def _validate(cls: str, *, lr: float, betas: Any, weight_decay: float, min_8bit_size: int, eps: float | None = None) -> tuple[float, float]:
+def _validate(
+    cls: str, *, lr: float, betas: Any, weight_decay: float, min_8bit_size: int, eps: float | None = None
+) -> tuple[float, float]:
     _check(cls, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-    _check(cls, "weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+    _check(
+        cls,
+        "weight_decay",
+        weight_decay,
+        _is_number(weight_decay) and weight_decay >= 0,
+        "it must be a finite number >= 0",
+    )
     ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
     _check(cls, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
     if eps is not None:
         _check(cls, "eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
     ok = isinstance(min_8bit_size, int) and not isinstance(min_8bit_size, bool) and min_8bit_size >= 0
-    _check(cls, "min_8bit_size", min_8bit_size, ok, "it must be an int >= 0 (tensors with fewer elements keep 32-bit state)")
+    _check(
+        cls,
+        "min_8bit_size",
+        min_8bit_size,
+        ok,
+        "it must be an int >= 0 (tensors with fewer elements keep 32-bit state)",
+    )
     return float(betas[0]), float(betas[1])
 
 
@@ -141,7 +156,9 @@ def adamw_8bit(
 
     Paper: Dettmers et al., arXiv:2110.02861.
     """
-    b1, b2 = _validate("adamw_8bit", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+    b1, b2 = _validate(
+        "adamw_8bit", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
+    )
     groups = _groups(params)
     bnb = require_bnb("adamw_8bit", "adamw", groups)
     return bnb.optim.AdamW8bit(
@@ -174,7 +191,9 @@ def paged_adamw_8bit(
 
     Paper: Dettmers et al., arXiv:2110.02861; paging: QLoRA, arXiv:2305.14314.
     """
-    b1, b2 = _validate("paged_adamw_8bit", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+    b1, b2 = _validate(
+        "paged_adamw_8bit", lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size
+    )
     groups = _groups(params)
     bnb = require_bnb("paged_adamw_8bit", "adamw", groups)
     return bnb.optim.PagedAdamW8bit(
@@ -218,6 +237,37 @@ def lion_8bit(
     return bnb.optim.Lion8bit(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, min_8bit_size=min_8bit_size)
 
 
+def paged_lion_8bit(
+    params: Iterable[Any],
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.99),
+    weight_decay: float = 0.0,
+    *,
+    min_8bit_size: int = 4096,
+) -> Optimizer:
+    """Lion with an 8-bit momentum in paged (CUDA unified) memory (``bitsandbytes.optim.PagedLion8bit``).
+
+    The arguments and math are those of :func:`lion_8bit`; paging as in :func:`paged_adamw_8bit`
+    (non-paged with a warning on CPU).
+
+    Raises:
+        ValueError: invalid lr, betas, weight_decay or min_8bit_size.
+        ModuleNotFoundError: bitsandbytes is not installed.
+        RuntimeError: bitsandbytes cannot run 8-bit optimizers on this machine (use ``lion``).
+
+    Example:
+        >>> opt = build_optimizer(model, "paged_lion_8bit", lr=1e-4)
+
+    Papers: Chen et al., arXiv:2302.06675; Dettmers et al., arXiv:2110.02861; QLoRA, arXiv:2305.14314.
+    """
+    b1, b2 = _validate("paged_lion_8bit", lr=lr, betas=betas, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
+    groups = _groups(params)
+    bnb = require_bnb("paged_lion_8bit", "lion", groups)
+    return bnb.optim.PagedLion8bit(
+        groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay, min_8bit_size=min_8bit_size
+    )
+
+
 _PAPER = "Dettmers et al., arXiv:2110.02861"
 register(
     OptimInfo(
@@ -249,5 +299,16 @@ register(
         extra="bnb",
     )
 )
-# Hugging Face TrainingArguments.optim: "adamw_8bit"/"paged_adamw_8bit"/"lion_8bit" are our names
+register(
+    OptimInfo(
+        name="paged_lion_8bit",
+        cls=paged_lion_8bit,
+        description="Lion with an 8-bit momentum in paged CUDA memory (bitsandbytes; non-paged on CPU)",
+        paper=f"Chen et al., arXiv:2302.06675; {_PAPER}; QLoRA, arXiv:2305.14314",
+        default_lr=1e-4,
+        extra="bnb",
+    )
+)
+# Hugging Face TrainingArguments.optim: "adamw_8bit", "paged_adamw_8bit", "lion_8bit" and
+# "paged_lion_8bit" are our names
 register_alias("adamw_bnb_8bit", "adamw_8bit", source="huggingface")

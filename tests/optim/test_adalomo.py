@@ -37,7 +37,10 @@ class _Params(nn.Module):
 def _grads(shapes: dict = SHAPES, steps: int = STEPS) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     # a wide range of magnitudes, so the update clipping triggers on some steps and not others
-    return [{k: torch.randn(s, generator=g, dtype=torch.float64) * 10.0 ** (i % 3 - 1) for k, s in shapes.items()} for i in range(steps)]
+    return [
+        {k: torch.randn(s, generator=g, dtype=torch.float64) * 10.0 ** (i % 3 - 1) for k, s in shapes.items()}
+        for i in range(steps)
+    ]
 
 
 def _linear_loss(model: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -70,7 +73,16 @@ def test_matches_reference_float32(reference, mode: str) -> None:
         torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
 
 
-def _hand_recurrence(params: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]], *, lr, eps, clip_threshold, decay_rate, weight_decay) -> dict[str, torch.Tensor]:
+def _hand_recurrence(
+    params: dict[str, torch.Tensor],
+    grads: list[dict[str, torch.Tensor]],
+    *,
+    lr,
+    eps,
+    clip_threshold,
+    decay_rate,
+    weight_decay,
+) -> dict[str, torch.Tensor]:
     """AdaLomo from the paper in float64: factored V over the last two dims, RMS-normalized update."""
     p = {k: v.clone() for k, v in params.items()}
     r, c, v = {}, {}, {}
@@ -186,8 +198,14 @@ def test_lightning_manual_optimization_with_fused_backward() -> None:
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
     module = Module()
     before = [p.detach().clone() for p in module.parameters()]
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     opt = trainer.optimizers[0]
     assert all(opt.state[p]["step"] == 4 for p in module.parameters())
@@ -196,8 +214,13 @@ def test_lightning_manual_optimization_with_fused_backward() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"lr": -1.0}, "lr"), ({"eps": (1e-30,)}, "eps"), ({"clip_threshold": 0.0}, "clip_threshold"),
-     ({"decay_rate": 0.5}, "decay_rate"), ({"weight_decay": -0.1}, "weight_decay")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"eps": (1e-30,)}, "eps"),
+        ({"clip_threshold": 0.0}, "clip_threshold"),
+        ({"decay_rate": 0.5}, "decay_rate"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=rf"AdaLomo\({match}="):

@@ -40,12 +40,20 @@ def _run(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], grads: lis
 
 def _reference(params, *, lr, wd, rank, scale, scale_type, gap, scale_front=False, disable_nl=False):
     groups = [
-        {"params": [params["tall"], params["wide"]], "rank": rank, "proj": "random", "scale_type": scale_type,
-         "scale": scale, "update_proj_gap": gap, "proj_type": "std"},
+        {
+            "params": [params["tall"], params["wide"]],
+            "rank": rank,
+            "proj": "random",
+            "scale_type": scale_type,
+            "scale": scale,
+            "update_proj_gap": gap,
+            "proj_type": "std",
+        },
         {"params": [params["bias"], params["square"]]},
     ]
-    return apollo_torch.APOLLOAdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd,
-                                    scale_front=scale_front, disable_nl=disable_nl)
+    return apollo_torch.APOLLOAdamW(
+        groups, lr=lr, betas=(0.9, 0.99), eps=1e-6, weight_decay=wd, scale_front=scale_front, disable_nl=disable_nl
+    )
 
 
 def _ours(params, cls=APOLLO, **kwargs):
@@ -61,19 +69,45 @@ def test_matches_reference_float64(scale_type: str) -> None:
     grads = _grads()
     ref_params, our_params = _params(), _params()
     _run(_reference(ref_params, lr=1e-2, wd=0.1, rank=3, scale=2.0, scale_type=scale_type, gap=7), ref_params, grads)
-    _run(_ours(our_params, lr=1e-2, weight_decay=0.1, rank=3, scale=2.0, scale_type=scale_type, update_proj_gap=7), our_params, grads)
+    _run(
+        _ours(our_params, lr=1e-2, weight_decay=0.1, rank=3, scale=2.0, scale_type=scale_type, update_proj_gap=7),
+        our_params,
+        grads,
+    )
     for k in SHAPES:
         torch.testing.assert_close(our_params[k], ref_params[k], msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("scale_front, limit, disable_nl", [(True, 1.01, False), (False, None, True), (True, None, True)])
-def test_scale_front_and_limiter_options_match_reference(scale_front: bool, limit: float | None, disable_nl: bool) -> None:
+@pytest.mark.parametrize(
+    "scale_front, limit, disable_nl", [(True, 1.01, False), (False, None, True), (True, None, True)]
+)
+def test_scale_front_and_limiter_options_match_reference(
+    scale_front: bool, limit: float | None, disable_nl: bool
+) -> None:
     grads = _grads()
     ref_params, our_params = _params(), _params()
-    _run(_reference(ref_params, lr=1e-2, wd=0.0, rank=2, scale=9.0, scale_type="channel", gap=5,
-                    scale_front=scale_front, disable_nl=disable_nl), ref_params, grads)
-    _run(_ours(our_params, lr=1e-2, rank=2, scale=9.0, update_proj_gap=5, scale_front=scale_front,
-               norm_growth_limit=limit), our_params, grads)
+    _run(
+        _reference(
+            ref_params,
+            lr=1e-2,
+            wd=0.0,
+            rank=2,
+            scale=9.0,
+            scale_type="channel",
+            gap=5,
+            scale_front=scale_front,
+            disable_nl=disable_nl,
+        ),
+        ref_params,
+        grads,
+    )
+    _run(
+        _ours(
+            our_params, lr=1e-2, rank=2, scale=9.0, update_proj_gap=5, scale_front=scale_front, norm_growth_limit=limit
+        ),
+        our_params,
+        grads,
+    )
     for k in SHAPES:
         torch.testing.assert_close(our_params[k], ref_params[k])
 
@@ -83,7 +117,11 @@ def test_norm_growth_limit_value_is_used() -> None:
     # and different from the default 1.01 (which the test above matches)
     grads = _grads()
     ref_params, loose, tight = _params(), _params(), _params()
-    _run(_reference(ref_params, lr=1e-2, wd=0.0, rank=2, scale=1.0, scale_type="channel", gap=5, disable_nl=True), ref_params, grads)
+    _run(
+        _reference(ref_params, lr=1e-2, wd=0.0, rank=2, scale=1.0, scale_type="channel", gap=5, disable_nl=True),
+        ref_params,
+        grads,
+    )
     _run(_ours(loose, lr=1e-2, rank=2, update_proj_gap=5, norm_growth_limit=1e30), loose, grads)
     _run(_ours(tight, lr=1e-2, rank=2, update_proj_gap=5, norm_growth_limit=1.0), tight, grads)
     torch.testing.assert_close(loose["tall"], ref_params["tall"])
@@ -206,9 +244,16 @@ def test_use_apollo_on_a_vector_is_an_error() -> None:
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"rank": 0}, "rank"), ({"scale": 0.0}, "scale"), ({"scale_type": "row"}, "scale_type"),
-        ({"update_proj_gap": 0}, "update_proj_gap"), ({"proj": "svd"}, "proj"), ({"norm_growth_limit": 0.5}, "norm_growth_limit"),
-        ({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps"), ({"target_modules": ["("]}, "target_modules"),
+        ({"rank": 0}, "rank"),
+        ({"scale": 0.0}, "scale"),
+        ({"scale_type": "row"}, "scale_type"),
+        ({"update_proj_gap": 0}, "update_proj_gap"),
+        ({"proj": "svd"}, "proj"),
+        ({"norm_growth_limit": 0.5}, "norm_growth_limit"),
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+        ({"target_modules": ["("]}, "target_modules"),
     ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:

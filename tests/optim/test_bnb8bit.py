@@ -41,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor, p0: torch.Tensor) -> float:
     return float((a - b).norm() / (b - p0).norm())
 
 
-@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "lion_8bit"])
+@pytest.mark.parametrize("name", ["adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit"])
 def test_large_tensors_get_uint8_state_small_ones_float32(name: str) -> None:
     big, small = _param(BIG), _param(SMALL)
     with warnings.catch_warnings():
@@ -80,15 +80,24 @@ def test_float32_state_path_matches_torch_adamw(name: str) -> None:
     grads = _grads(SMALL, 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = _run(build_optimizer([{"params": [p], "weight_decay": hp["weight_decay"]}], name, **{k: v for k, v in hp.items() if k != "weight_decay"}), p, grads)
+        ours = _run(
+            build_optimizer(
+                [{"params": [p], "weight_decay": hp["weight_decay"]}],
+                name,
+                **{k: v for k, v in hp.items() if k != "weight_decay"},
+            ),
+            p,
+            grads,
+        )
     ref = _run(torch.optim.AdamW([q], **hp), q, grads)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_lion_8bit_float32_path_matches_our_lion() -> None:
+@pytest.mark.parametrize("name", ["lion_8bit", "paged_lion_8bit"])
+def test_lion_8bit_float32_path_matches_our_lion(name: str) -> None:
     p, q = _param(SMALL), _param(SMALL)
     grads = _grads(SMALL, 20)
-    ours = _run(bnb8bit.lion_8bit([p], lr=1e-3, betas=(0.8, 0.95), weight_decay=0.5), p, grads)
+    ours = _run(getattr(bnb8bit, name)([p], lr=1e-3, betas=(0.8, 0.95), weight_decay=0.5), p, grads)
     ref = _run(Lion([q], lr=1e-3, betas=(0.8, 0.95), weight_decay=0.5), q, grads)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
 
@@ -168,14 +177,23 @@ def test_closure_called_once_with_grad_enabled() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas"), ({"eps": -1.0}, "eps"), ({"min_8bit_size": -1}, "min_8bit_size"), ({"weight_decay": float("nan")}, "weight_decay")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"eps": -1.0}, "eps"),
+        ({"min_8bit_size": -1}, "min_8bit_size"),
+        ({"weight_decay": float("nan")}, "weight_decay"),
+    ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         bnb8bit.adamw_8bit([_param(SMALL)], **kwargs)
 
 
-@pytest.mark.parametrize("name, fallback", [("adamw_8bit", "adamw"), ("paged_adamw_8bit", "adamw"), ("lion_8bit", "lion")])
+@pytest.mark.parametrize(
+    "name, fallback",
+    [("adamw_8bit", "adamw"), ("paged_adamw_8bit", "adamw"), ("lion_8bit", "lion"), ("paged_lion_8bit", "lion")],
+)
 def test_missing_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch, name: str, fallback: str) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'lightning-opt\[bnb\]'") as err:
@@ -184,7 +202,9 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch, n
 
 
 @pytest.mark.parametrize("name, fallback", [("adamw_8bit", "adamw"), ("lion_8bit", "lion")])
-def test_bitsandbytes_without_cpu_support_names_the_fallback(monkeypatch: pytest.MonkeyPatch, name: str, fallback: str) -> None:
+def test_bitsandbytes_without_cpu_support_names_the_fallback(
+    monkeypatch: pytest.MonkeyPatch, name: str, fallback: str
+) -> None:
     import bitsandbytes
 
     monkeypatch.setattr(bitsandbytes, "__version__", "0.49.2")
@@ -196,5 +216,5 @@ def test_hugging_face_alias() -> None:
     from lightning_opt import get_optimizer_info
 
     assert get_optimizer_info("adamw_bnb_8bit").name == "adamw_8bit"
-    for name in ("adamw_8bit", "paged_adamw_8bit", "lion_8bit"):
+    for name in ("adamw_8bit", "paged_adamw_8bit", "lion_8bit", "paged_lion_8bit"):
         assert get_optimizer_info(name).extra == "bnb"

@@ -144,9 +144,14 @@ class Lookahead(Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the inner optimizer's state (slow weights included); a checkpoint of the bare base
+        optimizer loads too: its groups get this wrapper's k/alpha and slow weights start anew."""
         # the inner load replaces its state and group objects; share the new ones again
         self.base_optimizer.load_state_dict(state_dict)
         self._share_inner()
+        for group in self.param_groups:
+            for key in ("lookahead_k", "lookahead_alpha", "lookahead_step"):
+                group.setdefault(key, self.defaults[key])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -226,3 +226,14 @@ def test_deepcopy_keeps_the_inner_optimizer_shared() -> None:
     b = _run(twin, twin_params, _grads(3, seed=5))
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+def test_loads_a_checkpoint_of_the_bare_base_optimizer() -> None:
+    ps = _params()
+    plain = torch.optim.AdamW(_groups(ps))
+    _run(plain, ps, _grads(2))
+    opt = Lookahead(_groups(ps), k=2, alpha=0.5)
+    opt.load_state_dict(plain.state_dict())
+    assert [g["lookahead_k"] for g in opt.param_groups] == [2, 2]
+    _run(opt, ps, _grads(2, seed=7))  # first step sets the slow weights, the second syncs
+    assert all("lookahead_slow" in opt.state[p] for p in ps)

@@ -154,7 +154,12 @@ class GrokAdamW(Optimizer):
             "gradient_clipping": (gradient_clipping, lambda x: x >= 0, "a finite number >= 0 (0 disables it)"),
         }
         for key, (value, ok, want) in checks.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not ok(value)
+            ):
                 raise ValueError(f"GrokAdamW({key}={value!r}) is invalid; it must be {want}")
         if grokking_signal_fns is not None:
             if callable(grokking_signal_fns) or not all(callable(f) for f in grokking_signal_fns):

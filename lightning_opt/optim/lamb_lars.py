@@ -50,7 +50,9 @@ def _warn_if_nothing_adapted(opt: Optimizer, cls: str) -> None:
 def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
     """``numerator / denominator``, or 1 where either norm is 0 (a fresh zero bias, a zero update)."""
     ok = (param_norm > 0) & (other_norm > 0)
-    return torch.where(ok, numerator / torch.where(ok, denominator, torch.ones_like(denominator)), torch.ones_like(numerator))
+    return torch.where(
+        ok, numerator / torch.where(ok, denominator, torch.ones_like(denominator)), torch.ones_like(numerator)
+    )
 
 
 def lamb_update_(
@@ -201,7 +203,9 @@ class Lamb(Optimizer):
         _check_lr_wd("Lamb", lr, weight_decay)
         betas = _check_betas("Lamb", betas)
         _check_number("Lamb", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
-        _check_number("Lamb", "max_grad_norm", max_grad_norm, lambda x: x >= 0, "a finite number >= 0 (0 disables clipping)")
+        _check_number(
+            "Lamb", "max_grad_norm", max_grad_norm, lambda x: x >= 0, "a finite number >= 0 (0 disables clipping)"
+        )
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -232,7 +236,12 @@ class Lamb(Optimizer):
     def _grad_scale(self) -> Tensor | float:
         if self.max_grad_norm <= 0:
             return 1.0
-        norms = [torch.linalg.vector_norm(p.grad.to(compute_dtype(p.grad))) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = [
+            torch.linalg.vector_norm(p.grad.to(compute_dtype(p.grad)))
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         if not norms:
             return 1.0
         total = torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
@@ -339,7 +348,9 @@ class Lars(Optimizer):
         _check_number("Lars", "trust_coeff", trust_coeff, lambda x: x > 0, "a finite number > 0")
         _check_number("Lars", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError(f"Lars(nesterov=True) needs momentum > 0 and dampening = 0 (got momentum={momentum}, dampening={dampening})")
+            raise ValueError(
+                f"Lars(nesterov=True) needs momentum > 0 and dampening = 0 (got momentum={momentum}, dampening={dampening})"
+            )
         defaults = {
             "lr": lr,
             "momentum": momentum,

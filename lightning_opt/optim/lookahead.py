@@ -86,7 +86,12 @@ class Lookahead(Optimizer):
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Lookahead(k={k!r}) is invalid; it must be an integer >= 1 (fast steps per sync)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 < alpha <= 1:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or not 0 < alpha <= 1
+        ):
             raise ValueError(f"Lookahead(alpha={alpha!r}) is invalid; it must lie in (0, 1]")
         info = get_optimizer_info(base)
         if info.cls is Lookahead or info.name.startswith("lookahead"):
@@ -122,7 +127,13 @@ class Lookahead(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        super().__setstate__({"defaults": state["defaults"], "state": state["base_optimizer"].state, "param_groups": state["base_optimizer"].param_groups})
+        super().__setstate__(
+            {
+                "defaults": state["defaults"],
+                "state": state["base_optimizer"].state,
+                "param_groups": state["base_optimizer"].param_groups,
+            }
+        )
         self._share_inner()
 
     def __repr__(self) -> str:
@@ -184,7 +195,9 @@ class Lookahead(Optimizer):
 
 
 def _lookahead_over(base: str) -> Callable[..., Lookahead]:
-    def make(params: Iterable[Any], lr: float | None = None, *, k: int = 5, alpha: float = 0.5, **hparams: Any) -> Lookahead:
+    def make(
+        params: Iterable[Any], lr: float | None = None, *, k: int = 5, alpha: float = 0.5, **hparams: Any
+    ) -> Lookahead:
         weight_decay = hparams.pop("weight_decay", 0.0)
         return Lookahead(params, lr=lr, base=base, k=k, alpha=alpha, weight_decay=weight_decay, base_hparams=hparams)
 

@@ -119,7 +119,9 @@ class StableAdamW(Optimizer):
         if max_lr is not None and (not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0):
             raise ValueError(f"StableAdamW(max_lr={max_lr!r}) is invalid; it must be a finite number > 0 (or None)")
         if max_lr is not None and not decouple_lr:
-            raise ValueError("StableAdamW(max_lr=...) only matters with decouple_lr=True; set decouple_lr=True or drop max_lr")
+            raise ValueError(
+                "StableAdamW(max_lr=...) only matters with decouple_lr=True; set decouple_lr=True or drop max_lr"
+            )
         defaults = {
             "lr": lr,
             "betas": betas,

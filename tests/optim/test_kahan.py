@@ -112,7 +112,9 @@ def _optimi_run(make_opt, dtype, steps=20):
 def test_lion_kahan_matches_optimi_bf16() -> None:
     kw = {"betas": (0.9, 0.99), "weight_decay": 0.1}
     ours = _optimi_run(lambda ps: Lion(ps, lr=3e-4, kahan_sum=True, **kw), torch.bfloat16)
-    ref = _optimi_run(lambda ps: optimi.Lion(ps, lr=3e-4, kahan_sum=True, foreach=False, triton=False, **kw), torch.bfloat16)
+    ref = _optimi_run(
+        lambda ps: optimi.Lion(ps, lr=3e-4, kahan_sum=True, foreach=False, triton=False, **kw), torch.bfloat16
+    )
     for a, b in zip(ours, ref):
         # bitwise equal (one bf16 ulp, 7.8e-3 here, is what a missing compensation costs)
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -121,9 +123,13 @@ def test_lion_kahan_matches_optimi_bf16() -> None:
 def test_stable_adamw_kahan_matches_optimi_bf16() -> None:
     kw = {"betas": (0.9, 0.99), "weight_decay": 0.1, "eps": 1e-6}
     ours = _optimi_run(lambda ps: StableAdamW(ps, lr=3e-4, kahan_sum=True, **kw), torch.bfloat16)
-    ref = _optimi_run(lambda ps: optimi.StableAdamW(ps, lr=3e-4, kahan_sum=True, foreach=False, triton=False, **kw), torch.bfloat16)
+    ref = _optimi_run(
+        lambda ps: optimi.StableAdamW(ps, lr=3e-4, kahan_sum=True, foreach=False, triton=False, **kw), torch.bfloat16
+    )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # optimi's kahan_sum is really on here: without it, its weights differ from ours
-    plain = _optimi_run(lambda ps: optimi.StableAdamW(ps, lr=3e-4, kahan_sum=False, foreach=False, triton=False, **kw), torch.bfloat16)
+    plain = _optimi_run(
+        lambda ps: optimi.StableAdamW(ps, lr=3e-4, kahan_sum=False, foreach=False, triton=False, **kw), torch.bfloat16
+    )
     assert not all(torch.equal(a, b) for a, b in zip(ours, plain))

@@ -51,9 +51,15 @@ def test_lamb_matches_pytorch_optimizer(grad_averaging: bool, betas) -> None:
     """
     grads = _grads(20)
     kw = {"betas": betas, "eps": 1e-12, "grad_averaging": grad_averaging}
-    ours = _run(lambda ps: Lamb(_groups(ps), bias_correction=False, always_adapt=True, max_grad_norm=0.0, **kw), _params(), grads)
+    ours = _run(
+        lambda ps: Lamb(_groups(ps), bias_correction=False, always_adapt=True, max_grad_norm=0.0, **kw),
+        _params(),
+        grads,
+    )
     ref = _run(
-        lambda ps: pytorch_optimizer.Lamb(_groups(ps), adam_debias=True, weight_decouple=False, pre_norm=False, foreach=False, **kw),
+        lambda ps: pytorch_optimizer.Lamb(
+            _groups(ps), adam_debias=True, weight_decouple=False, pre_norm=False, foreach=False, **kw
+        ),
         _params(),
         grads,
     )
@@ -110,7 +116,13 @@ def test_lamb_matches_nvlamb_recurrence(kw) -> None:
 def test_lamb_options_change_the_result_and_leave_grad_alone() -> None:
     grads = _grads(5, scale=3.0)
     base = _run(lambda ps: Lamb(_groups(ps)), _params(), grads)
-    for kw in ({"bias_correction": False}, {"max_grad_norm": 0.0}, {"trust_clip": True}, {"always_adapt": True}, {"grad_averaging": False}):
+    for kw in (
+        {"bias_correction": False},
+        {"max_grad_norm": 0.0},
+        {"trust_clip": True},
+        {"always_adapt": True},
+        {"grad_averaging": False},
+    ):
         other = _run(lambda ps, kw=kw: Lamb(_groups(ps), **kw), _params(), grads)
         assert not all(torch.allclose(a, b) for a, b in zip(base, other)), f"{kw} had no effect"
     ps = _params()
@@ -129,9 +141,15 @@ def test_lamb_options_change_the_result_and_leave_grad_alone() -> None:
 def test_lars_matches_pytorch_optimizer(nesterov: bool) -> None:
     """Matrices in a decayed (adapted) group, vectors in a wd=0 group; eps=0 as theirs has none."""
     grads = _grads(20)
-    ours = _run(lambda ps: Lars(_groups(ps, wd=0.05), momentum=0.9, nesterov=nesterov, eps=0.0, trust_coeff=0.02), _params(), grads)
+    ours = _run(
+        lambda ps: Lars(_groups(ps, wd=0.05), momentum=0.9, nesterov=nesterov, eps=0.0, trust_coeff=0.02),
+        _params(),
+        grads,
+    )
     ref = _run(
-        lambda ps: pytorch_optimizer.LARS(_groups(ps, wd=0.05), momentum=0.9, nesterov=nesterov, trust_coefficient=0.02, foreach=False),
+        lambda ps: pytorch_optimizer.LARS(
+            _groups(ps, wd=0.05), momentum=0.9, nesterov=nesterov, trust_coefficient=0.02, foreach=False
+        ),
         _params(),
         grads,
     )
@@ -139,7 +157,10 @@ def test_lars_matches_pytorch_optimizer(nesterov: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("kw", [{"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [{"momentum": 0.9}, {"momentum": 0.8, "dampening": 0.3}, {"momentum": 0.9, "nesterov": True}, {"momentum": 0.0}],
+)
 def test_lars_without_adaptation_is_torch_sgd(kw) -> None:
     grads = _grads(20)
     with pytest.warns(UserWarning, match="plain SGD"):
@@ -171,7 +192,20 @@ def test_lars_trust_ratio_eps_and_larc_clip(trust_clip: bool, lr: float) -> None
     # always_adapt with wd=0 adapts too; eps large enough to matter
     for wd, always in ((0.01, False), (0.0, True)):
         p = p0.clone().requires_grad_()
-        ours = _run(lambda ps, wd=wd, always=always: Lars(ps, lr=lr, momentum=0.9, weight_decay=wd, trust_coeff=0.01, eps=0.5, trust_clip=trust_clip, always_adapt=always), [p], [[x] for x in grads])[0]
+        ours = _run(
+            lambda ps, wd=wd, always=always: Lars(
+                ps,
+                lr=lr,
+                momentum=0.9,
+                weight_decay=wd,
+                trust_coeff=0.01,
+                eps=0.5,
+                trust_clip=trust_clip,
+                always_adapt=always,
+            ),
+            [p],
+            [[x] for x in grads],
+        )[0]
         ref = _lars_reference(p0, grads, lr=lr, momentum=0.9, wd=wd, coeff=0.01, eps=0.5, trust_clip=trust_clip)
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
 

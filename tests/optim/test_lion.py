@@ -88,7 +88,12 @@ def test_closure_called_once_with_grad() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"lr": -1.0}, "lr=-1.0"), ({"betas": (0.9, 1.0)}, "betas"), ({"betas": (0.9,)}, "betas"), ({"weight_decay": -0.1}, "weight_decay")],
+    [
+        ({"lr": -1.0}, "lr=-1.0"),
+        ({"betas": (0.9, 1.0)}, "betas"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"weight_decay": -0.1}, "weight_decay"),
+    ],
 )
 def test_rejects_invalid_hparams(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

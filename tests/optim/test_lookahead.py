@@ -88,6 +88,7 @@ def test_k_and_alpha_are_used() -> None:
         runs[str(kw)] = _run(Lookahead(ps, lr=1e-2, **kw), ps, grads)
     plain_ps = _params()
     plain = _run(torch.optim.AdamW(plain_ps, lr=1e-2, weight_decay=0.0), plain_ps, grads)
+
     def differ(a, b):
         return float((a - b).abs().max()) > 1e-4  # steps are ~lr = 1e-2
 
@@ -195,13 +196,20 @@ def test_lightning_fit_and_resume_from_checkpoint(tmp_path) -> None:
             return build_optimizer(self, "lookahead_adamw", lr=1e-2, weight_decay=0.1, k=4)
 
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(48, 4, generator=g), torch.randn(48, 1, generator=g))  # 6 batches: resume at an epoch end
+    data = TensorDataset(
+        torch.randn(48, 4, generator=g), torch.randn(48, 1, generator=g)
+    )  # 6 batches: resume at an epoch end
 
     def fit(max_epochs: int, ckpt_path=None):
         model = Model()
         trainer = pl.Trainer(
-            max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+            max_epochs=max_epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
         )
         trainer.fit(model, DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
         return trainer, model

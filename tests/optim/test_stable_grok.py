@@ -88,14 +88,23 @@ def test_stable_adamw_decouple_lr_matches_optimi() -> None:
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # and the default max_lr is each group's initial lr (so decay is no longer scaled by lr)
     dflt, opt = _run(
-        lambda ps: StableAdamW([{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5}], decouple_lr=True),
+        lambda ps: StableAdamW(
+            [{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5}],
+            decouple_lr=True,
+        ),
         _params(),
         before_step=schedule,
     )
     assert [g["max_lr"] for g in opt.param_groups] == [3e-2, 1e-2]
     for a, b in zip(ours, dflt):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    coupled, _ = _run(lambda ps: StableAdamW([{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5}]), _params(), before_step=schedule)
+    coupled, _ = _run(
+        lambda ps: StableAdamW(
+            [{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5}]
+        ),
+        _params(),
+        before_step=schedule,
+    )
     assert not torch.allclose(coupled[0], dflt[0])
 
 
@@ -152,7 +161,15 @@ class _QuietRef:
 
 GROK_CASES = [
     {},  # package defaults: clipping 1.0, alpha 0.98, lamb 2, gamma 0.1
-    {"betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.3, "alpha_init": 0.9, "lamb": 5.0, "gamma": 0.3, "gradient_clipping": 0.0},
+    {
+        "betas": (0.8, 0.95),
+        "eps": 1e-6,
+        "weight_decay": 0.3,
+        "alpha_init": 0.9,
+        "lamb": 5.0,
+        "gamma": 0.3,
+        "gradient_clipping": 0.0,
+    },
     {"gradient_clipping": 3.0, "grokking_signal_decay_rate": 2.0},
 ]
 
@@ -182,9 +199,14 @@ def test_grokadamw_signal_fns_match_package() -> None:
     def fn_none():
         return None
 
-    ours, _ = _run(lambda ps: GrokAdamW(ps, lr=1e-2, grokking_signal_fns=[fn, fn_none], grokking_signal_decay_rate=3.0), _params())
+    ours, _ = _run(
+        lambda ps: GrokAdamW(ps, lr=1e-2, grokking_signal_fns=[fn, fn_none], grokking_signal_decay_rate=3.0), _params()
+    )
     calls["n"] = 0
-    ref, _ = _run(lambda ps: _QuietRef(_grok_ref(ps, lr=1e-2, grokking_signal_fns=[fn, fn_none], grokking_signal_decay_rate=3.0)), _params())
+    ref, _ = _run(
+        lambda ps: _QuietRef(_grok_ref(ps, lr=1e-2, grokking_signal_fns=[fn, fn_none], grokking_signal_decay_rate=3.0)),
+        _params(),
+    )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # and the signal matters
@@ -211,7 +233,9 @@ def test_grokadamw_layer_index_is_position_in_group() -> None:
     a, b = _params()[:2]
     opt = GrokAdamW([a, b], lr=1e-2, gamma=0.5, gradient_clipping=0.0, weight_decay=0.0)
     b2 = b.detach().clone().requires_grad_()
-    alone = GrokAdamW([torch.zeros(1, requires_grad=True), b2], lr=1e-2, gamma=0.5, gradient_clipping=0.0, weight_decay=0.0)
+    alone = GrokAdamW(
+        [torch.zeros(1, requires_grad=True), b2], lr=1e-2, gamma=0.5, gradient_clipping=0.0, weight_decay=0.0
+    )
     g = torch.Generator().manual_seed(3)
     for _ in range(5):
         grad = torch.randn(b.shape, generator=g, dtype=torch.float64)
@@ -223,7 +247,12 @@ def test_grokadamw_layer_index_is_position_in_group() -> None:
 
 def test_grokadamw_validation_and_signal() -> None:
     ps = [torch.zeros(2, requires_grad=True)]
-    for kw, match in [({"alpha_init": 1.5}, "alpha_init"), ({"gamma": 1.0}, "gamma"), ({"gradient_clipping": -1}, "gradient_clipping"), ({"eps": float("nan")}, "eps")]:
+    for kw, match in [
+        ({"alpha_init": 1.5}, "alpha_init"),
+        ({"gamma": 1.0}, "gamma"),
+        ({"gradient_clipping": -1}, "gradient_clipping"),
+        ({"eps": float("nan")}, "eps"),
+    ]:
         with pytest.raises(ValueError, match=match):
             GrokAdamW(ps, **kw)
     with pytest.raises(TypeError, match="callables"):

@@ -98,6 +98,20 @@ def adalomo_update_(
         param.copy_(p)
 
 
+def _reject_dtensors(groups: list[dict[str, Any]]) -> None:
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for group in groups:
+        if any(isinstance(p, DTensor) for p in group["params"]):
+            raise NotImplementedError(
+                "AdaLomo got a DTensor (sharded) parameter; its factored second moment and per-tensor RMS "
+                "need the whole tensor and would be wrong on a local shard. Use DDP, or an elementwise "
+                "optimizer (adamw, lion) under FSDP."
+            )
+
+
 class AdaLomo(Optimizer):
     """AdaLomo: factored adaptive learning rate with grouped update normalization, no momentum.
 
@@ -115,6 +129,7 @@ class AdaLomo(Optimizer):
 
     Raises:
         ValueError: invalid lr, eps, clip_threshold, decay_rate or weight_decay.
+        NotImplementedError: a DTensor (FSDP2-sharded) parameter.
 
     Example:
         >>> opt = build_optimizer(model, "adalomo", lr=1e-3)
@@ -174,6 +189,7 @@ class AdaLomo(Optimizer):
             "weight_decay": weight_decay,
         }
         super().__init__(params, defaults)
+        _reject_dtensors(self.param_groups)
         keep_state_dtype_on_load(self)
         self._hooked: list[Tensor] = []  # parameters carrying our post-accumulate-grad hook
         self._fused_groups: dict[Tensor, dict[str, Any]] | None = None

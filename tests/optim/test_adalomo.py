@@ -229,3 +229,20 @@ def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:
 
 def test_registered() -> None:
     assert get_optimizer_info("adalomo").cls is AdaLomo
+
+
+def test_rejects_sharded_parameters() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="AdaLomo got a DTensor"):
+            AdaLomo([param])
+    finally:
+        dist.destroy_process_group()

@@ -286,3 +286,20 @@ def test_closure_called_once_with_grad_enabled() -> None:
     with torch.no_grad():
         assert opt.step(closure) == 1.0
     assert calls == [True]
+
+
+def test_rejects_sharded_weights() -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
+        with pytest.raises(NotImplementedError, match="APOLLO got a DTensor"):
+            APOLLO([param], rank=2)
+    finally:
+        dist.destroy_process_group()

@@ -3,7 +3,7 @@
     python examples/make_configs.py
 
 Each config trains the demo's tiny GPT with that optimizer at its registry default lr, with a
-linear warmup + cosine LR schedule; edit ``optimizer`` and ``trainer`` to taste.
+linear warmup + cosine LR schedule (LRSchedule logs every group's lr); edit ``optimizer`` and ``trainer`` to taste.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ model:
       name: {name}
       lr: {lr}
       weight_decay: {wd}
-      hparams: {{}}
+      hparams: {hparams}
 data:
   class_path: lightning_opt.demo.CharDataModule
   init_args:
@@ -45,16 +45,20 @@ trainer:
         shape: cosine
         warmup_ratio: 0.05
         min_lr_ratio: 0.1
-    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
-      init_args:
-        logging_interval: step
 """
+
+
+# settings that depend on this model and data, where an algorithm's defaults do not fit
+HPARAMS = {
+    # SophiaG's bs is the tokens per batch of the GNB estimate: batch_size 32 x block_size 64
+    "sophia": "{bs: 2048}",
+}
 
 
 def render(name: str) -> str:
     info = get_optimizer_info(name)
     wd = 0.1 if "weight_decay" in accepted_hparams(info) else 0.0
-    return TEMPLATE.format(name=name, description=info.description, paper=info.paper or "", lr=repr(float(info.default_lr)), wd=wd)
+    return TEMPLATE.format(name=name, description=info.description, paper=info.paper or "", lr=repr(float(info.default_lr)), wd=wd, hparams=HPARAMS.get(name, "{}"))
 
 
 def main(out: Path = Path(__file__).resolve().parents[1] / "configs") -> None:

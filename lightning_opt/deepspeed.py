@@ -114,4 +114,4 @@ def from_deepspeed_config(
         return optimizer, None
     from lightning_opt.deepspeed_schedule import lr_schedule_from_deepspeed
 
-    return optimizer, lr_schedule_from_deepspeed(scheduler, **auto)
+    return optimizer, lr_schedule_from_deepspeed(scheduler, optimizer_lr=params["lr"], **auto)

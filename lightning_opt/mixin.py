@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 
@@ -92,6 +93,11 @@ class OptimizerConfig:
         return asdict(self)
 
 
+# checkpoints store the config in the module's hparams; torch.load(weights_only=True), which
+# Lightning uses when it restores a checkpoint, must be allowed to rebuild it
+torch.serialization.add_safe_globals([OptimizerConfig])
+
+
 def as_optimizer_config(value: OptimizerConfig | dict[str, Any] | str | None) -> OptimizerConfig:
     """Accept a config, a dict of its fields, or a bare name."""
     if value is None:
@@ -122,6 +128,16 @@ class OptimizerMixin:
 
     def optimizer_config(self) -> OptimizerConfig:
         return as_optimizer_config(getattr(self, "optimizer", None))
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate of ``self.optimizer``; setting it (``Tuner.lr_find(update_attr=True)``
+        does) replaces the config with one at the new lr, validated again."""
+        return self.optimizer_config().resolved_lr()
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.optimizer = replace(self.optimizer_config(), lr=value)
 
     def configure_optimizers(self) -> Optimizer:
         return self.optimizer_config().build(self)  # type: ignore[arg-type]

@@ -89,3 +89,47 @@ def test_configure_callbacks_adds_what_the_algorithm_needs(monkeypatch) -> None:
     added = model.configure_callbacks()
     assert len(added) == 1 and isinstance(added[0], _Marker)
     assert TinyGPT(n_layer=1).configure_callbacks() == []
+
+
+def test_lr_attribute_reads_and_writes_the_config() -> None:
+    model = TinyGPT(n_layer=1, optimizer=OptimizerConfig(name="sgd"))
+    assert model.lr == 1e-2
+    model.lr = 0.3
+    assert model.optimizer.name == "sgd" and model.configure_optimizers().defaults["lr"] == 0.3
+    with pytest.raises(ValueError, match="lr=-1"):
+        model.lr = -1.0
+
+
+def test_lr_find_updates_the_config(tmp_path) -> None:
+    from lightning.pytorch.tuner import Tuner
+
+    from lightning_opt.demo import CharDataModule
+
+    model = TinyGPT(n_layer=1, n_embd=32, optimizer=OptimizerConfig(name="adamw", lr=1e-3))
+    data = CharDataModule(batch_size=8, max_chars=50_000, train_samples=256, val_samples=8)
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    finder = Tuner(trainer).lr_find(model, datamodule=data, num_training=20, update_attr=True)
+    assert finder.suggestion() is not None
+    assert model.optimizer.lr == finder.suggestion() != 1e-3
+
+
+def test_checkpoint_resume_equals_a_straight_run(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_opt.demo import CharDataModule
+
+    def run(ckpt: str | None = None) -> TinyGPT:
+        L.seed_everything(0)
+        model = TinyGPT(n_layer=1, n_embd=32, optimizer=OptimizerConfig(name="adamw", lr=1e-2, weight_decay=0.1, layer_decay=0.5))
+        # one batch an epoch: Lightning restarts a plain DataLoader from its first batch on resume
+        data = CharDataModule(batch_size=8, max_chars=50_000, train_samples=8, val_samples=8)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True)
+        trainer = L.Trainer(max_steps=4, logger=False, callbacks=[saver], enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt)
+        return model
+
+    straight = run()
+    resumed = run(ckpt=str(tmp_path / "ckpt" / "epoch=1-step=2.ckpt"))
+    assert resumed.optimizer == straight.optimizer
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

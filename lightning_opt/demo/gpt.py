@@ -104,6 +104,14 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
+    def sophia_logits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Logits for SophiaG's Gauss-Newton-Bartlett estimator (``SophiaHessian`` samples labels from them)."""
+        return self(batch[0])
+
+    def sophia_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The loss for SophiaH's Hutchinson estimator (``SophiaHessian`` differentiates it twice)."""
+        return self.loss(batch)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train_loss", loss, prog_bar=True)

@@ -5,12 +5,19 @@ random projection ``R`` of ``G`` to ``rank`` dimensions and uses them to *scale 
 
 1. ``R = G P^T`` (``P``: rank x n) when m >= n, else ``R = P^T G`` (``P``: m x rank); ``P`` is
    Gaussian with variance ``1/rank``, regenerated from a seed every ``update_proj_gap`` steps.
-2. ``m, v <- Adam moments of R``; ``N = m / (sqrt(v) + eps)``.
+2. ``m, v <- Adam moments of R``; ``N = m_hat / (sqrt(v_hat) + eps)`` (bias-corrected).
 3. ``s = ||N|| / (||R|| + 1e-8)``: per channel (the norm over the rank dimension, one factor per
    row of ``W`` when m >= n, per column otherwise) or per tensor.
 4. ``U = sqrt(scale) * s * G``; the norm-growth limiter (Fira, arXiv:2410.01623) rescales ``U`` so
    that ``||U||`` grows at most by ``norm_growth_limit`` (1.01) per step.
-5. ``W <- W - lr * sqrt(1 - b2^t) / (1 - b1^t) * U``, then ``W <- W - lr * wd * W``.
+5. ``W <- W (1 - lr wd) - lr U`` (Algorithm 1 of the paper; ``scale`` is the paper's alpha squared).
+
+The authors' code (``apollo_torch``) differs in two small ways, available as
+``convention="reference"``: it computes ``N = m / (sqrt(v) + eps)`` and folds the bias correction
+into the step, ``W <- W - lr sqrt(1 - b2^t) / (1 - b1^t) U`` (so eps is effectively
+``eps / sqrt(1 - b2^t)``, and the limiter sees the uncorrected update), and it decays after the
+update, ``W <- W - lr wd W`` on the new ``W``; its other parameters get Hugging Face's AdamW (the
+same two differences) instead of torch's.
 
 Every other parameter gets AdamW in the same optimizer (one object for Lightning's automatic
 optimization). The math lives in plain functions of tensors (:func:`apollo_update_`,
@@ -45,6 +52,7 @@ __all__ = [
 ]
 
 ScaleType = Literal["channel", "tensor"]
+Convention = Literal["paper", "reference"]
 Proj = Literal["random"]
 
 #: added to ||R|| in the scaling factor and to the previous norm in the limiter (the reference's)
@@ -105,22 +113,30 @@ def adamw_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
+    convention: Convention = "paper",
 ) -> None:
-    """One AdamW step in APOLLO's convention, in place on ``param`` and the moments.
+    """One AdamW step for a parameter APOLLO does not project, in place on ``param`` and the moments.
 
-    ``p <- p - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, then ``p <- p - lr wd p`` (decay after
-    the update; eps is not bias-corrected). This is the reference's (Hugging Face's) AdamW, not
-    torch's, so the non-APOLLO parameters move exactly as in ``apollo_torch.APOLLOAdamW``.
+    ``convention="paper"``: torch's AdamW, ``p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``.
+    ``convention="reference"``: the reference's (Hugging Face's) AdamW,
+    ``p <- p - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)`` and then ``p <- p - lr wd p`` (decay after
+    the update, eps not bias-corrected), as ``apollo_torch.APOLLOAdamW`` moves these parameters.
     """
     dt = _math_dtype(param)
     g = grad.to(dt)
     p = param.to(dt)
     exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-step_size)
-    if weight_decay != 0:
-        p.add_(p, alpha=-lr * weight_decay)
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    if convention == "paper":
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    else:
+        p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr * math.sqrt(bc2) / bc1)
+        if weight_decay != 0:
+            p.add_(p, alpha=-lr * weight_decay)
     if p is not param:
         param.copy_(p)
 
@@ -143,6 +159,7 @@ def apollo_update_(
     scale_front: bool = False,
     norm_growth_limit: float | None = 1.01,
     prev_norm: Tensor | None = None,
+    convention: Convention = "paper",
 ) -> Tensor | None:
     """One APOLLO step for one 2-D tensor, in place on ``param`` and the low-rank moments.
 
@@ -151,12 +168,15 @@ def apollo_update_(
         exp_avg, exp_avg_sq: Adam moments of the projected gradient (shape of ``project(grad, proj)``).
         proj: the projection from :func:`random_projection`.
         step: 1-based step count (bias correction).
-        lr, beta1, beta2, eps, weight_decay: as in AdamW (decay ``p -= lr wd p`` after the update).
+        lr, beta1, beta2, eps, weight_decay: as in AdamW.
         scale: the update is multiplied by ``sqrt(scale)``.
         scale_type: ``"channel"`` (one factor per row when m >= n, per column otherwise) or ``"tensor"``.
         scale_front: apply ``sqrt(scale)`` before the norm-growth limiter instead of after.
         norm_growth_limit: max growth factor of the update norm per step (``None``: no limiter).
         prev_norm: the limited update norm of the previous step (``None`` on the first).
+        convention: ``"paper"`` (Algorithm 1: ``N = m_hat / (sqrt(v_hat) + eps)`` and
+            ``W <- W (1 - lr wd) - lr U``) or ``"reference"`` (``apollo_torch``: ``N = m / (sqrt(v) + eps)``,
+            ``W <- W - lr sqrt(bc2)/bc1 U``, then ``W <- W - lr wd W``).
 
     Returns:
         The update norm to pass as ``prev_norm`` next step (``None`` without a limiter).
@@ -166,7 +186,13 @@ def apollo_update_(
     r = project(g, proj)
     exp_avg.mul_(beta1).add_(r, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1 - beta2)
-    norm_update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    if convention == "paper":
+        norm_update = (exp_avg / bc1).div_((exp_avg_sq / bc2).sqrt_().add_(eps))
+        step_size = lr
+    else:
+        norm_update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        step_size = lr * math.sqrt(bc2) / bc1
     if scale_type == "channel":
         dim = 1 if g.shape[0] >= g.shape[1] else 0  # the rank dimension of r
         factor = torch.linalg.vector_norm(norm_update, dim=dim) / (torch.linalg.vector_norm(r, dim=dim) + _TINY)
@@ -190,11 +216,15 @@ def apollo_update_(
             new_norm = norm / limiter
     if not scale_front:
         update.mul_(root_scale)
-    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     p = param.to(dt)
-    p.add_(update, alpha=-step_size)
-    if weight_decay != 0:
-        p.add_(p, alpha=-lr * weight_decay)
+    if convention == "paper":
+        if weight_decay != 0:
+            p.mul_(1 - lr * weight_decay)
+        p.add_(update, alpha=-step_size)
+    else:
+        p.add_(update, alpha=-step_size)
+        if weight_decay != 0:
+            p.add_(p, alpha=-lr * weight_decay)
     if p is not param:
         param.copy_(p)
     return new_norm
@@ -226,8 +256,8 @@ class APOLLO(Optimizer):
         params: parameters, or param-group dicts with ``param_names`` (``build_optimizer`` adds them).
         lr: learning rate of both sides (default ``1e-2``, the APOLLO README's).
         betas: Adam ``(beta1, beta2)`` (default ``(0.9, 0.999)``).
-        eps: added to ``sqrt(v)`` (default ``1e-6``, the reference's).
-        weight_decay: decoupled decay ``p -= lr * wd * p`` after the update (default ``0.0``).
+        eps: added to ``sqrt(v_hat)`` (default ``1e-6``, the reference's).
+        weight_decay: decoupled decay ``p *= 1 - lr * wd`` (default ``0.0``).
         rank: rank of the projection (default ``128``, Hugging Face's; the paper uses ~1/4 of the
             hidden size). A rank at or above the projected dimension still works but saves nothing.
         scale: the APOLLO update is multiplied by ``sqrt(scale)`` (default ``1.0``).
@@ -239,10 +269,12 @@ class APOLLO(Optimizer):
         scale_front: apply ``sqrt(scale)`` before the norm-growth limiter (default ``False``).
         norm_growth_limit: the limiter's max growth of the update norm per step (default ``1.01``;
             ``None`` turns it off, the reference's ``disable_nl=True``).
+        convention: ``"paper"`` (default; torch's AdamW on the other parameters) or
+            ``"reference"`` (``apollo_torch``'s eps placement and decay order, see the module docstring).
 
     Raises:
         ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,
-            proj, norm_growth_limit or a regex; a ``target_modules`` pattern that matches no 2-D
+            proj, norm_growth_limit, convention or a regex; a ``target_modules`` pattern that matches no 2-D
             parameter; ``target_modules`` without parameter names; ``use_apollo=True`` on a non-2-D
             parameter.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter on the APOLLO side.
@@ -251,10 +283,11 @@ class APOLLO(Optimizer):
         >>> opt = build_optimizer(model, "apollo", lr=1e-2, rank=256, target_modules=[r"attn", r"mlp"])
         >>> opt = build_optimizer(model, "apollo_mini", lr=1e-2)
 
-    Matches ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3, the authors' code; ``proj_type="std"``,
-    ``correct_bias=True``), including its projection seeds (the 1-based position of the parameter in
-    the optimizer, advanced by :func:`next_projection_seed` at every refresh) and its AdamW convention
-    for the other parameters (see :func:`adamw_update_`). Differences: the projection is always drawn
+    With ``convention="reference"`` it matches ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3, the
+    authors' code; ``proj_type="std"``, ``correct_bias=True``), including its projection seeds (the
+    1-based position of the parameter in the optimizer, advanced by :func:`next_projection_seed` at
+    every refresh); the default follows the paper (see the module docstring). Other differences from
+    the reference, in both conventions: the projection is always drawn
     on CPU in float32 and moved (the reference draws on the parameter's device, so CUDA projections
     differ from it but not between runs); the moments of bf16/fp16 parameters are float32; the
     closure runs with grad enabled (the reference calls it under ``no_grad``). The projection matrix
@@ -278,6 +311,7 @@ class APOLLO(Optimizer):
         target_modules: Sequence[str] | str | None = None,
         scale_front: bool = False,
         norm_growth_limit: float | None = 1.01,
+        convention: Convention = "paper",
     ) -> None:
         name = type(self).__name__
         self._check(name, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
@@ -318,6 +352,13 @@ class APOLLO(Optimizer):
             ok,
             "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off",
         )
+        self._check(
+            name,
+            "convention",
+            convention,
+            convention in get_args(Convention),
+            f"expected one of {get_args(Convention)}",
+        )
         if isinstance(target_modules, str):
             target_modules = (target_modules,)
         if target_modules is not None:
@@ -347,6 +388,7 @@ class APOLLO(Optimizer):
             "target_modules": target_modules,
             "scale_front": bool(scale_front),
             "norm_growth_limit": None if norm_growth_limit is None else float(norm_growth_limit),
+            "convention": convention,
         }
         super().__init__(params, defaults)
         if target_modules is not None:
@@ -422,6 +464,7 @@ class APOLLO(Optimizer):
         for group in self.param_groups:
             group.setdefault("scale_front", False)
             group.setdefault("norm_growth_limit", 1.01)
+            group.setdefault("convention", "paper")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -458,6 +501,7 @@ class APOLLO(Optimizer):
                         beta2=beta2,
                         eps=group["eps"],
                         weight_decay=group["weight_decay"],
+                        convention=group["convention"],
                     )
                     continue
                 if "step" not in state:
@@ -489,6 +533,7 @@ class APOLLO(Optimizer):
                     scale_front=group["scale_front"],
                     norm_growth_limit=group["norm_growth_limit"],
                     prev_norm=state.get("update_norm"),
+                    convention=group["convention"],
                 )
                 if new_norm is not None:
                     state["update_norm"] = new_norm
@@ -525,6 +570,7 @@ class APOLLOMini(APOLLO):
         target_modules: Sequence[str] | str | None = None,
         scale_front: bool = False,
         norm_growth_limit: float | None = 1.01,
+        convention: Convention = "paper",
     ) -> None:
         super().__init__(
             params,
@@ -540,6 +586,7 @@ class APOLLOMini(APOLLO):
             target_modules=target_modules,
             scale_front=scale_front,
             norm_growth_limit=norm_growth_limit,
+            convention=convention,
         )
 
 

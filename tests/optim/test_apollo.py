@@ -1,11 +1,16 @@
-"""APOLLO / APOLLO-Mini against the authors' ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3).
+"""APOLLO / APOLLO-Mini against the authors' ``apollo_torch.APOLLOAdamW`` (apollo-torch 1.0.3) and
+against the paper's Algorithm 1.
 
 Same initial weights, same gradients, 20 steps, float64, projections refreshed during the run; the
-reference's seeds are matched, so no projection is injected."""
+reference's seeds are matched, so no projection is injected. ``convention="reference"`` is compared
+with the reference; the default ``convention="paper"`` with a float64 recurrence of Algorithm 1 that
+draws its projections with the reference's own ``stable_randn``/``next_seed`` and steps the other
+parameters with ``torch.optim.AdamW``."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -57,6 +62,7 @@ def _reference(params, *, lr, wd, rank, scale, scale_type, gap, scale_front=Fals
 
 
 def _ours(params, cls=APOLLO, **kwargs):
+    kwargs.setdefault("convention", "reference")
     groups = [
         {"params": [params["tall"], params["wide"]], "param_names": ["tall", "wide"], "use_apollo": True},
         {"params": [params["bias"], params["square"]], "param_names": ["bias", "square"], "use_apollo": False},
@@ -254,6 +260,7 @@ def test_use_apollo_on_a_vector_is_an_error() -> None:
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"eps": -1.0}, "eps"),
         ({"target_modules": ["("]}, "target_modules"),
+        ({"convention": "hf"}, "convention"),
     ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, match: str) -> None:
@@ -303,3 +310,64 @@ def test_rejects_sharded_weights() -> None:
             APOLLO([param], rank=2)
     finally:
         dist.destroy_process_group()
+
+
+def _paper_recurrence(params, grads, *, lr, wd, rank, scale, scale_type, gap, limit=1.01, betas=(0.9, 0.99), eps=1e-6):
+    """Algorithm 1 of the paper in float64 (the limiter acts before the sqrt(scale) factor)."""
+    from apollo_torch.random_projector import next_seed, stable_randn
+
+    b1, b2 = betas
+    weights = {k: params[k].detach().clone() for k in ("tall", "wide")}
+    seeds = {"tall": 1, "wide": 2}  # 1-based positions in the optimizer, as the reference seeds them
+    state = {k: {} for k in weights}
+    for t, step_grads in enumerate(grads, start=1):
+        for k, w in weights.items():
+            g, st = step_grads[k], state[k]
+            rows, cols = g.shape
+            if (t - 1) % gap == 0:
+                shape = (rank, cols) if rows >= cols else (rows, rank)
+                st["P"] = stable_randn(shape, seed=seeds[k]).double() / math.sqrt(rank)
+                seeds[k] = next_seed(seeds[k])
+            r = g @ st["P"].T if rows >= cols else st["P"].T @ g
+            st["m"] = b1 * st.get("m", 0) + (1 - b1) * r
+            st["v"] = b2 * st.get("v", 0) + (1 - b2) * r * r
+            r_tilde = (st["m"] / (1 - b1**t)) / ((st["v"] / (1 - b2**t)).sqrt() + eps)
+            if scale_type == "tensor":
+                u = g * (r_tilde.norm() / (r.norm() + 1e-8))
+            elif rows >= cols:
+                u = g * (r_tilde.norm(dim=1) / (r.norm(dim=1) + 1e-8))[:, None]
+            else:
+                u = g * (r_tilde.norm(dim=0) / (r.norm(dim=0) + 1e-8))[None, :]
+            if "prev" in st:
+                ratio = float(u.norm() / (st["prev"] + 1e-8))
+                if ratio > limit:
+                    u = u * (limit / ratio)
+            st["prev"] = u.norm()
+            weights[k] = w * (1 - lr * wd) - lr * math.sqrt(scale) * u
+    return weights
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_paper_convention_matches_algorithm_1_float64(scale_type: str) -> None:
+    grads = _grads()
+    ours, adamw_side, ref_params = _params(), _params(), _params()
+    hp = {"lr": 1e-2, "rank": 3, "scale": 2.0, "scale_type": scale_type}
+    expected = _paper_recurrence(_params(), grads, wd=0.1, gap=7, **hp)
+    _run(_ours(ours, weight_decay=0.1, update_proj_gap=7, convention="paper", **hp), ours, grads)
+    for k in ("tall", "wide"):
+        torch.testing.assert_close(ours[k].detach(), expected[k], msg=lambda m, k=k: f"{k}: {m}")
+    # the other parameters get torch's AdamW
+    torch_opt = torch.optim.AdamW(
+        [adamw_side["bias"], adamw_side["square"]], lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1
+    )
+    _run(torch_opt, {k: adamw_side[k] for k in ("bias", "square")}, grads)
+    for k in ("bias", "square"):
+        torch.testing.assert_close(ours[k], adamw_side[k])
+    # and the conventions really differ (the option is not ignored)
+    _run(_reference(ref_params, lr=1e-2, wd=0.1, rank=3, scale=2.0, scale_type=scale_type, gap=7), ref_params, grads)
+    for k in SHAPES:
+        assert not torch.allclose(ours[k], ref_params[k], rtol=1e-9, atol=0), k
+
+
+def test_paper_is_the_default() -> None:
+    assert APOLLO([nn.Parameter(torch.zeros(4, 4))]).param_groups[0]["convention"] == "paper"

@@ -74,7 +74,7 @@ def require_bnb(name: str, fallback: str, params: list[dict[str, Any]] | None = 
     if "cpu" in devices and _version_tuple(version) < _CPU_MIN_VERSION:
         raise RuntimeError(
             f"{name}: bitsandbytes {version} cannot run 8-bit optimizers on CPU parameters (CPU support "
-            f"starts at bitsandbytes 0.50.0); upgrade with pip install 'lightning-opt[bnb]', move the model "
+            f"starts at bitsandbytes 0.50.0); upgrade with pip install -U 'bitsandbytes>=0.50', move the model "
             f"to a CUDA GPU, or use the 32-bit {fallback!r} optimizer instead"
         )
     return bnb

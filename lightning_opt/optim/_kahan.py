@@ -15,15 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_opt.optim.base import LOW_PRECISION, compute_dtype
+
 __all__ = ["LOW_PRECISION", "apply_update_", "compute_dtype", "kahan_add_", "new_kahan_comp"]
-
-#: parameter dtypes whose updates are Kahan-compensated when ``kahan_sum=True``
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype optimizer math runs in for ``t``: float32 for bf16/fp16 tensors, else ``t.dtype``."""
-    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
 
 
 def new_kahan_comp(param: Tensor) -> Tensor | None:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.muon import keep_state_dtype_on_load
+from lightning_opt.optim.base import keep_state_dtype_on_load
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["AdaLomo", "adalomo_update_"]

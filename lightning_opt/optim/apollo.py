@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.muon import DEFAULT_ADAMW_PATTERNS, keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.base import DEFAULT_ADAMW_PATTERNS, keep_state_dtype_on_load, reject_dtensor
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.lion import _check_betas, _check_lr_wd
+from lightning_opt.optim.base import check_betas, check_lr_wd
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -143,8 +143,8 @@ class GrokAdamW(Optimizer):
         gradient_clipping: float = 1.0,
         kahan_sum: bool = False,
     ) -> None:
-        _check_lr_wd("GrokAdamW", lr, weight_decay)
-        betas = _check_betas("GrokAdamW", betas)
+        check_lr_wd("GrokAdamW", lr, weight_decay)
+        betas = check_betas("GrokAdamW", betas)
         checks = {
             "eps": (eps, lambda x: x >= 0, "a finite number >= 0"),
             "alpha_init": (alpha_init, lambda x: 0 <= x <= 1, "a number in [0, 1]"),

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.lion import _check_betas, _check_lr_wd
+from lightning_opt.optim.base import check_betas, check_lr_wd
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["Lamb", "Lars", "lamb_update_", "lars_update_", "trust_ratio"]
@@ -200,8 +200,8 @@ class Lamb(Optimizer):
         always_adapt: bool = False,
         kahan_sum: bool = False,
     ) -> None:
-        _check_lr_wd("Lamb", lr, weight_decay)
-        betas = _check_betas("Lamb", betas)
+        check_lr_wd("Lamb", lr, weight_decay)
+        betas = check_betas("Lamb", betas)
         _check_number("Lamb", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
         _check_number(
             "Lamb", "max_grad_norm", max_grad_norm, lambda x: x >= 0, "a finite number >= 0 (0 disables clipping)"
@@ -342,7 +342,7 @@ class Lars(Optimizer):
         always_adapt: bool = False,
         kahan_sum: bool = False,
     ) -> None:
-        _check_lr_wd("Lars", lr, weight_decay)
+        check_lr_wd("Lars", lr, weight_decay)
         _check_number("Lars", "momentum", momentum, lambda x: 0 <= x < 1, "a number in [0, 1)")
         _check_number("Lars", "dampening", dampening, lambda x: 0 <= x <= 1, "a number in [0, 1]")
         _check_number("Lars", "trust_coeff", trust_coeff, lambda x: x > 0, "a finite number > 0")

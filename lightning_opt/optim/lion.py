@@ -6,7 +6,6 @@ resolve to it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
+from lightning_opt.optim.base import check_betas, check_lr_wd
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["Lion", "lion_update_"]
@@ -50,22 +50,6 @@ def lion_update_(
     apply_update_(param, update.mul_(-lr), kahan_comp)
 
 
-def _check_lr_wd(cls: str, lr: float, weight_decay: float) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{cls}(lr={lr!r}) is invalid; lr must be a finite number >= 0")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{cls}(weight_decay={weight_decay!r}) is invalid; it must be a finite number >= 0")
-
-
-def _check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != n:
-        raise ValueError(f"{cls}(betas={betas!r}) is invalid; expected a tuple of {n} floats in [0, 1)")
-    for b in betas:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-            raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
-    return tuple(float(b) for b in betas)
-
-
 class Lion(Optimizer):
     """Lion (EvoLved Sign Momentum): every coordinate moves by ``lr`` in the sign of the momentum.
 
@@ -99,8 +83,8 @@ class Lion(Optimizer):
         *,
         kahan_sum: bool = False,
     ) -> None:
-        _check_lr_wd("Lion", lr, weight_decay)
-        betas = _check_betas("Lion", betas)
+        check_lr_wd("Lion", lr, weight_decay)
+        betas = check_betas("Lion", betas)
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "kahan_sum": bool(kahan_sum)}
         super().__init__(params, defaults)
 

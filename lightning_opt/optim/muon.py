@@ -18,16 +18,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.base import (
+    DEFAULT_ADAMW_PATTERNS,
+    compute_dtype,
+    keep_state_dtype_on_load,
+    reject_dtensor,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
-    "DEFAULT_ADAMW_PATTERNS",
     "Muon",
     "adamw_update_",
     "adjusted_lr",
-    "keep_state_dtype_on_load",
     "muon_update_",
-    "reject_dtensor",
     "zeropower_via_newtonschulz",
 ]
 
@@ -36,79 +39,9 @@ AdjustLR = Literal["original", "match_rms_adamw"]
 #: Keller Jordan's quintic coefficients (maximal slope at zero), torch's defaults too
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
-#: Name regexes (``re.search``) of 2-D parameters that go to AdamW: embeddings anywhere in the name,
-#: and the weight of a module called ``lm_head``/``head``/``output``/``classifier`` (the output
-#: layer). Anchored on the owning module so BERT's hidden ``attention.output.dense`` stays on Muon.
-DEFAULT_ADAMW_PATTERNS: tuple[str, ...] = (
-    r"(?:^|[._])(?:embed\w*|embeddings?|wte|wpe|tok_emb\w*|pos_emb\w*)(?:\.|$)",
-    r"(?:^|\.)(?:lm_head|head|output|classifier)\.weight$",
-)
-
 # Keller's aux-Adam lr (3e-4) over his Muon lr (0.02): the AdamW side's lr ratio for "original"
 _ORIGINAL_ADAMW_RATIO = 3e-4 / 0.02
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64, "float16": torch.float16}
-
-
-def _math_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
-
-
-def reject_dtensor(cls: str, param: Tensor, name: str | None = None) -> None:
-    """Raise if ``param`` is a DTensor shard: matrix math on a local shard is silently wrong.
-
-    Raises:
-        NotImplementedError: ``param`` is a ``torch.distributed.tensor.DTensor``.
-    """
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor):
-        where = f" {name!r}" if name else ""
-        raise NotImplementedError(
-            f"{cls} got a DTensor (sharded) parameter{where}; its matrix math (Newton-Schulz, "
-            "preconditioners) needs the full matrix and would be wrong on a local shard. FSDP-correct "
-            "matrix optimizers come in a later issue; for now use DDP or an elementwise optimizer (adamw, lion)."
-        )
-
-
-def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
-    """Keep float32 state of low-precision parameters float32 through ``load_state_dict``.
-
-    torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
-    dtype, which would round fp32 moments of bf16 parameters to bf16 (and break exact resume). A
-    pre-hook keeps the saved entries of bf16/fp16 parameters and a post-hook puts them back, moved to
-    the parameter's device but in their saved dtype.
-    """
-    kept: dict[int, Any] = {}
-
-    def _move(value: Any, device: torch.device) -> Any:
-        if isinstance(value, Tensor):
-            return value.to(device=device, copy=True)
-        if isinstance(value, dict):
-            return {k: _move(v, device) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(_move(v, device) for v in value)
-        return value
-
-    def pre_hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
-        kept.clear()
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if p.dtype in _LOW_PRECISION and saved_id in state_dict["state"]:
-                kept[id(p)] = _move(state_dict["state"][saved_id], p.device)
-
-    def post_hook(opt: Optimizer) -> None:
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if id(p) in kept:
-                    opt.state[p] = kept[id(p)]
-        kept.clear()
-
-    optimizer.register_load_state_dict_pre_hook(pre_hook)
-    optimizer.register_load_state_dict_post_hook(post_hook)
 
 
 def zeropower_via_newtonschulz(
@@ -187,7 +120,7 @@ def muon_update_(
     ``p <- p (1 - lr wd)``; ``p <- p - adjusted_lr(lr) O``. The decay uses the unadjusted lr, as in
     torch and Keller. The momentum and the arithmetic are float32 for bf16/fp16 parameters.
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt).reshape(param.size(0), -1)
     buf = momentum_buffer.view(param.size(0), -1)
     buf.lerp_(g, 1 - momentum)
@@ -219,7 +152,7 @@ def adamw_update_(
 
     ``step`` is the 1-based count of this update; moments are float32 for bf16/fp16 parameters.
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -340,35 +273,81 @@ class Muon(Optimizer):
         flatten_conv: bool = False,
     ) -> None:
         _check("Muon", "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-        _check("Muon", "weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
-        _check("Muon", "momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "it must lie in [0, 1)")
-        _check("Muon", "ns_steps", ns_steps, isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and 0 < ns_steps < 100, "it must be an int in [1, 99]")
         _check(
-            "Muon", "ns_coefficients", ns_coefficients,
-            isinstance(ns_coefficients, (tuple, list)) and len(ns_coefficients) == 3 and all(_is_number(c) for c in ns_coefficients),
+            "Muon",
+            "weight_decay",
+            weight_decay,
+            _is_number(weight_decay) and weight_decay >= 0,
+            "it must be a finite number >= 0",
+        )
+        _check("Muon", "momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "it must lie in [0, 1)")
+        _check(
+            "Muon",
+            "ns_steps",
+            ns_steps,
+            isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and 0 < ns_steps < 100,
+            "it must be an int in [1, 99]",
+        )
+        _check(
+            "Muon",
+            "ns_coefficients",
+            ns_coefficients,
+            isinstance(ns_coefficients, (tuple, list))
+            and len(ns_coefficients) == 3
+            and all(_is_number(c) for c in ns_coefficients),
             "expected three finite floats (a, b, c)",
         )
         _check("Muon", "eps", eps, _is_number(eps) and eps > 0, "it must be a finite number > 0")
         ns_dtype = _resolve_dtype(ns_dtype)
         adjust_lr_fn = "original" if adjust_lr_fn is None else adjust_lr_fn
-        _check("Muon", "adjust_lr_fn", adjust_lr_fn, adjust_lr_fn in get_args(AdjustLR), f"expected one of {get_args(AdjustLR)}")
+        _check(
+            "Muon",
+            "adjust_lr_fn",
+            adjust_lr_fn,
+            adjust_lr_fn in get_args(AdjustLR),
+            f"expected one of {get_args(AdjustLR)}",
+        )
         if adamw_lr is not None and adamw_lr_ratio is not None:
-            raise ValueError("Muon(adamw_lr=..., adamw_lr_ratio=...) are exclusive; give one (adamw_lr is stored as adamw_lr / lr)")
+            raise ValueError(
+                "Muon(adamw_lr=..., adamw_lr_ratio=...) are exclusive; give one (adamw_lr is stored as adamw_lr / lr)"
+            )
         if adamw_lr is not None:
-            _check("Muon", "adamw_lr", adamw_lr, _is_number(adamw_lr) and adamw_lr >= 0, "it must be a finite number >= 0")
-            _check("Muon", "lr", lr, lr > 0, "adamw_lr is stored as adamw_lr / lr, so lr must be > 0 (or pass adamw_lr_ratio)")
+            _check(
+                "Muon", "adamw_lr", adamw_lr, _is_number(adamw_lr) and adamw_lr >= 0, "it must be a finite number >= 0"
+            )
+            _check(
+                "Muon",
+                "lr",
+                lr,
+                lr > 0,
+                "adamw_lr is stored as adamw_lr / lr, so lr must be > 0 (or pass adamw_lr_ratio)",
+            )
             adamw_lr_ratio = adamw_lr / lr
         elif adamw_lr_ratio is None:
             adamw_lr_ratio = _ORIGINAL_ADAMW_RATIO if adjust_lr_fn == "original" else 1.0
-        _check("Muon", "adamw_lr_ratio", adamw_lr_ratio, _is_number(adamw_lr_ratio) and adamw_lr_ratio >= 0, "it must be a finite number >= 0")
         _check(
-            "Muon", "adamw_betas", adamw_betas,
-            isinstance(adamw_betas, (tuple, list)) and len(adamw_betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in adamw_betas),
+            "Muon",
+            "adamw_lr_ratio",
+            adamw_lr_ratio,
+            _is_number(adamw_lr_ratio) and adamw_lr_ratio >= 0,
+            "it must be a finite number >= 0",
+        )
+        _check(
+            "Muon",
+            "adamw_betas",
+            adamw_betas,
+            isinstance(adamw_betas, (tuple, list))
+            and len(adamw_betas) == 2
+            and all(_is_number(b) and 0 <= b < 1 for b in adamw_betas),
             "expected two floats in [0, 1)",
         )
-        _check("Muon", "adamw_eps", adamw_eps, _is_number(adamw_eps) and adamw_eps >= 0, "it must be a finite number >= 0")
+        _check(
+            "Muon", "adamw_eps", adamw_eps, _is_number(adamw_eps) and adamw_eps >= 0, "it must be a finite number >= 0"
+        )
         if isinstance(adamw_patterns, str):
-            raise ValueError(f"Muon(adamw_patterns={adamw_patterns!r}) is invalid; pass a list of regexes, e.g. [{adamw_patterns!r}]")
+            raise ValueError(
+                f"Muon(adamw_patterns={adamw_patterns!r}) is invalid; pass a list of regexes, e.g. [{adamw_patterns!r}]"
+            )
         for pattern in adamw_patterns:
             try:
                 re.compile(pattern)
@@ -405,7 +384,9 @@ class Muon(Optimizer):
             if use_muon is not None:
                 if use_muon and (p.ndim < 2 or (p.ndim > 2 and not group["flatten_conv"])):
                     hint = "set flatten_conv=True" if p.ndim > 2 else "only matrices can be orthogonalized"
-                    raise ValueError(f"Muon: param group has use_muon=True but {name or f'parameter {i}'} has shape {tuple(p.shape)}; {hint}")
+                    raise ValueError(
+                        f"Muon: param group has use_muon=True but {name or f'parameter {i}'} has shape {tuple(p.shape)}; {hint}"
+                    )
                 on_muon = bool(use_muon)
             else:
                 matrix = p.ndim == 2 or (p.ndim > 2 and group["flatten_conv"])
@@ -443,7 +424,7 @@ class Muon(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("Muon does not support sparse gradients")
                 state = self.state[p]
-                dt = _math_dtype(p)
+                dt = compute_dtype(p)
                 if on_muon:
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p, dtype=dt, memory_format=torch.contiguous_format)

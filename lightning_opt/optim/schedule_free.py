@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.base import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "to_train_",
 ]
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,7 +174,7 @@ class ScheduleFreeBase(Optimizer):
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        dt = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        dt = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
         state["z"] = p.detach().to(dt, copy=True)
 
     # -- mode switching
@@ -283,7 +283,7 @@ def _restore_fp32_state(optimizer: Optimizer) -> None:
     params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
     for k, saved in stash.items():
         p = params.get(k)
-        if p is not None and p.dtype in _LOW_PRECISION:
+        if p is not None and p.dtype in LOW_PRECISION:
             for n, v in saved.items():
                 optimizer.state[p][n] = v.to(p.device, copy=True)
 

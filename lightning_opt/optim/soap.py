@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.muon import keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.base import keep_state_dtype_on_load, reject_dtensor
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [

@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, new_kahan_comp
+from lightning_opt.optim.base import LOW_PRECISION, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "sophia_update_",
 ]
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ class _Sophia(Optimizer):
 
     @staticmethod
     def _init_state(p: Tensor, state: dict[str, Any]) -> None:
-        dt = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+        dt = compute_dtype(p)
         state["step"] = torch.tensor(0.0)
         state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
         state["hessian"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
@@ -334,7 +334,7 @@ def _restore_fp32_state(optimizer: Optimizer) -> None:
     params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
     for k, saved in stash.items():
         p = params.get(k)
-        if p is not None and p.dtype in _LOW_PRECISION:
+        if p is not None and p.dtype in LOW_PRECISION:
             for n, v in saved.items():
                 optimizer.state[p][n] = v.to(p.device, copy=True)
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.lion import _check_betas, _check_lr_wd
+from lightning_opt.optim.base import check_betas, check_lr_wd
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["StableAdamW", "debias_beta", "stable_adamw_update_"]
@@ -112,8 +112,8 @@ class StableAdamW(Optimizer):
         max_lr: float | None = None,
         kahan_sum: bool = False,
     ) -> None:
-        _check_lr_wd("StableAdamW", lr, weight_decay)
-        betas = _check_betas("StableAdamW", betas)
+        check_lr_wd("StableAdamW", lr, weight_decay)
+        betas = check_betas("StableAdamW", betas)
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"StableAdamW(eps={eps!r}) is invalid; it must be a finite number >= 0")
         if max_lr is not None and (not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0):

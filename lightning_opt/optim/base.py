@@ -1,0 +1,114 @@
+"""Shared pieces of the optimizer families: argument checks, dtype policy, sharding guard, state dtype.
+
+Infrastructure (not a family: registers nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "DEFAULT_ADAMW_PATTERNS",
+    "LOW_PRECISION",
+    "check_betas",
+    "check_lr_wd",
+    "compute_dtype",
+    "keep_state_dtype_on_load",
+    "reject_dtensor",
+]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype optimizer math runs in for ``t``: float32 for bf16/fp16 tensors, else ``t.dtype``."""
+    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
+
+
+#: Name regexes (``re.search``) of 2-D parameters that go to AdamW: embeddings anywhere in the name,
+#: and the weight of a module called ``lm_head``/``head``/``output``/``classifier`` (the output
+#: layer). Anchored on the owning module so BERT's hidden ``attention.output.dense`` stays on Muon.
+DEFAULT_ADAMW_PATTERNS: tuple[str, ...] = (
+    r"(?:^|[._])(?:embed\w*|embeddings?|wte|wpe|tok_emb\w*|pos_emb\w*)(?:\.|$)",
+    r"(?:^|\.)(?:lm_head|head|output|classifier)\.weight$",
+)
+
+
+def check_lr_wd(cls: str, lr: float, weight_decay: float) -> None:
+    """Raise ``ValueError`` naming ``cls`` unless ``lr`` and ``weight_decay`` are finite and >= 0."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{cls}(lr={lr!r}) is invalid; lr must be a finite number >= 0")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{cls}(weight_decay={weight_decay!r}) is invalid; it must be a finite number >= 0")
+
+
+def check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:
+    """``betas`` as a tuple of ``n`` floats, or ``ValueError`` naming ``cls`` unless each is in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"{cls}(betas={betas!r}) is invalid; expected a tuple of {n} floats in [0, 1)")
+    for b in betas:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
+            raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
+    return tuple(float(b) for b in betas)
+
+
+def reject_dtensor(cls: str, param: Tensor, name: str | None = None) -> None:
+    """Raise if ``param`` is a DTensor shard: matrix math on a local shard is silently wrong.
+
+    Raises:
+        NotImplementedError: ``param`` is a ``torch.distributed.tensor.DTensor``.
+    """
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor):
+        where = f" {name!r}" if name else ""
+        raise NotImplementedError(
+            f"{cls} got a DTensor (sharded) parameter{where}; its matrix math (Newton-Schulz, "
+            "preconditioners) needs the full matrix and would be wrong on a local shard. FSDP-correct "
+            "matrix optimizers come in a later issue; for now use DDP or an elementwise optimizer (adamw, lion)."
+        )
+
+
+def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
+    """Keep float32 state of low-precision parameters float32 through ``load_state_dict``.
+
+    torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+    dtype, which would round fp32 moments of bf16 parameters to bf16 (and break exact resume). A
+    pre-hook keeps the saved entries of bf16/fp16 parameters and a post-hook puts them back, moved to
+    the parameter's device but in their saved dtype.
+    """
+    kept: dict[int, Any] = {}
+
+    def _move(value: Any, device: torch.device) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(device=device, copy=True)
+        if isinstance(value, dict):
+            return {k: _move(v, device) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(_move(v, device) for v in value)
+        return value
+
+    def pre_hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+        kept.clear()
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if p.dtype in LOW_PRECISION and saved_id in state_dict["state"]:
+                kept[id(p)] = _move(state_dict["state"][saved_id], p.device)
+
+    def post_hook(opt: Optimizer) -> None:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if id(p) in kept:
+                    opt.state[p] = kept[id(p)]
+        kept.clear()
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)

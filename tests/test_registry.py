@@ -34,11 +34,30 @@ HUGGINGFACE = {
     "sgd": ("sgd", {}),
     "adagrad": ("adagrad", {}),
     "rmsprop": ("rmsprop", {}),
+    "adamw_8bit": ("adamw_8bit", {}),
+    "adamw_bnb_8bit": ("adamw_8bit", {}),
+    "paged_adamw_8bit": ("paged_adamw_8bit", {}),
+    "lion_8bit": ("lion_8bit", {}),
+    "paged_lion_8bit": ("paged_lion_8bit", {}),
+    "lion_32bit": ("lion", {}),
+    "schedule_free_adamw": ("schedule_free_adamw", {}),
+    "schedule_free_sgd": ("schedule_free_sgd", {}),
+    "schedule_free_radam": ("schedule_free_radam", {}),
+    "apollo_adamw": ("apollo", {}),
+    "grokadamw": ("grokadamw", {}),
+    "adalomo": ("adalomo", {}),
+    "stable_adamw": ("stable_adamw", {}),
 }
 DEEPSPEED = {
     "Adam": ("adam", {}),
     "AdamW": ("adamw", {}),
     "AdaFactorOptimizer": ("adafactor", {}),
+    "Adagrad": ("adagrad", {}),
+    "Lamb": ("lamb", {}),
+    "Lion": ("lion", {}),
+    "LionOptimizer": ("lion", {}),
+    "MuonOptimizer": ("muon", {}),
+    "SophiaOptimizer": ("sophia", {}),
 }
 
 

@@ -52,3 +52,23 @@ def test_unknown_param_and_missing_block() -> None:
 def test_without_a_scheduler_block_the_schedule_is_none() -> None:
     opt, schedule = from_deepspeed_config({"optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, TinyGPT(n_layer=1), with_schedule=True)
     assert isinstance(opt, torch.optim.SGD) and schedule is None
+
+
+def test_muon_optimizer_with_auto_lr() -> None:
+    from lightning_opt.optim.muon import Muon
+
+    opt = from_deepspeed_config({"optimizer": {"type": "MuonOptimizer", "params": {"lr": "auto"}}}, TinyGPT(n_layer=1), lr=0.02)
+    assert isinstance(opt, Muon) and opt.defaults["lr"] == 0.02
+
+
+def test_scheduler_block_becomes_an_lr_schedule() -> None:
+    from lightning_opt.callbacks import LRSchedule
+
+    cfg = {
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.1}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": "auto", "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}},
+    }
+    opt, schedule = from_deepspeed_config(cfg, TinyGPT(n_layer=1), with_schedule=True, lr=1e-3, total_num_steps=100)
+    assert isinstance(opt, torch.optim.AdamW) and isinstance(schedule, LRSchedule)
+    with pytest.raises(ValueError, match="total_num_steps"):
+        from_deepspeed_config(cfg, TinyGPT(n_layer=1), with_schedule=True, lr=1e-3)

@@ -44,7 +44,7 @@ class Regression(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
-def _data(n=320, batch_size=8):
+def _data(n=960, batch_size=32):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, 4, generator=g)
     y = torch.sin(x.sum(1, keepdim=True)) + 0.05 * torch.randn(n, 1, generator=g)
@@ -284,7 +284,7 @@ def test_gradient_accumulation_uses_the_mean_micro_batch_loss(tmp_path):
             losses.append(outputs["loss"].item())  # already divided by accumulate_grad_batches
 
     probe = Probe()
-    _trainer(tmp_path, [guard, Grab(), probe], STEPS, accumulate_grad_batches=2).fit(model, _data())
+    _trainer(tmp_path, [guard, Grab(), probe], STEPS, accumulate_grad_batches=2).fit(model, _data(n=1920))
     assert [s["step"] for s in guard.spikes] == [SPIKE]
     assert guard.spikes[0]["loss"] == pytest.approx(losses[2 * SPIKE] + losses[2 * SPIKE + 1], rel=1e-6)
     assert probe.real_steps == STEPS - 1
@@ -394,9 +394,29 @@ def test_ddp_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
         enable_model_summary=False,
         callbacks=[SpikeGuard(warmup_steps=3), SaveParams(str(tmp_path))],
     )
-    trainer.fit(model, _data(n=160))
+    trainer.fit(model, _data(n=640))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k
     assert [s["batch_idx"] for s in r0["spikes"]] == [s["batch_idx"] for s in r1["spikes"]] == [6]
     assert r0["spikes"][0]["loss"] == r1["spikes"][0]["loss"] > 1e3
+
+
+def test_skip_and_rollback_keep_the_lr_schedule_in_step(tmp_path):
+    from lightning_opt.callbacks import LRSchedule
+
+    sched = LRSchedule("linear", total_steps=40)
+    model = Regression(spike_batches=[SPIKE])
+    _trainer(tmp_path, [sched, SpikeGuard(warmup_steps=5)], STEPS).fit(model, _data())
+    assert sched.step == STEPS - 1  # the skipped step did not advance the schedule
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * (1 - (STEPS - 1) / 40), rel=1e-12)
+
+    sched = LRSchedule("linear", total_steps=40)
+    model = Regression(spike_batches=[10, 11], opt="adamw", lr=1e-2)
+    guard = SpikeGuard(action="rollback", patience=2, snapshot_every_n_steps=4, warmup_steps=3)
+    _trainer(tmp_path, [sched, guard], 20).fit(model, _data())
+    assert [s["action"] for s in guard.spikes] == ["skip", "rollback"]
+    assert sched.step == 8 + 8  # back to the snapshot after 8 steps, then the 8 batches after the rollback
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * (1 - 16 / 40), rel=1e-12)

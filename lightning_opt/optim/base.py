@@ -6,6 +6,7 @@ Infrastructure (not a family: registers nothing).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,10 +16,14 @@ from torch.optim import Optimizer
 __all__ = [
     "DEFAULT_ADAMW_PATTERNS",
     "LOW_PRECISION",
+    "backfill_group_defaults",
     "check_betas",
     "check_lr_wd",
     "compute_dtype",
+    "ensure_kahan_comp",
+    "init_state",
     "keep_state_dtype_on_load",
+    "params_with_grad",
     "reject_dtensor",
 ]
 
@@ -112,3 +117,48 @@ def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)
     optimizer.register_load_state_dict_post_hook(post_hook)
+
+
+def params_with_grad(group: dict[str, Any], cls: str) -> Iterator[Tensor]:
+    """The parameters of ``group`` that have a gradient, in order: the loop head every ``step`` shares.
+
+    Raises:
+        RuntimeError: a gradient is sparse (the update rules need dense tensors).
+    """
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{cls} does not support sparse gradients")
+        yield p
+
+
+def ensure_kahan_comp(state: dict[str, Any], p: Tensor, kahan_sum: bool) -> None:
+    """Add ``state["kahan_comp"]`` once when ``kahan_sum`` is on and ``p`` is low precision."""
+    if kahan_sum and "kahan_comp" not in state:
+        # imported here: _kahan imports this module
+        from lightning_opt.optim._kahan import new_kahan_comp
+
+        comp = new_kahan_comp(p)
+        if comp is not None:
+            state["kahan_comp"] = comp
+
+
+def init_state(state: dict[str, Any], p: Tensor, *names: str, step: bool = True, kahan_sum: bool = False) -> None:
+    """On first use (``names[0]`` missing): ``step = 0`` if ``step``, then zero buffers like ``p``; then Kahan.
+
+    One place for the state layout the elementwise families share, so keys, order and dtypes agree.
+    """
+    if names and names[0] not in state:
+        if step:
+            state["step"] = 0
+        for name in names:
+            state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    ensure_kahan_comp(state, p, kahan_sum)
+
+
+def backfill_group_defaults(optimizer: Optimizer, **defaults: Any) -> None:
+    """Give every param group the options a checkpoint from before them lacks (for ``__setstate__``)."""
+    for group in optimizer.param_groups:
+        for key, value in defaults.items():
+            group.setdefault(key, value)

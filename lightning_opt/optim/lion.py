@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.base import check_betas, check_lr_wd
+from lightning_opt.optim._kahan import apply_update_, compute_dtype
+from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state, params_with_grad
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["Lion", "lion_update_"]
@@ -90,8 +90,7 @@ class Lion(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("kahan_sum", False)
+        backfill_group_defaults(self, kahan_sum=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -102,18 +101,9 @@ class Lion(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lion does not support sparse gradients")
+            for p in params_with_grad(group, "Lion"):
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                init_state(state, p, "exp_avg", step=False, kahan_sum=group["kahan_sum"])
                 lion_update_(
                     p,
                     p.grad,

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.base import check_betas, check_lr_wd
+from lightning_opt.optim._kahan import apply_update_, compute_dtype
+from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state, params_with_grad
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["StableAdamW", "debias_beta", "stable_adamw_update_"]
@@ -140,10 +140,7 @@ class StableAdamW(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("decouple_lr", False)
-            group.setdefault("max_lr", None)
-            group.setdefault("kahan_sum", False)
+        backfill_group_defaults(self, decouple_lr=False, max_lr=None, kahan_sum=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -154,20 +151,9 @@ class StableAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("StableAdamW does not support sparse gradients")
+            for p in params_with_grad(group, "StableAdamW"):
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                init_state(state, p, "exp_avg", "exp_avg_sq", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
                 stable_adamw_update_(
                     p,

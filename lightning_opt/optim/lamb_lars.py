@@ -24,8 +24,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.base import check_betas, check_lr_wd
+from lightning_opt.optim._kahan import apply_update_, compute_dtype
+from lightning_opt.optim.base import (
+    backfill_group_defaults,
+    check_betas,
+    check_lr_wd,
+    ensure_kahan_comp,
+    init_state,
+    params_with_grad,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["Lamb", "Lars", "lamb_update_", "lars_update_", "trust_ratio"]
@@ -229,8 +236,7 @@ class Lamb(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", 1.0)
-        for group in self.param_groups:
-            group.setdefault("kahan_sum", False)
+        backfill_group_defaults(self, kahan_sum=False)
 
     @torch.no_grad()
     def _grad_scale(self) -> Tensor | float:
@@ -258,20 +264,9 @@ class Lamb(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             adapt = group["weight_decay"] != 0 or group["always_adapt"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lamb does not support sparse gradients")
+            for p in params_with_grad(group, "Lamb"):
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                init_state(state, p, "exp_avg", "exp_avg_sq", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
                 lamb_update_(
                     p,
@@ -368,8 +363,7 @@ class Lars(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("kahan_sum", False)
+        backfill_group_defaults(self, kahan_sum=False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -380,16 +374,9 @@ class Lars(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             adapt = group["weight_decay"] != 0 or group["always_adapt"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Lars does not support sparse gradients")
+            for p in params_with_grad(group, "Lars"):
                 state = self.state[p]
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                ensure_kahan_comp(state, p, group["kahan_sum"])
                 buf = lars_update_(
                     p,
                     p.grad,

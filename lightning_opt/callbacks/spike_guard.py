@@ -304,6 +304,10 @@ class SpikeGuard(Callback):
             if closure is not None:
                 with torch.enable_grad():
                     result = closure()
+                if result is None:
+                    # training_step returned None: Lightning skipped backward, there is nothing to judge
+                    self._loss = self._grad_norm = None
+                    return real_step(closure=(lambda: None), **kwargs)
             if not self._decide_and_act():
                 return result
             # the closure already ran: hand the optimizer its result instead of running it twice

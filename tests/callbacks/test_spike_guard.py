@@ -420,3 +420,15 @@ def test_skip_and_rollback_keep_the_lr_schedule_in_step(tmp_path):
     assert sched.step == 8 + 8  # back to the snapshot after 8 steps, then the 8 batches after the rollback
     group = model.trainer.optimizers[0].param_groups[0]
     assert group["lr"] == pytest.approx(group["initial_lr"] * (1 - 16 / 40), rel=1e-12)
+
+
+def test_a_batch_without_loss_is_not_judged(tmp_path):
+    class Sometimes(Regression):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 3 else super().training_step(batch, batch_idx)
+
+    guard = SpikeGuard(metric="both", warmup_steps=2)
+    with pytest.warns(UserWarning, match="returned `None`"):
+        _trainer(tmp_path, [guard], 8).fit(Sometimes(), _data())
+    assert guard.spikes == []
+    assert guard.stats["loss"].count == guard.stats["grad_norm"].count == 7

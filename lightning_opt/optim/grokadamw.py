@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, compute_dtype, new_kahan_comp
-from lightning_opt.optim.base import check_betas, check_lr_wd
+from lightning_opt.optim._kahan import apply_update_, compute_dtype
+from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -188,8 +188,7 @@ class GrokAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("grokking_signal_fns", None)
-        for group in self.param_groups:
-            group.setdefault("kahan_sum", False)
+        backfill_group_defaults(self, kahan_sum=False)
 
     def _signal(self, group: dict[str, Any]) -> float | None:
         if self.grokking_signal_fns is None:
@@ -218,14 +217,7 @@ class GrokAdamW(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("GrokAdamW does not support sparse gradients")
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["step"] = 0
-                    for key in ("exp_avg", "exp_avg_sq", "grok_ema"):
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                init_state(state, p, "exp_avg", "exp_avg_sq", "grok_ema", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
                 grokadamw_update_(
                     p,

@@ -44,8 +44,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, new_kahan_comp
-from lightning_opt.optim.base import LOW_PRECISION, compute_dtype
+from lightning_opt.optim._kahan import apply_update_
+from lightning_opt.optim.base import (
+    LOW_PRECISION,
+    backfill_group_defaults,
+    compute_dtype,
+    ensure_kahan_comp,
+    params_with_grad,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -206,8 +212,7 @@ class _Sophia(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("kahan_sum", False)  # checkpoints from before the option
+        backfill_group_defaults(self, kahan_sum=False)  # checkpoints from before the option
 
     def _scale(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
@@ -269,19 +274,12 @@ class _Sophia(Optimizer):
         for group in self.param_groups:
             beta1 = group["betas"][0]
             scale = self._scale(group)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     self._init_state(p, state)
                 state["step"] += 1
-                if group["kahan_sum"] and "kahan_comp" not in state:
-                    comp = new_kahan_comp(p)
-                    if comp is not None:
-                        state["kahan_comp"] = comp
+                ensure_kahan_comp(state, p, group["kahan_sum"])
                 sophia_update_(
                     p,
                     p.grad,

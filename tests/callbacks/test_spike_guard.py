@@ -432,3 +432,20 @@ def test_a_batch_without_loss_is_not_judged(tmp_path):
         _trainer(tmp_path, [guard], 8).fit(Sometimes(), _data())
     assert guard.spikes == []
     assert guard.stats["loss"].count == guard.stats["grad_norm"].count == 7
+
+
+def test_fp16_grad_scaler_loss_is_unscaled_and_the_skip_is_exact(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # Lightning refuses precision="16-mixed" on CPU; the plugin with a CPU GradScaler runs the same code path
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=10_000))
+    model = Regression(spike_batches=[SPIKE], scale=50.0)
+    guard = SpikeGuard(mode="ratio", threshold=10.0, warmup_steps=5)
+    probe = Probe(before=[SPIKE], after=[SPIKE])
+    _trainer(tmp_path, [guard, probe], STEPS, plugins=[plugin]).fit(model, _data())
+    assert [s["batch_idx"] for s in guard.spikes] == [SPIKE]
+    # the hook saw the loss times 256; the record holds the real one (about 50x the running mean)
+    assert 10 < guard.spikes[0]["loss"] / guard.stats["loss"].mean < 200
+    assert guard.stats["loss"].mean < 2.0
+    _assert_same(probe.before[SPIKE], probe.after[SPIKE])
+    assert probe.real_steps == STEPS - 1

@@ -38,7 +38,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import DEFAULT_ADAMW_PATTERNS, keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.base import (
+    DEFAULT_ADAMW_PATTERNS,
+    backfill_group_defaults,
+    keep_state_dtype_on_load,
+    reject_dtensor,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -461,10 +466,7 @@ class APOLLO(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("scale_front", False)
-            group.setdefault("norm_growth_limit", 1.01)
-            group.setdefault("convention", "paper")
+        backfill_group_defaults(self, scale_front=False, norm_growth_limit=1.01, convention="paper")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

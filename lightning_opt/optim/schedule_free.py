@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import LOW_PRECISION
+from lightning_opt.optim.base import LOW_PRECISION, params_with_grad
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -232,11 +232,7 @@ class ScheduleFreeBase(Optimizer):
             )
             beta = self._beta(group)
             wd = group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "z" not in state:
                     self._init_state(p, state)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load, reject_dtensor
+from lightning_opt.optim.base import keep_state_dtype_on_load, params_with_grad, reject_dtensor
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -300,11 +300,7 @@ class SOAP(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
+            for p in params_with_grad(group, "SOAP"):
                 state = self.state[p]
                 if "Q" not in state:
                     # the first step only builds the preconditioners (no update), as in the paper's code

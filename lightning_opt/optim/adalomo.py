@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load
+from lightning_opt.optim.base import keep_state_dtype_on_load, run_closure
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["AdaLomo", "adalomo_update_"]
@@ -224,10 +224,7 @@ class AdaLomo(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:

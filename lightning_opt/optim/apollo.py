@@ -43,6 +43,7 @@ from lightning_opt.optim.base import (
     backfill_group_defaults,
     keep_state_dtype_on_load,
     reject_dtensor,
+    run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -471,10 +472,7 @@ class APOLLO(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         index = 0  # 1-based position in the optimizer: the projection's first seed
         for group in self.param_groups:
             beta1, beta2 = group["betas"]

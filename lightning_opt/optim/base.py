@@ -6,7 +6,7 @@ Infrastructure (not a family: registers nothing).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "keep_state_dtype_on_load",
     "params_with_grad",
     "reject_dtensor",
+    "run_closure",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -162,3 +163,11 @@ def backfill_group_defaults(optimizer: Optimizer, **defaults: Any) -> None:
     for group in optimizer.param_groups:
         for key, value in defaults.items():
             group.setdefault(key, value)
+
+
+def run_closure(closure: Callable[[], Any] | None) -> Any:
+    """``closure()`` with grad enabled (``step`` runs under ``no_grad``), or ``None`` without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

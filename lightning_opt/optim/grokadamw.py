@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype
-from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state
+from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state, run_closure
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -199,10 +199,7 @@ class GrokAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             if all(p.grad is None for p in group["params"]):
                 continue

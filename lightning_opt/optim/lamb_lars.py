@@ -32,6 +32,7 @@ from lightning_opt.optim.base import (
     ensure_kahan_comp,
     init_state,
     params_with_grad,
+    run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register
 
@@ -256,10 +257,7 @@ class Lamb(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         scale = self._grad_scale()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -368,10 +366,7 @@ class Lars(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             adapt = group["weight_decay"] != 0 or group["always_adapt"]
             for p in params_with_grad(group, "Lars"):

@@ -23,6 +23,7 @@ from lightning_opt.optim.base import (
     compute_dtype,
     keep_state_dtype_on_load,
     reject_dtensor,
+    run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -412,10 +413,7 @@ class Muon(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["adamw_betas"]
             for p, on_muon in zip(group["params"], group["muon_mask"]):

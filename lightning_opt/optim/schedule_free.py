@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import LOW_PRECISION, params_with_grad
+from lightning_opt.optim.base import LOW_PRECISION, params_with_grad, run_closure
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -219,10 +219,7 @@ class ScheduleFreeBase(Optimizer):
                 f"{type(self).__name__}.step() called in eval mode: the parameters hold the averaged "
                 "weights x; call optimizer.train() before training (the ScheduleFreeMode callback does this)"
             )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             k = group["k"]
             lr = self._lr(group, k)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load, params_with_grad, reject_dtensor
+from lightning_opt.optim.base import keep_state_dtype_on_load, params_with_grad, reject_dtensor, run_closure
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -293,10 +293,7 @@ class SOAP(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]

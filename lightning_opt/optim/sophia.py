@@ -51,6 +51,7 @@ from lightning_opt.optim.base import (
     compute_dtype,
     ensure_kahan_comp,
     params_with_grad,
+    run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -267,10 +268,7 @@ class _Sophia(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1 = group["betas"][0]
             scale = self._scale(group)

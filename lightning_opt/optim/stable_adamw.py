@@ -14,7 +14,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype
-from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state, params_with_grad
+from lightning_opt.optim.base import (
+    backfill_group_defaults,
+    check_betas,
+    check_lr_wd,
+    init_state,
+    params_with_grad,
+    run_closure,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["StableAdamW", "debias_beta", "stable_adamw_update_"]
@@ -145,10 +152,7 @@ class StableAdamW(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in params_with_grad(group, "StableAdamW"):

@@ -25,7 +25,9 @@ __all__ = [
     "keep_state_dtype_on_load",
     "params_with_grad",
     "reject_dtensor",
+    "restore_fp32_state",
     "run_closure",
+    "stash_fp32_state",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -171,3 +173,31 @@ def run_closure(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
+
+
+def stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """``load_state_dict`` pre-hook: keep the saved float32 state tensors for ``restore_fp32_state``.
+
+    Optimizer.load_state_dict casts floating state to the param dtype, which would round the float32
+    state of bf16/fp16 parameters.
+    """
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    optimizer._fp32_stash = (
+        ids,
+        {
+            k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
+            for k, s in state_dict["state"].items()
+        },
+    )
+
+
+def restore_fp32_state(optimizer: Optimizer) -> None:
+    """``load_state_dict`` post-hook: put the stashed float32 state of bf16/fp16 parameters back."""
+    ids, stash = getattr(optimizer, "_fp32_stash", None) or ([], {})
+    optimizer._fp32_stash = None
+    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
+    for k, saved in stash.items():
+        p = params.get(k)
+        if p is not None and p.dtype in LOW_PRECISION:
+            for n, v in saved.items():
+                optimizer.state[p][n] = v.to(p.device, copy=True)

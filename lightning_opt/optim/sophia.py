@@ -46,12 +46,13 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_
 from lightning_opt.optim.base import (
-    LOW_PRECISION,
     backfill_group_defaults,
     compute_dtype,
     ensure_kahan_comp,
     params_with_grad,
+    restore_fp32_state,
     run_closure,
+    stash_fp32_state,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -208,8 +209,8 @@ class _Sophia(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_stash_fp32_state)
-        self.register_load_state_dict_post_hook(_restore_fp32_state)
+        self.register_load_state_dict_pre_hook(stash_fp32_state)
+        self.register_load_state_dict_post_hook(restore_fp32_state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -309,30 +310,6 @@ class _Sophia(Optimizer):
                     clipped += int((state["exp_avg"].abs() >= denom).sum())
                     total += p.numel()
         return clipped / total if total else 0.0
-
-
-def _stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    # Optimizer.load_state_dict casts floating state to the param dtype, which would round the
-    # float32 state of bf16/fp16 parameters; keep the saved float32 tensors to put back after
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    optimizer._fp32_stash = (
-        ids,
-        {
-            k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
-            for k, s in state_dict["state"].items()
-        },
-    )
-
-
-def _restore_fp32_state(optimizer: Optimizer) -> None:
-    ids, stash = getattr(optimizer, "_fp32_stash", None) or ([], {})
-    optimizer._fp32_stash = None
-    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
-    for k, saved in stash.items():
-        p = params.get(k)
-        if p is not None and p.dtype in LOW_PRECISION:
-            for n, v in saved.items():
-                optimizer.state[p][n] = v.to(p.device, copy=True)
 
 
 class SophiaG(_Sophia):

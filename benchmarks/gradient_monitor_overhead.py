@@ -1,13 +1,20 @@
 """Training-step cost of GradientMonitor (and SpikeGuard) on the demo TinyGPT, interleaved runs.
 
-Run: ``python benchmarks/gradient_monitor_overhead.py [--steps 100] [--rounds 4] [--variants ...]``
+Run: ``python benchmarks/gradient_monitor_overhead.py [--steps 100] [--rounds 3] [--variants ...]``
 
-Each round fits the same TinyGPT for ``--steps`` optimizer steps once per variant, in turn, so slow
-phases of a shared machine hit every variant alike. A run's cost is its mean training-step time
-(wall time from ``on_train_batch_start`` to ``on_train_batch_end``, summed over the steps and divided
-by their number, so the rare logging steps are paid for in full). The table shows the median over
-rounds and the ratio to the run without callbacks. Target: GradientMonitor(log_every_n_steps=50)
-costs at most 2% more.
+Each round fits the same TinyGPT for ``--steps`` optimizer steps once per variant, in turn (the order
+alternates between rounds), so slow phases of a shared machine hit every variant alike. A run's cost
+is its mean training-step time (``on_train_batch_start`` to ``on_train_batch_end``, summed over the
+steps and divided by their number, so the rare logging steps are paid for in full), on two clocks:
+
+- ``cpu``: CPU time of the training thread (``time.thread_time``) with torch pinned to one thread
+  (``--threads 1``), which other processes on a shared machine barely disturb;
+- ``wall``: ``time.perf_counter``, what a user sees, noisy on a loaded machine.
+
+It also measures the time spent inside the callbacks' own code (hooks and SpikeGuard's step
+guard) on the same CPU clock: the overhead attributed directly, free of run-to-run noise. The tables
+show medians over rounds and ratios to the run without callbacks. Target: GradientMonitor with
+``log_every_n_steps=50`` costs at most 2% more.
 """
 
 from __future__ import annotations
@@ -29,14 +36,41 @@ from lightning_opt.mixin import OptimizerConfig
 
 class StepTimer(Callback):
     def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t0 = 0.0
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._t0 = self._c0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.thread_time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.times.append(time.perf_counter() - self._t0)
+        self.cpu.append(time.thread_time() - self._c0)
+        self.wall.append(time.perf_counter() - self._t0)
+
+
+class HookClock:
+    """CPU time spent inside a callback's own methods (hooks, and SpikeGuard's step decision)."""
+
+    NAMES = ("on_before_backward", "on_before_optimizer_step", "on_train_batch_start", "on_train_batch_end", "_decide_and_act")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def wrap(self, cb: Callback) -> Callback:
+        for name in self.NAMES:
+            fn = getattr(cb, name, None)
+            if fn is None:
+                continue
+
+            def timed(*a, _fn=fn, **k):
+                c0 = time.thread_time()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    self.total += time.thread_time() - c0
+
+            setattr(cb, name, timed)
+        return cb
 
 
 VARIANTS = {
@@ -47,11 +81,11 @@ VARIANTS = {
 }
 
 
-def run(variant: str, data: CharDataModule, steps: int, args: argparse.Namespace) -> float:
+def run(variant: str, data: CharDataModule, steps: int, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     model = TinyGPT(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size,
                     optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1))
-    timer = StepTimer()
+    timer, clock = StepTimer(), HookClock()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -61,17 +95,22 @@ def run(variant: str, data: CharDataModule, steps: int, args: argparse.Namespace
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[*VARIANTS[variant](), timer],
+        callbacks=[*(clock.wrap(cb) for cb in VARIANTS[variant]()), timer],
     )
     trainer.fit(model, data)
-    times = timer.times[args.skip_first:]
-    return sum(times) / len(times)
+    n = len(timer.cpu) - args.skip_first
+    return {
+        "cpu": sum(timer.cpu[args.skip_first:]) / n,
+        "wall": sum(timer.wall[args.skip_first:]) / n,
+        "hooks": clock.total / len(timer.cpu),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the CPU clock sees all work)")
     parser.add_argument("--skip-first", type=int, default=5, help="warm-up steps left out of each run")
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=64)
@@ -87,29 +126,31 @@ def main() -> None:
 
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    torch.set_num_threads(args.threads)
     data = CharDataModule(block_size=args.block_size, batch_size=args.batch_size, max_chars=500_000,
                           train_samples=args.batch_size * args.steps)
     data.setup("fit")
-    results: dict[str, list[float]] = {v: [] for v in args.variants}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
         order = args.variants if r % 2 == 0 else list(reversed(args.variants))
         for v in order:
             results[v].append(run(v, data, args.steps, args))
 
-    base = statistics.median(results[args.variants[0]])
+    first = args.variants[0]
     print(f"TinyGPT(n_layer={args.n_layer}, n_embd={args.n_embd}), batch {args.batch_size}x{args.block_size}, "
           f"{args.steps} steps x {args.rounds} interleaved rounds; torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print("| variant | median ms/step | min | max | ratio to first |")
-    print("|---|---|---|---|---|")
+          f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d', time.gmtime())}")
+    print("| variant | cpu ms/step (median) | ratio | paired cpu ratio | hooks ms/step | hooks / step | wall ms/step (median) | wall ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {k: statistics.median(x[k] for x in results[first]) for k in ("cpu", "wall")}
     for v in args.variants:
         xs = results[v]
-        print(f"| {v} | {1e3 * statistics.median(xs):.3f} | {1e3 * min(xs):.3f} | {1e3 * max(xs):.3f} | "
-              f"{statistics.median(xs) / base:.4f} |")
-    # paired ratios (same round), less sensitive to drift between rounds
-    for v in args.variants[1:]:
-        paired = [a / b for a, b in zip(results[v], results[args.variants[0]])]
-        print(f"paired ratio {v}: median {statistics.median(paired):.4f} (rounds: {', '.join(f'{p:.3f}' for p in paired)})")
+        cpu = statistics.median(x["cpu"] for x in xs)
+        wall = statistics.median(x["wall"] for x in xs)
+        hooks = statistics.median(x["hooks"] for x in xs)
+        paired = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(xs, results[first]))
+        print(f"| {v} | {1e3 * cpu:.2f} | {cpu / base['cpu']:.4f} | {paired:.4f} | {1e3 * hooks:.3f} | "
+              f"{100 * hooks / cpu:.2f}% | {1e3 * wall:.2f} | {wall / base['wall']:.4f} |")
 
 
 if __name__ == "__main__":

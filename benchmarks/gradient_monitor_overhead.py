@@ -51,7 +51,13 @@ class StepTimer(Callback):
 class HookClock:
     """CPU time spent inside a callback's own methods (hooks, and SpikeGuard's step decision)."""
 
-    NAMES = ("on_before_backward", "on_before_optimizer_step", "on_train_batch_start", "on_train_batch_end", "_decide_and_act")
+    NAMES = (
+        "on_before_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_start",
+        "on_train_batch_end",
+        "_decide_and_act",
+    )
 
     def __init__(self) -> None:
         self.total = 0.0
@@ -74,7 +80,7 @@ class HookClock:
 
 
 VARIANTS = {
-    "no callback": lambda: [],
+    "no callback": list,
     "GradientMonitor(log_every_n_steps=50)": lambda: [GradientMonitor(log_every_n_steps=50)],
     "SpikeGuard(metric='loss')": lambda: [SpikeGuard(metric="loss")],
     "SpikeGuard(metric='both')": lambda: [SpikeGuard(metric="both")],
@@ -83,8 +89,13 @@ VARIANTS = {
 
 def run(variant: str, data: CharDataModule, steps: int, args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
-    model = TinyGPT(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, block_size=args.block_size,
-                    optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1))
+    model = TinyGPT(
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        block_size=args.block_size,
+        optimizer=OptimizerConfig("adamw", lr=1e-3, weight_decay=0.1),
+    )
     timer, clock = StepTimer(), HookClock()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -100,8 +111,8 @@ def run(variant: str, data: CharDataModule, steps: int, args: argparse.Namespace
     trainer.fit(model, data)
     n = len(timer.cpu) - args.skip_first
     return {
-        "cpu": sum(timer.cpu[args.skip_first:]) / n,
-        "wall": sum(timer.wall[args.skip_first:]) / n,
+        "cpu": sum(timer.cpu[args.skip_first :]) / n,
+        "wall": sum(timer.wall[args.skip_first :]) / n,
         "hooks": clock.total / len(timer.cpu),
     }
 
@@ -110,15 +121,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: the CPU clock sees all work)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: the CPU clock sees all work)"
+    )
     parser.add_argument("--skip-first", type=int, default=5, help="warm-up steps left out of each run")
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--n-embd", type=int, default=64)
     parser.add_argument("--n-head", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[:2], choices=list(VARIANTS),
-                        help="the first is the baseline (default: no callback vs GradientMonitor)")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS)[:2],
+        choices=list(VARIANTS),
+        help="the first is the baseline (default: no callback vs GradientMonitor)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric"):
@@ -127,8 +145,12 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
     torch.set_num_threads(args.threads)
-    data = CharDataModule(block_size=args.block_size, batch_size=args.batch_size, max_chars=500_000,
-                          train_samples=args.batch_size * args.steps)
+    data = CharDataModule(
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        max_chars=500_000,
+        train_samples=args.batch_size * args.steps,
+    )
     data.setup("fit")
     results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     for r in range(args.rounds):
@@ -137,10 +159,14 @@ def main() -> None:
             results[v].append(run(v, data, args.steps, args))
 
     first = args.variants[0]
-    print(f"TinyGPT(n_layer={args.n_layer}, n_embd={args.n_embd}), batch {args.batch_size}x{args.block_size}, "
-          f"{args.steps} steps x {args.rounds} interleaved rounds; torch {torch.__version__}, "
-          f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d', time.gmtime())}")
-    print("| variant | cpu ms/step (median) | ratio | paired cpu ratio | hooks ms/step | hooks / step | wall ms/step (median) | wall ratio |")
+    print(
+        f"TinyGPT(n_layer={args.n_layer}, n_embd={args.n_embd}), batch {args.batch_size}x{args.block_size}, "
+        f"{args.steps} steps x {args.rounds} interleaved rounds; torch {torch.__version__}, "
+        f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {time.strftime('%Y-%m-%d', time.gmtime())}"
+    )
+    print(
+        "| variant | cpu ms/step (median) | ratio | paired cpu ratio | hooks ms/step | hooks / step | wall ms/step (median) | wall ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     base = {k: statistics.median(x[k] for x in results[first]) for k in ("cpu", "wall")}
     for v in args.variants:
@@ -149,8 +175,10 @@ def main() -> None:
         wall = statistics.median(x["wall"] for x in xs)
         hooks = statistics.median(x["hooks"] for x in xs)
         paired = statistics.median(a["cpu"] / b["cpu"] for a, b in zip(xs, results[first]))
-        print(f"| {v} | {1e3 * cpu:.2f} | {cpu / base['cpu']:.4f} | {paired:.4f} | {1e3 * hooks:.3f} | "
-              f"{100 * hooks / cpu:.2f}% | {1e3 * wall:.2f} | {wall / base['wall']:.4f} |")
+        print(
+            f"| {v} | {1e3 * cpu:.2f} | {cpu / base['cpu']:.4f} | {paired:.4f} | {1e3 * hooks:.3f} | "
+            f"{100 * hooks / cpu:.2f}% | {1e3 * wall:.2f} | {wall / base['wall']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -153,9 +153,13 @@ class GradientMonitor(Callback):
     def __init__(self, *, log_every_n_steps: int = 50, depth: int | None = 3, log_update_ratio: bool = True) -> None:
         super().__init__()
         if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
-            raise ValueError(f"GradientMonitor(log_every_n_steps={log_every_n_steps!r}) is invalid; it must be an integer >= 1")
+            raise ValueError(
+                f"GradientMonitor(log_every_n_steps={log_every_n_steps!r}) is invalid; it must be an integer >= 1"
+            )
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-            raise ValueError(f"GradientMonitor(depth={depth!r}) is invalid; it must be an integer >= 1, or None for the owning module")
+            raise ValueError(
+                f"GradientMonitor(depth={depth!r}) is invalid; it must be an integer >= 1, or None for the owning module"
+            )
         self.log_every_n_steps = log_every_n_steps
         self.depth = depth
         self.log_update_ratio = bool(log_update_ratio)
@@ -168,7 +172,9 @@ class GradientMonitor(Callback):
     def _is_logging_step(self, trainer: pl.Trainer) -> bool:
         return (trainer.global_step + 1) % self.log_every_n_steps == 0
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         if not self._is_logging_step(trainer):
             return
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
@@ -194,9 +200,18 @@ class GradientMonitor(Callback):
         stats = reduce_local_sums(torch.stack([r.to(device) for r in rows]), specs)
         before = [t.clone() for t in p_local] if self.log_update_ratio else None
         has_grad = [p.grad is not None for p in params]
-        return {"names": names, "params": params, "specs": specs, "stats": stats, "before": before, "has_grad": has_grad}
+        return {
+            "names": names,
+            "params": params,
+            "specs": specs,
+            "stats": stats,
+            "before": before,
+            "has_grad": has_grad,
+        }
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -246,5 +261,7 @@ class GradientMonitor(Callback):
         key = tuple(self.missing_grads)
         if key and key not in self._warned_missing:
             self._warned_missing.add(key)
-            rank_zero_warn(f"GradientMonitor: trainable parameters received no gradient: {', '.join(self.missing_grads)}")
+            rank_zero_warn(
+                f"GradientMonitor: trainable parameters received no gradient: {', '.join(self.missing_grads)}"
+            )
         return metrics

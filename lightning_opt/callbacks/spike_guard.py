@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.callbacks.gradient_monitor import global_grad_norm
 
-__all__ = ["SpikeError", "SpikeGuard", "RunningStats"]
+__all__ = ["RunningStats", "SpikeError", "SpikeGuard"]
 
 Metric = Literal["loss", "grad_norm", "both"]
 Action = Literal["skip", "clip", "rollback", "raise"]
@@ -196,7 +196,12 @@ class SpikeGuard(Callback):
         for arg, value, allowed in (("metric", metric, Metric), ("action", action, Action), ("mode", mode, Mode)):
             if value not in get_args(allowed):
                 raise ValueError(f"{name}({arg}={value!r}) is invalid; expected one of {get_args(allowed)}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+            or threshold <= 0
+        ):
             raise ValueError(f"{name}(threshold={threshold!r}) is invalid; it must be a finite number > 0")
         if mode == "ratio" and threshold <= 1:
             raise ValueError(f"{name}(threshold={threshold!r}, mode='ratio') is invalid; a ratio threshold must be > 1")
@@ -206,14 +211,26 @@ class SpikeGuard(Callback):
             raise ValueError(f"{name}(ema_decay={ema_decay!r}) is invalid; it must lie in (0, 1), e.g. 0.97")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"{name}(patience={patience!r}) is invalid; it must be an integer >= 1")
-        if isinstance(snapshot_every_n_steps, bool) or not isinstance(snapshot_every_n_steps, int) or snapshot_every_n_steps < 1:
-            raise ValueError(f"{name}(snapshot_every_n_steps={snapshot_every_n_steps!r}) is invalid; it must be an integer >= 1")
+        if (
+            isinstance(snapshot_every_n_steps, bool)
+            or not isinstance(snapshot_every_n_steps, int)
+            or snapshot_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"{name}(snapshot_every_n_steps={snapshot_every_n_steps!r}) is invalid; it must be an integer >= 1"
+            )
         if patience != 1 and action not in ("rollback", "raise"):
-            raise ValueError(f"{name}(patience={patience}) only applies to action='rollback' or 'raise', not {action!r}")
+            raise ValueError(
+                f"{name}(patience={patience}) only applies to action='rollback' or 'raise', not {action!r}"
+            )
         if action != "rollback" and (snapshot_every_n_steps != 100 or snapshot_dir is not None):
-            raise ValueError(f"{name}: snapshot_every_n_steps and snapshot_dir only apply to action='rollback', not {action!r}")
+            raise ValueError(
+                f"{name}: snapshot_every_n_steps and snapshot_dir only apply to action='rollback', not {action!r}"
+            )
         if action == "clip" and metric != "grad_norm":
-            raise ValueError(f"{name}(action='clip') clips gradients to the running gradient norm; use metric='grad_norm', not {metric!r}")
+            raise ValueError(
+                f"{name}(action='clip') clips gradients to the running gradient norm; use metric='grad_norm', not {metric!r}"
+            )
         self.metric = metric
         self.action = action
         self.threshold = float(threshold)
@@ -226,7 +243,10 @@ class SpikeGuard(Callback):
         self.filename = filename
 
         self.spikes: list[dict[str, Any]] = []
-        self.stats = {"loss": RunningStats(warmup_steps, self.ema_decay), "grad_norm": RunningStats(warmup_steps, self.ema_decay)}
+        self.stats = {
+            "loss": RunningStats(warmup_steps, self.ema_decay),
+            "grad_norm": RunningStats(warmup_steps, self.ema_decay),
+        }
         self.consecutive = 0
         self._watch_loss = metric in ("loss", "both")
         self._watch_grad = metric in ("grad_norm", "both")
@@ -276,7 +296,9 @@ class SpikeGuard(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._uninstall()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch_idx = batch_idx
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -287,7 +309,9 @@ class SpikeGuard(Callback):
             loss = loss / scaler.get_scale()
         self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
 
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
         # inside the closure: after backward and AMP unscaling, before Lightning's gradient clipping
         self._loss, self._loss_acc = self._loss_acc, None
         if self._watch_grad:
@@ -324,7 +348,11 @@ class SpikeGuard(Callback):
 
     def _gather(self) -> tuple[float, float]:
         """(loss, grad_norm) identical on every rank: max over ranks, non-finite mapped to +inf. One host sync."""
-        dev = self._grad_norm.device if self._grad_norm is not None else (self._loss.device if self._loss is not None else "cpu")
+        dev = (
+            self._grad_norm.device
+            if self._grad_norm is not None
+            else (self._loss.device if self._loss is not None else "cpu")
+        )
         loss = self._loss if self._loss is not None else torch.zeros((), device=dev)
         gnorm = self._grad_norm if self._grad_norm is not None else torch.zeros((), device=dev)
         packet = torch.stack([loss.to(dev).float(), gnorm.float()])

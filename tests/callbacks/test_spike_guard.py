@@ -75,7 +75,10 @@ def _full_loss(model):
 
 def _snapshot(model, optimizer):
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state = {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for i, s in enumerate(optimizer.state.values())}
+    state = {
+        i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for i, s in enumerate(optimizer.state.values())
+    }
     return params, state
 
 
@@ -222,7 +225,9 @@ def test_clip_scales_the_gradient_to_mean_plus_k_std(tmp_path):
         def on_train_start(self, trainer, pl_module):
             def pre(opt, args, kwargs):
                 if trainer.global_step == SPIKE:
-                    seen["norm"] = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in pl_module.parameters()])).item()
+                    seen["norm"] = torch.linalg.vector_norm(
+                        torch.stack([p.grad.norm() for p in pl_module.parameters()])
+                    ).item()
 
             trainer.optimizers[0].register_step_pre_hook(pre)
 
@@ -237,7 +242,9 @@ def test_clip_scales_the_gradient_to_mean_plus_k_std(tmp_path):
 
 def _rollback_run(tmp_path, snapshot_dir):
     model = Regression(spike_batches=[10, 11], opt="adamw", lr=1e-2)
-    guard = SpikeGuard(action="rollback", patience=2, snapshot_every_n_steps=4, warmup_steps=3, snapshot_dir=snapshot_dir)
+    guard = SpikeGuard(
+        action="rollback", patience=2, snapshot_every_n_steps=4, warmup_steps=3, snapshot_dir=snapshot_dir
+    )
     counter = StepCounter()
     probe = Probe(after=[7, 10, 11])
     _trainer(tmp_path, [counter, guard, probe], 20).fit(model, _data())
@@ -247,7 +254,7 @@ def _rollback_run(tmp_path, snapshot_dir):
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_rollback_restores_model_optimizer_and_callbacks_exactly(tmp_path, on_disk):
     snapshot_dir = str(tmp_path / "snaps") if on_disk else None
-    model, guard, counter, probe = _rollback_run(tmp_path, snapshot_dir)
+    _model, guard, counter, probe = _rollback_run(tmp_path, snapshot_dir)
     assert [s["action"] for s in guard.spikes] == ["skip", "rollback"]
     assert [s["batch_idx"] for s in guard.spikes] == [10, 11]
     # after batch 11: exactly the state after batch 7 (8 real steps = the last snapshot)
@@ -354,7 +361,10 @@ def test_invalid_settings_fail_at_construction(kwargs, match):
 def test_more_than_one_optimizer_is_refused(tmp_path):
     class Two(Regression):
         def configure_optimizers(self):
-            return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[2].parameters(), lr=0.1)]
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+                torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+            ]
 
         def training_step(self, batch, batch_idx):
             return None
@@ -438,7 +448,9 @@ def test_fp16_grad_scaler_loss_is_unscaled_and_the_skip_is_exact(tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     # Lightning refuses precision="16-mixed" on CPU; the plugin with a CPU GradScaler runs the same code path
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=10_000))
+    plugin = MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=10_000)
+    )
     model = Regression(spike_batches=[SPIKE], scale=50.0)
     guard = SpikeGuard(mode="ratio", threshold=10.0, warmup_steps=5)
     probe = Probe(before=[SPIKE], after=[SPIKE])

@@ -459,6 +459,7 @@ class SpikeGuard(Callback):
             "optimizers": [_clone_tree(opt.state_dict()) for opt in trainer.optimizers],
             "callbacks": {},
             "scaler": None,
+            "steps_taken": self._steps_taken,
         }
         for i, cb in enumerate(trainer.callbacks):
             if cb is self:
@@ -485,6 +486,8 @@ class SpikeGuard(Callback):
             # clones: Optimizer.load_state_dict keeps the very tensors it is given as its state
             snap = _clone_tree(self._snapshot)
         module.load_state_dict(snap["model"])
+        # the snapshot cadence counts from the restored step
+        self._steps_taken = int(snap["steps_taken"])
         for opt, state in zip(trainer.optimizers, snap["optimizers"]):
             opt.load_state_dict(state)
         for i, state in snap["callbacks"].items():

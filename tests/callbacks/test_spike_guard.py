@@ -241,12 +241,12 @@ def test_clip_scales_the_gradient_to_mean_plus_k_std(tmp_path):
 
 
 def _rollback_run(tmp_path, snapshot_dir):
-    model = Regression(spike_batches=[10, 11], opt="adamw", lr=1e-2)
+    model = Regression(spike_batches=[10, 11, 14, 15], opt="adamw", lr=1e-2)
     guard = SpikeGuard(
         action="rollback", patience=2, snapshot_every_n_steps=4, warmup_steps=3, snapshot_dir=snapshot_dir
     )
     counter = StepCounter()
-    probe = Probe(after=[7, 10, 11])
+    probe = Probe(after=[7, 10, 11, 13, 15])
     _trainer(tmp_path, [counter, guard, probe], 20).fit(model, _data())
     return model, guard, counter, probe
 
@@ -255,15 +255,19 @@ def _rollback_run(tmp_path, snapshot_dir):
 def test_rollback_restores_model_optimizer_and_callbacks_exactly(tmp_path, on_disk):
     snapshot_dir = str(tmp_path / "snaps") if on_disk else None
     _model, guard, counter, probe = _rollback_run(tmp_path, snapshot_dir)
-    assert [s["action"] for s in guard.spikes] == ["skip", "rollback"]
-    assert [s["batch_idx"] for s in guard.spikes] == [10, 11]
-    # after batch 11: exactly the state after batch 7 (8 real steps = the last snapshot)
+    assert [s["action"] for s in guard.spikes] == ["skip", "rollback", "skip", "rollback"]
+    assert [s["batch_idx"] for s in guard.spikes] == [10, 11, 14, 15]
+    # after batch 11: exactly the state after batch 7 (8 real steps = the last snapshot) ...
     _assert_same(probe.after[7], probe.after[11])
     # ... while batches 8, 9 had moved it on
     assert not torch.equal(probe.after[7][0]["net.0.weight"], probe.after[10][0]["net.0.weight"])
-    # the stateful callback was restored too, then advanced on the 8 remaining batches
-    assert counter.step == 8 + 8
-    assert probe.real_steps == 20 - 2  # hooks that ran before the rollback are not undone
+    # batches 12, 13 train on from there (2 steps: no new snapshot, which comes 4 steps after the restored one),
+    # and the second rollback lands on the same, untouched snapshot
+    assert not torch.equal(probe.after[7][0]["net.0.weight"], probe.after[13][0]["net.0.weight"])
+    _assert_same(probe.after[7], probe.after[15])
+    # the stateful callback was restored too, then advanced on the 4 batches after the last rollback
+    assert counter.step == 8 + 4
+    assert probe.real_steps == 20 - 4  # hooks that ran before a rollback are not undone
     assert (tmp_path / "snaps" / "spike_guard_rank0.pt").exists() is on_disk
 
 

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load, run_closure
+from lightning_opt.optim.base import keep_state_dtype_on_load, reject_sparse_grad, run_closure
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["AdaLomo", "adalomo_update_"]
@@ -195,8 +195,7 @@ class AdaLomo(Optimizer):
         self._fused_groups: dict[Tensor, dict[str, Any]] | None = None
 
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        if p.grad.is_sparse:
-            raise RuntimeError("AdaLomo does not support sparse gradients")
+        reject_sparse_grad(p, "AdaLomo")
         state = self.state[p]
         dt = _math_dtype(p)
         if "step" not in state:

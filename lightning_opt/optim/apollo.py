@@ -43,6 +43,7 @@ from lightning_opt.optim.base import (
     backfill_group_defaults,
     keep_state_dtype_on_load,
     reject_dtensor,
+    reject_sparse_grad,
     run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
@@ -480,8 +481,7 @@ class APOLLO(Optimizer):
                 index += 1
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                reject_sparse_grad(p, type(self).__name__)
                 state = self.state[p]
                 dt = _math_dtype(p)
                 if not on_apollo:

@@ -25,6 +25,7 @@ __all__ = [
     "keep_state_dtype_on_load",
     "params_with_grad",
     "reject_dtensor",
+    "reject_sparse_grad",
     "restore_fp32_state",
     "run_closure",
     "stash_fp32_state",
@@ -131,9 +132,14 @@ def params_with_grad(group: dict[str, Any], cls: str) -> Iterator[Tensor]:
     for p in group["params"]:
         if p.grad is None:
             continue
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{cls} does not support sparse gradients")
+        reject_sparse_grad(p, cls)
         yield p
+
+
+def reject_sparse_grad(p: Tensor, cls: str) -> None:
+    """Raise ``RuntimeError`` naming ``cls`` if ``p.grad`` is sparse (the update rules need dense tensors)."""
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{cls} does not support sparse gradients")
 
 
 def ensure_kahan_comp(state: dict[str, Any], p: Tensor, kahan_sum: bool) -> None:

@@ -26,7 +26,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim._kahan import apply_update_, compute_dtype
-from lightning_opt.optim.base import backfill_group_defaults, check_betas, check_lr_wd, init_state, run_closure
+from lightning_opt.optim.base import (
+    backfill_group_defaults,
+    check_betas,
+    check_lr_wd,
+    init_state,
+    reject_sparse_grad,
+    run_closure,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -211,8 +218,7 @@ class GrokAdamW(Optimizer):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GrokAdamW does not support sparse gradients")
+                reject_sparse_grad(p, "GrokAdamW")
                 state = self.state[p]
                 init_state(state, p, "exp_avg", "exp_avg_sq", "grok_ema", kahan_sum=group["kahan_sum"])
                 state["step"] += 1

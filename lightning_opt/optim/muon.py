@@ -23,6 +23,7 @@ from lightning_opt.optim.base import (
     compute_dtype,
     keep_state_dtype_on_load,
     reject_dtensor,
+    reject_sparse_grad,
     run_closure,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
@@ -419,8 +420,7 @@ class Muon(Optimizer):
             for p, on_muon in zip(group["params"], group["muon_mask"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Muon does not support sparse gradients")
+                reject_sparse_grad(p, "Muon")
                 state = self.state[p]
                 dt = compute_dtype(p)
                 if on_muon:

@@ -39,7 +39,20 @@ def test_config_runs_fit(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
 def test_callback_preset_composes_with_a_config(path: Path, tmp_path: Path) -> None:
+    from lightning_opt.cli import _cli
+
     preset = yaml.safe_load(path.read_text())
-    assert set(preset) == {"trainer"} and set(preset["trainer"]) == {"callbacks"}, "a preset holds only trainer.callbacks"
-    args = ["fit", "--config", str(ROOT / "configs" / "adamw.yaml"), "--config", str(path)]
-    assert main([*args, *FAST, f"--trainer.default_root_dir={tmp_path}"]) == 0
+    assert set(preset) == {"trainer"} and len(preset["trainer"]) == 1, "a preset holds only trainer.callbacks"
+    (key, entries), = preset["trainer"].items()
+    assert key in ("callbacks", "callbacks+")
+    base = ROOT / "configs" / "adamw.yaml"
+    cli = _cli(["--config", str(base), "--config", str(path), *FAST, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    have = [f"{type(c).__module__}.{type(c).__name__}" for c in cli.trainer.callbacks]
+    wanted = [e["class_path"] for e in entries]
+    if key == "callbacks+":  # appends: the config's own callbacks stay
+        wanted += [e["class_path"] for e in yaml.safe_load(base.read_text())["trainer"]["callbacks"]]
+    for class_path in wanted:
+        module, _, name = class_path.rpartition(".")
+        assert any(h.endswith("." + name) for h in have), f"{class_path} missing from {have}"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2

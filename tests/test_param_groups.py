@@ -54,6 +54,22 @@ def test_model_no_weight_decay_method_is_honoured() -> None:
     assert where["patch_embed.proj.weight"]["weight_decay"] == 0.05
 
 
+def test_no_weight_decay_of_a_wrapped_submodule_is_honoured() -> None:
+    wrapper = nn.Module()
+    wrapper.model = TinyViT()
+    where = _where(param_groups(wrapper, lr=1.0, weight_decay=0.05))
+    assert where["model.cls_token"]["weight_decay"] == 0.0
+    assert where["model.pos_embed"]["weight_decay"] == 0.0
+    assert where["model.head.weight"]["weight_decay"] == 0.05
+
+
+def test_demo_vit_excludes_tokens_from_decay() -> None:
+    from lightning_opt.demo import TinyViT as DemoViT
+
+    where = _where(param_groups(DemoViT(), lr=1.0, weight_decay=0.3))
+    assert where["cls_token"]["weight_decay"] == 0.0 and where["pos_embed"]["weight_decay"] == 0.0
+
+
 def test_no_decay_regexes_replace_the_default() -> None:
     model = TinyGPT(n_layer=1)
     where = _where(param_groups(model, lr=1.0, weight_decay=0.1, no_decay=[r"lm_head"]))
@@ -140,6 +156,11 @@ def test_lr_multipliers_first_match_wins() -> None:
 def test_bad_grouping_input_is_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         param_groups(TinyGPT(n_layer=1), lr=1e-3, weight_decay=0.1, **kwargs)
+
+
+def test_layer_id_needs_layer_decay() -> None:
+    with pytest.raises(ValueError, match="layer_id is used only with layer_decay"):
+        param_groups(TinyGPT(n_layer=1), lr=1e-3, weight_decay=0.1, layer_id=lambda n: 0)
 
 
 def test_no_decay_must_be_a_list() -> None:

@@ -98,9 +98,10 @@ def param_groups(
             ``L + 2`` layers gets ``lr_scale = d ** (L + 1 - k)``. ``None`` disables it.
         no_decay: name regexes (``re.search``) of parameters without weight decay; replaces the
             default: every parameter with ``ndim <= 1``, every ``nn.Embedding`` weight, and the
-            names the model's ``no_weight_decay()`` returns if it has one (timm's convention for
-            ``pos_embed``/``cls_token``).
-        layer_id: callable ``name -> layer index`` that overrides the inferred layer ids.
+            names that ``no_weight_decay()`` of the model or of any submodule returns (timm's
+            convention for ``pos_embed``/``cls_token``).
+        layer_id: callable ``name -> layer index`` that overrides the inferred layer ids (only with
+            ``layer_decay``).
         lr_multipliers: name regex -> factor applied on top of ``lr_scale``; the first pattern
             (in mapping order) that matches a name wins.
 
@@ -109,7 +110,8 @@ def param_groups(
         equal settings share a group, and every trainable parameter is in exactly one.
 
     Raises:
-        ValueError: no trainable parameters; ``layer_decay`` outside (0, 1]; a ``no_decay`` or
+        ValueError: no trainable parameters; ``layer_decay`` outside (0, 1]; ``layer_id`` without
+            ``layer_decay``; a ``no_decay`` or
             ``lr_multipliers`` pattern that matches no trainable parameter; a negative multiplier.
 
     Example:
@@ -127,7 +129,14 @@ def param_groups(
 
     if no_decay is None:
         embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
-        skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+        # timm's no_weight_decay() on the model or on any submodule (a LightningModule usually
+        # wraps the timm model: self.model.pos_embed), names taken relative to that submodule
+        skip = {
+            f"{prefix}.{n}" if prefix else n
+            for prefix, module in model.named_modules()
+            if callable(getattr(module, "no_weight_decay", None))
+            for n in module.no_weight_decay()
+        }
 
         def decays(name: str, p: torch.Tensor) -> bool:
             return p.ndim > 1 and id(p) not in embedding_ids and name not in skip
@@ -150,6 +159,8 @@ def param_groups(
                 raise ValueError(f"lr_multipliers pattern {pattern.pattern!r} matches no trainable parameter of {type(model).__name__}")
             multipliers.append((pattern, float(factor)))
 
+    if layer_id is not None and layer_decay is None:
+        raise ValueError("layer_id is used only with layer_decay; pass layer_decay=d in (0, 1] too")
     scale_of: Callable[[str], float] = lambda name: 1.0  # noqa: E731
     if layer_decay is not None:
         if layer_id is None:

@@ -52,6 +52,10 @@ def fill_auto(params: Mapping[str, Any], auto: Mapping[str, Any], *, where: str)
     return filled
 
 
+def _auto_keys(block: Mapping[str, Any]) -> set[str]:
+    return {k for k, v in block.get("params", {}).items() if isinstance(v, str) and v == "auto"}
+
+
 def _optimizer_block(config: Mapping[str, Any]) -> Mapping[str, Any]:
     block = config.get("optimizer", config if "type" in config else None)
     if not isinstance(block, Mapping) or "type" not in block:
@@ -80,17 +84,28 @@ def from_deepspeed_config(
         with_schedule: also translate the ``scheduler`` block (``WarmupLR``, ``WarmupDecayLR``,
             ``WarmupCosineLR``) into an ``LRSchedule`` callback and return ``(optimizer, schedule)``
             (``schedule`` is ``None`` without a scheduler block).
-        **auto: values for ``"auto"`` entries, by key (``lr=3e-4, weight_decay=0.1, total_num_steps=...``).
+        **auto: values for ``"auto"`` entries, by key (``lr=3e-4, weight_decay=0.1, total_num_steps=...``);
+            a key with no ``"auto"`` entry is an error (an explicit config value is never overridden).
 
     Raises:
         ValueError: an ``"auto"`` value with no value given; unknown optimizer type.
-        TypeError: a param the algorithm does not take.
+        TypeError: a param the algorithm does not take; a keyword with no ``"auto"`` entry.
 
     Example:
+        >>> # ds_config.json: {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}}}
         >>> opt = from_deepspeed_config("ds_config.json", model, lr=3e-4, betas=(0.9, 0.95))
     """
     cfg = load_deepspeed_config(config)
     block = _optimizer_block(cfg)
+    scheduler = cfg.get("scheduler") if with_schedule else None
+    wanted = _auto_keys(block) | (_auto_keys(scheduler) if scheduler is not None else set())
+    unused = sorted(set(auto) - wanted)
+    if unused:
+        where = "" if with_schedule else " (values for the scheduler block need with_schedule=True)"
+        raise TypeError(
+            f"from_deepspeed_config got {unused}, but the config has no \"auto\" entry for them{where}; "
+            f"\"auto\" entries: {sorted(wanted) or 'none'}"
+        )
     params = fill_auto(block.get("params", {}), auto, where="optimizer")
     name = str(block["type"])
     adam_w_mode = params.pop("adam_w_mode", True)
@@ -109,7 +124,6 @@ def from_deepspeed_config(
     optimizer = build_optimizer(model, name, **params)
     if not with_schedule:
         return optimizer
-    scheduler = cfg.get("scheduler")
     if scheduler is None:
         return optimizer, None
     from lightning_opt.deepspeed_schedule import lr_schedule_from_deepspeed

@@ -72,3 +72,15 @@ def test_scheduler_block_becomes_an_lr_schedule() -> None:
     assert isinstance(opt, torch.optim.AdamW) and isinstance(schedule, LRSchedule)
     with pytest.raises(ValueError, match="total_num_steps"):
         from_deepspeed_config(cfg, TinyGPT(n_layer=1), with_schedule=True, lr=1e-3)
+
+
+def test_a_keyword_without_an_auto_entry_is_an_error() -> None:
+    cfg = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
+    with pytest.raises(TypeError, match=r"got \['lr', 'weight_decay'\].*no \"auto\" entry"):
+        from_deepspeed_config(cfg, TinyGPT(n_layer=1), lr=3e-4, weight_decay=0.1)
+    sched = {**AUTO_ADAMW, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}
+    auto = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    with pytest.raises(TypeError, match="with_schedule=True"):
+        from_deepspeed_config(sched, TinyGPT(n_layer=1), warmup_num_steps=10, **auto)
+    opt, schedule = from_deepspeed_config(sched, TinyGPT(n_layer=1), with_schedule=True, warmup_num_steps=10, **auto)
+    assert schedule is not None

@@ -167,7 +167,9 @@ class SpikeGuard(Callback):
             ``<= 1`` in ratio mode), negative ``warmup_steps``, ``ema_decay`` outside (0, 1),
             ``patience < 1``, ``snapshot_every_n_steps < 1``, an option given for an action that
             does not use it, ``action="clip"`` with a metric other than ``"grad_norm"``; at fit start, more than one
-            optimizer.
+            optimizer, or manual optimization (``automatic_optimization = False``: Lightning's
+            ``opt.step()`` then hands the optimizer a closure that returns no loss, so there is nothing
+            to judge).
         SpikeError: ``action="raise"`` after ``patience`` spikes in a row.
 
     Example:
@@ -281,6 +283,12 @@ class SpikeGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"SpikeGuard guards exactly one optimizer; this run has {len(trainer.optimizers)}")
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "SpikeGuard needs automatic optimization: under manual optimization (automatic_optimization=False) "
+                "opt.step() runs a closure that returns no loss, so no spike could be seen; remove the callback "
+                "or return the loss from training_step and let Lightning step"
+            )
         self._trainer, self._module = trainer, pl_module
         self._optimizer = trainer.optimizers[0]
         # read on every rank: Trainer.log_dir broadcasts from rank 0 (a collective)

@@ -465,3 +465,23 @@ def test_fp16_grad_scaler_loss_is_unscaled_and_the_skip_is_exact(tmp_path):
     assert guard.stats["loss"].mean < 2.0
     _assert_same(probe.before[SPIKE], probe.after[SPIKE])
     assert probe.real_steps == STEPS - 1
+
+
+def test_manual_optimization_is_refused(tmp_path):
+    # Lightning's opt.step() under manual optimization passes a closure returning None: nothing to judge
+    class Manual(Regression):
+        def __init__(self):
+            super().__init__(spike_batches=[2], scale=float("nan"))
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    model = Manual()
+    with pytest.raises(ValueError, match="SpikeGuard needs automatic optimization"):
+        _trainer(tmp_path, [SpikeGuard(warmup_steps=1)], 5).fit(model, _data())
+    assert "step" not in vars(model.trainer.optimizers[0])

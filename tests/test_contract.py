@@ -49,14 +49,20 @@ def _data(n: int = 128, d_in: int = 8, seed: int = 0) -> tuple[torch.Tensor, tor
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> float:
+    calls: list[bool] = []
+
     def closure() -> torch.Tensor:
+        calls.append(torch.is_grad_enabled())
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.mse_loss(model(x).float(), y)
         loss.backward()
         return loss
 
-    loss = closure()
-    opt.step(lambda: loss)  # the closure contract: a step may call it once
+    # Lightning's automatic optimization hands step() the closure: call it once, with grad enabled
+    with torch.no_grad():
+        loss = opt.step(closure)
+    assert calls == [True], f"{type(opt).__name__}.step ran its closure {len(calls)} times (grad enabled: {calls})"
+    assert loss is not None, f"{type(opt).__name__}.step did not return the closure's loss"
     return float(loss.detach())
 
 

@@ -124,6 +124,7 @@ def test_unknown_name_suggests_the_closest() -> None:
         ({"lr": 1e-3, "weight_decay": -0.1}, ValueError, "weight_decay"),
         ({"lr": 1e-3, "eps": -1e-8}, ValueError, "eps"),
         ({"lr": 1e-3, "layer_decay": 1.2}, ValueError, r"layer_decay"),
+        ({"lr": 1e-3, "amsgrad": float("nan")}, ValueError, "amsgrad=nan is invalid"),
         ({"lr": 1e-3, "momentum": 0.9}, TypeError, "adamw takes no 'momentum'; it takes: lr, betas, eps"),
     ],
 )
@@ -134,6 +135,13 @@ def test_bad_input_is_rejected_and_changes_nothing(kwargs: dict, error: type, me
         build_optimizer(model, "adamw", **kwargs)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["sgd", "lookahead_sgd", "rmsprop"])
+@pytest.mark.parametrize("momentum", [float("nan"), 1.0, -0.1])
+def test_momentum_outside_the_unit_interval(name: str, momentum: float) -> None:
+    with pytest.raises(ValueError, match="momentum"):
+        build_optimizer(nn.Linear(2, 2), name, lr=0.1, momentum=momentum)
 
 
 def test_sgd_eps_error_lists_what_sgd_takes() -> None:

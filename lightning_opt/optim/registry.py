@@ -192,7 +192,7 @@ def validate_hparams(
 
     Raises:
         ValueError: unknown name, negative or non-finite ``lr``/``weight_decay``/``eps``, betas
-            outside [0, 1).
+            or momentum outside [0, 1), any NaN hyperparameter.
         TypeError: a hyperparameter the algorithm does not take (the message lists those it does),
             or one that its name fixes.
     """
@@ -222,5 +222,9 @@ def validate_hparams(
             _check_unit_interval(name, key, value)
         elif key == "eps" and isinstance(value, (int, float)) and (not math.isfinite(value) or value < 0):
             raise ValueError(f"{name}: eps={value!r} is invalid; it must be a finite number >= 0")
+        elif key == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ValueError(f"{name}: momentum={value!r} is invalid; it must lie in [0, 1)")
+        elif isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{name}: {key}=nan is invalid")
     kwargs = {**fixed, **hparams}
     return info, kwargs

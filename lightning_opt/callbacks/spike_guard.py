@@ -127,9 +127,10 @@ class SpikeGuard(Callback):
       optimizer's state, the GradScaler and the state of every other stateful callback (e.g.
       ``LRSchedule``'s step) are restored from the last snapshot, and training continues with the
       next batches, past the offending ones (PaLM, arXiv 2204.02311, section 5.1). Snapshots are taken
-      at the start of training and after every ``snapshot_every_n_steps`` steps really taken; they
-      are kept in memory (a full copy of parameters and optimizer state on their device) or, with
-      ``snapshot_dir``, on disk (``spike_guard_rank<r>.pt``).
+      at the first step of training (before it is judged, once every callback has started) and after
+      every ``snapshot_every_n_steps`` steps really taken; they are kept in memory (a full copy of
+      parameters and optimizer state on their device) or, with ``snapshot_dir``, on disk
+      (``spike_guard_rank<r>.pt``).
     - ``"raise"``: spikes are skipped until ``patience`` come in a row; then :class:`SpikeError`.
 
     Every spike is appended to :attr:`spikes` as ``{"step", "epoch", "batch_idx", "loss",
@@ -144,7 +145,7 @@ class SpikeGuard(Callback):
     replicas never diverge. One small all-reduce and one host sync per step.
 
     The statistics, spikes and streak round-trip through ``state_dict`` / ``load_state_dict``
-    (a Lightning checkpoint); snapshots do not (a resumed run takes a fresh one at its start).
+    (a Lightning checkpoint); snapshots do not (a resumed run takes a fresh one at its first step).
 
     Args:
         metric: what to watch: ``"loss"`` (default), ``"grad_norm"``, or ``"both"`` (a spike in either).
@@ -295,8 +296,9 @@ class SpikeGuard(Callback):
         self._log_dir = trainer.log_dir if self.filename is not None else None
         self._install(self._optimizer)
         self._steps_taken = 0
-        if self.action == "rollback":
-            self._take_snapshot()
+        # the first snapshot is taken at the first guarded step, once every callback has run its
+        # on_train_start (a callback listed after this one, e.g. LRSchedule, has no state before that)
+        self._snapshot = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._uninstall()
@@ -332,6 +334,8 @@ class SpikeGuard(Callback):
         real_step = optimizer.step  # bound method, with torch's step hooks
 
         def guarded_step(closure: Any = None, **kwargs: Any) -> Any:
+            if self.action == "rollback" and self._snapshot is None:
+                self._take_snapshot()
             result = None
             if closure is not None:
                 with torch.enable_grad():

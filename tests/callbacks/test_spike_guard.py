@@ -485,3 +485,20 @@ def test_manual_optimization_is_refused(tmp_path):
     with pytest.raises(ValueError, match="SpikeGuard needs automatic optimization"):
         _trainer(tmp_path, [SpikeGuard(warmup_steps=1)], 5).fit(model, _data())
     assert "step" not in vars(model.trainer.optimizers[0])
+
+
+def test_rollback_to_the_first_snapshot_with_the_guard_listed_before_the_lr_schedule(tmp_path):
+    from lightning_opt.callbacks import LRSchedule
+
+    # the first snapshot waits for the first step, when every callback (here LRSchedule, listed after
+    # the guard) has run on_train_start; one taken in the guard's own on_train_start held steps == []
+    sched = LRSchedule("linear", total_steps=40)
+    model = Regression(spike_batches=[10], opt="adamw", lr=1e-2)
+    guard = SpikeGuard(action="rollback", warmup_steps=3)
+    probe = Probe(before=[0], after=[10])
+    _trainer(tmp_path, [guard, sched, probe], 20).fit(model, _data())
+    assert [s["action"] for s in guard.spikes] == ["rollback"]
+    _assert_same(probe.before[0], probe.after[10])  # back to the start of training
+    assert sched.steps == [9]  # restored to 0, then the 9 batches after the rollback
+    group = model.trainer.optimizers[0].param_groups[0]
+    assert group["lr"] == pytest.approx(group["initial_lr"] * (1 - 9 / 40), rel=1e-12)

@@ -8,11 +8,10 @@ arXiv:2405.20233). Differences from that package, all of them fixes of its state
   ``state_dict()`` saves it and a resumed run continues exactly;
 - the per-tensor gradient clipping works on a copy: ``p.grad`` is left unchanged (the package clips
   ``p.grad`` in place, which the user sees and gradient accumulation compounds);
-- the layer index ``i`` in ``beta1 * (1 - gamma)**i`` is the tensor's position in its param group
-  (the package counts only the tensors that have a gradient this step, so one frozen tensor shifts
-  the momentum of every tensor after it);
 - exceptions raised by ``grokking_signal_fns`` propagate (the package logs and ignores them).
-With every tensor receiving a gradient, the update is the package's, step for step.
+The layer index ``i`` in ``beta1 * (1 - gamma)**i`` counts, as the package does, only the tensors of
+the group that have a gradient this step (a frozen tensor shifts the index of the tensors after it).
+The update is the package's, step for step.
 """
 
 from __future__ import annotations
@@ -105,7 +104,7 @@ class GrokAdamW(Optimizer):
     grokking signal grows; the signal is the mean of ``grokking_signal_fns()`` (functions returning
     ``None`` are skipped), or, without functions, the gap ``max(0, eval-train)/max(eval, train)``
     from ``group["train_loss"]``/``group["eval_loss"]``, which the user may set on a param group
-    (0 while unset). Tensor ``i`` of a group uses ``beta1 * (1 - gamma)**i``.
+    (0 while unset). The ``i``-th tensor with a gradient in a group uses ``beta1 * (1 - gamma)**i``.
     The gradient clipping is per tensor (a local shard under FSDP would be clipped on its own norm).
 
     Args:
@@ -215,9 +214,12 @@ class GrokAdamW(Optimizer):
             if signal is not None:
                 alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
             beta1, beta2 = group["betas"]
-            for i, p in enumerate(group["params"]):
+            # the layer index counts only tensors with a grad this step, as the reference does
+            i = -1
+            for p in group["params"]:
                 if p.grad is None:
                     continue
+                i += 1
                 reject_sparse_grad(p, "GrokAdamW")
                 state = self.state[p]
                 init_state(state, p, "exp_avg", "exp_avg_sq", "grok_ema", kahan_sum=group["kahan_sum"])

@@ -228,21 +228,31 @@ def test_grokadamw_leaves_grad_untouched_and_state_in_state_dict() -> None:
     torch.save(sd, __import__("io").BytesIO())  # no callables in the groups
 
 
-def test_grokadamw_layer_index_is_position_in_group() -> None:
-    """A tensor without a grad does not shift the layer-wise beta1 of the tensors after it."""
-    a, b = _params()[:2]
-    opt = GrokAdamW([a, b], lr=1e-2, gamma=0.5, gradient_clipping=0.0, weight_decay=0.0)
-    b2 = b.detach().clone().requires_grad_()
-    alone = GrokAdamW(
-        [torch.zeros(1, requires_grad=True), b2], lr=1e-2, gamma=0.5, gradient_clipping=0.0, weight_decay=0.0
-    )
-    g = torch.Generator().manual_seed(3)
-    for _ in range(5):
-        grad = torch.randn(b.shape, generator=g, dtype=torch.float64)
-        b.grad, b2.grad = grad.clone(), grad.clone()
-        opt.step()
-        alone.step()
-    torch.testing.assert_close(b.detach(), b2.detach(), rtol=0, atol=0)
+@pytest.mark.parametrize("frozen", [0, 2, 3])
+def test_grokadamw_layer_index_counts_only_params_with_grad(frozen) -> None:
+    """A tensor without a grad is skipped by the layer index ``i``, as in the package.
+
+    The reference runs on ``params_with_grad``, so a frozen first tensor shifts every later tensor's
+    beta1 by one layer; both must agree whichever position the frozen tensor has.
+    """
+
+    def run(make_opt):
+        params = _params()
+        opt = make_opt(params)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.grad = None if i == frozen else grad
+            opt.step()
+        return params
+
+    kw = {"lr": 1e-2, "gamma": 0.5, "gradient_clipping": 0.0}
+    ours = run(lambda ps: GrokAdamW(ps, **kw))
+    ref = run(lambda ps: _QuietRef(_grok_ref(ps, **kw)))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(ours[frozen], _params()[frozen]), "a tensor without a grad must not move"
 
 
 def test_grokadamw_validation_and_signal() -> None:

@@ -139,11 +139,23 @@ class StableAdamW(Optimizer):
             "kahan_sum": bool(kahan_sum),
         }
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["decouple_lr"] and group["max_lr"] is None:
-                if group["lr"] <= 0:
-                    raise ValueError("StableAdamW(decouple_lr=True) needs max_lr when a group's lr is 0")
-                group["max_lr"] = group["lr"]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        max_lr = group["max_lr"]
+        if max_lr is not None:
+            if not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0:
+                raise ValueError(f"StableAdamW(max_lr={max_lr!r}) is invalid; it must be a finite number > 0 (or None)")
+            if not group["decouple_lr"]:
+                raise ValueError(
+                    "StableAdamW(max_lr=...) only matters with decouple_lr=True; set decouple_lr=True or drop max_lr"
+                )
+        elif group["decouple_lr"]:
+            if group["lr"] <= 0:
+                raise ValueError("StableAdamW(decouple_lr=True) needs max_lr when a group's lr is 0")
+            group["max_lr"] = group["lr"]
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

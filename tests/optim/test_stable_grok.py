@@ -108,6 +108,40 @@ def test_stable_adamw_decouple_lr_matches_optimi() -> None:
     assert not torch.allclose(coupled[0], dflt[0])
 
 
+def test_stable_adamw_decouple_lr_add_param_group() -> None:
+    """A group added later gets max_lr from its lr too, and steps exactly like one given at build time."""
+    params = _params()
+
+    def added(ps):
+        opt = StableAdamW([{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}], decouple_lr=True)
+        opt.add_param_group({"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5})
+        return opt
+
+    ours, opt = _run(added, params)
+    assert [g["max_lr"] for g in opt.param_groups] == [3e-2, 1e-2]
+    built, _ = _run(
+        lambda ps: StableAdamW(
+            [{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.5}, {"params": ps[2:], "lr": 1e-2, "weight_decay": 0.5}],
+            decouple_lr=True,
+        ),
+        _params(),
+    )
+    for a, b in zip(ours, built):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the group's own max_lr is kept, and the build-time checks apply to added groups
+    opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": 1e-3, "max_lr": 5e-3})
+    assert opt.param_groups[-1]["max_lr"] == 5e-3
+    with pytest.raises(ValueError, match="needs max_lr"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": 0.0})
+    with pytest.raises(ValueError, match="max_lr=-1"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "max_lr": -1})
+    plain = StableAdamW([torch.zeros(2, requires_grad=True)])
+    with pytest.raises(ValueError, match="decouple_lr=True"):
+        plain.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "max_lr": 1e-3})
+    plain.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "lr": 1e-3})
+    assert plain.param_groups[-1]["max_lr"] is None
+
+
 def test_stable_adamw_update_clipping_engages() -> None:
     """A spiking gradient makes RMS > 1, so the step is lr/RMS (and without the spike it is lr)."""
     p = torch.zeros(4, dtype=torch.float64, requires_grad=True)

@@ -41,6 +41,7 @@ from torch.optim import Optimizer
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
     backfill_group_defaults,
+    check_flag,
     keep_state_dtype_on_load,
     reject_dtensor,
     reject_sparse_grad,
@@ -283,7 +284,7 @@ class APOLLO(Optimizer):
         ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,
             proj, norm_growth_limit, convention or a regex; a ``target_modules`` pattern that matches no 2-D
             parameter; ``target_modules`` without parameter names; ``use_apollo=True`` on a non-2-D
-            parameter.
+            parameter; ``scale_front`` or a group's ``use_apollo`` not a bool.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter on the APOLLO side.
 
     Example:
@@ -393,7 +394,7 @@ class APOLLO(Optimizer):
             "update_proj_gap": update_proj_gap,
             "proj": proj,
             "target_modules": target_modules,
-            "scale_front": bool(scale_front),
+            "scale_front": check_flag(name, "scale_front", scale_front),
             "norm_growth_limit": None if norm_growth_limit is None else float(norm_growth_limit),
             "convention": convention,
         }
@@ -432,6 +433,8 @@ class APOLLO(Optimizer):
     def _apollo_mask(self, group: dict[str, Any]) -> list[bool]:
         names = group.get("param_names")
         use = group.get("use_apollo")
+        if use is not None:
+            check_flag(type(self).__name__, "use_apollo", use)
         targets = group["target_modules"]
         mask = []
         for i, p in enumerate(group["params"]):
@@ -442,7 +445,7 @@ class APOLLO(Optimizer):
                         f"{type(self).__name__}: param group has use_apollo=True but "
                         f"{name or f'parameter {i}'} has shape {tuple(p.shape)}; APOLLO projects 2-D weights only"
                     )
-                on = bool(use)
+                on = use
             elif p.ndim != 2:
                 on = False
             elif targets is None:

@@ -18,6 +18,7 @@ __all__ = [
     "LOW_PRECISION",
     "backfill_group_defaults",
     "check_betas",
+    "check_flag",
     "check_lr_wd",
     "compute_dtype",
     "ensure_kahan_comp",
@@ -54,6 +55,16 @@ def check_lr_wd(cls: str, lr: float, weight_decay: float) -> None:
         raise ValueError(f"{cls}(lr={lr!r}) is invalid; lr must be a finite number >= 0")
     if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"{cls}(weight_decay={weight_decay!r}) is invalid; it must be a finite number >= 0")
+
+
+def check_flag(cls: str, key: str, value: Any) -> bool:
+    """``value`` if it is a ``bool``, else ``ValueError`` naming ``cls`` and ``key``.
+
+    ``bool(value)`` would turn the string ``"false"`` (a quoted YAML value) into ``True``.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{cls}({key}={value!r}) is invalid; expected True or False")
+    return value
 
 
 def check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:

@@ -28,6 +28,7 @@ from lightning_opt.optim._kahan import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
+    check_flag,
     check_lr_wd,
     init_state,
     reject_sparse_grad,
@@ -123,7 +124,8 @@ class GrokAdamW(Optimizer):
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
 
     Raises:
-        ValueError: invalid lr, weight_decay, eps, betas, alpha_init, gamma or gradient_clipping.
+        ValueError: invalid lr, weight_decay, eps, betas, alpha_init, gamma or gradient_clipping;
+            ``kahan_sum`` not a bool.
         TypeError: ``grokking_signal_fns`` is not a sequence of callables.
 
     Example:
@@ -183,7 +185,7 @@ class GrokAdamW(Optimizer):
             "gamma": gamma,
             "grokking_signal_decay_rate": grokking_signal_decay_rate,
             "gradient_clipping": gradient_clipping,
-            "kahan_sum": bool(kahan_sum),
+            "kahan_sum": check_flag("GrokAdamW", "kahan_sum", kahan_sum),
         }
         super().__init__(params, defaults)
 

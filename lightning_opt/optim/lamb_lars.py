@@ -28,6 +28,7 @@ from lightning_opt.optim._kahan import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
+    check_flag,
     check_lr_wd,
     ensure_kahan_comp,
     init_state,
@@ -181,7 +182,7 @@ class Lamb(Optimizer):
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
 
     Raises:
-        ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm.
+        ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm; a flag that is not a bool.
 
     Example:
         >>> opt = Lamb(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -219,11 +220,11 @@ class Lamb(Optimizer):
             "betas": betas,
             "eps": eps,
             "weight_decay": weight_decay,
-            "bias_correction": bool(bias_correction),
-            "grad_averaging": bool(grad_averaging),
-            "trust_clip": bool(trust_clip),
-            "always_adapt": bool(always_adapt),
-            "kahan_sum": bool(kahan_sum),
+            "bias_correction": check_flag("Lamb", "bias_correction", bias_correction),
+            "grad_averaging": check_flag("Lamb", "grad_averaging", grad_averaging),
+            "trust_clip": check_flag("Lamb", "trust_clip", trust_clip),
+            "always_adapt": check_flag("Lamb", "always_adapt", always_adapt),
+            "kahan_sum": check_flag("Lamb", "kahan_sum", kahan_sum),
         }
         # the clip is global over every group, so it is one number for the optimizer
         self.max_grad_norm = float(max_grad_norm)
@@ -309,7 +310,7 @@ class Lars(Optimizer):
 
     Raises:
         ValueError: invalid lr, weight_decay, momentum, dampening, trust_coeff or eps, or
-            ``nesterov`` without momentum or with dampening.
+            ``nesterov`` without momentum or with dampening; a flag that is not a bool.
 
     Example:
         >>> opt = Lars(model.parameters(), lr=4.8, weight_decay=1e-6, momentum=0.9)
@@ -340,6 +341,7 @@ class Lars(Optimizer):
         _check_number("Lars", "dampening", dampening, lambda x: 0 <= x <= 1, "a number in [0, 1]")
         _check_number("Lars", "trust_coeff", trust_coeff, lambda x: x > 0, "a finite number > 0")
         _check_number("Lars", "eps", eps, lambda x: x >= 0, "a finite number >= 0")
+        nesterov = check_flag("Lars", "nesterov", nesterov)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(
                 f"Lars(nesterov=True) needs momentum > 0 and dampening = 0 (got momentum={momentum}, dampening={dampening})"
@@ -349,12 +351,12 @@ class Lars(Optimizer):
             "momentum": momentum,
             "dampening": dampening,
             "weight_decay": weight_decay,
-            "nesterov": bool(nesterov),
+            "nesterov": nesterov,
             "trust_coeff": trust_coeff,
             "eps": eps,
-            "trust_clip": bool(trust_clip),
-            "always_adapt": bool(always_adapt),
-            "kahan_sum": bool(kahan_sum),
+            "trust_clip": check_flag("Lars", "trust_clip", trust_clip),
+            "always_adapt": check_flag("Lars", "always_adapt", always_adapt),
+            "kahan_sum": check_flag("Lars", "kahan_sum", kahan_sum),
         }
         super().__init__(params, defaults)
         _warn_if_nothing_adapted(self, "Lars")

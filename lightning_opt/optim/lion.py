@@ -17,6 +17,7 @@ from lightning_opt.optim._kahan import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
+    check_flag,
     check_lr_wd,
     init_state,
     params_with_grad,
@@ -71,7 +72,8 @@ class Lion(Optimizer):
             resolution are not lost (default ``False``; float32 parameters need and get no buffer).
 
     Raises:
-        ValueError: negative or non-finite ``lr``/``weight_decay``, betas outside [0, 1).
+        ValueError: negative or non-finite ``lr``/``weight_decay``, betas outside [0, 1), ``kahan_sum``
+            not a bool.
 
     Example:
         >>> opt = Lion(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -92,7 +94,8 @@ class Lion(Optimizer):
     ) -> None:
         check_lr_wd("Lion", lr, weight_decay)
         betas = check_betas("Lion", betas)
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "kahan_sum": bool(kahan_sum)}
+        kahan_sum = check_flag("Lion", "kahan_sum", kahan_sum)
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "kahan_sum": kahan_sum}
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
+    check_flag,
     compute_dtype,
     keep_state_dtype_on_load,
     reject_dtensor,
@@ -240,7 +241,8 @@ class Muon(Optimizer):
     Raises:
         ValueError: invalid lr, weight decay, momentum, betas, eps, ns_steps, coefficients,
             ns_dtype, adjust_lr_fn or pattern; both ``adamw_lr`` and ``adamw_lr_ratio``; ``use_muon=True``
-            on a parameter with fewer than 2 dims (or more than 2 without ``flatten_conv``).
+            on a parameter with fewer than 2 dims (or more than 2 without ``flatten_conv``); a flag
+            (``nesterov``, ``flatten_conv``, a group's ``use_muon``) that is not a bool.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter on the Muon side.
 
     Example:
@@ -359,7 +361,7 @@ class Muon(Optimizer):
             "lr": lr,
             "weight_decay": weight_decay,
             "momentum": momentum,
-            "nesterov": bool(nesterov),
+            "nesterov": check_flag("Muon", "nesterov", nesterov),
             "ns_steps": ns_steps,
             "ns_coefficients": tuple(float(c) for c in ns_coefficients),
             "eps": eps,
@@ -369,7 +371,7 @@ class Muon(Optimizer):
             "adamw_betas": tuple(float(b) for b in adamw_betas),
             "adamw_eps": adamw_eps,
             "adamw_patterns": tuple(adamw_patterns),
-            "flatten_conv": bool(flatten_conv),
+            "flatten_conv": check_flag("Muon", "flatten_conv", flatten_conv),
         }
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)
@@ -379,6 +381,8 @@ class Muon(Optimizer):
         params = group["params"]
         names = group.get("param_names")
         use_muon = group.get("use_muon")
+        if use_muon is not None:
+            check_flag("Muon", "use_muon", use_muon)
         patterns = [re.compile(p) for p in group["adamw_patterns"]]
         mask = []
         for i, p in enumerate(params):
@@ -389,7 +393,7 @@ class Muon(Optimizer):
                     raise ValueError(
                         f"Muon: param group has use_muon=True but {name or f'parameter {i}'} has shape {tuple(p.shape)}; {hint}"
                     )
-                on_muon = bool(use_muon)
+                on_muon = use_muon
             else:
                 matrix = p.ndim == 2 or (p.ndim > 2 and group["flatten_conv"])
                 on_muon = matrix and not (name is not None and any(pat.search(name) for pat in patterns))

@@ -36,6 +36,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     LOW_PRECISION,
+    check_flag,
     params_with_grad,
     restore_fp32_state,
     run_closure,
@@ -388,8 +389,7 @@ class RAdamScheduleFree(ScheduleFreeBase):
         _check_number(name, "weight_decay", weight_decay)
         _check_number(name, "r", r)
         _check_number(name, "weight_lr_power", weight_lr_power)
-        if not isinstance(silent_sgd_phase, bool):
-            raise ValueError(f"{name}(silent_sgd_phase={silent_sgd_phase!r}) is invalid; expected True or False")
+        check_flag(name, "silent_sgd_phase", silent_sgd_phase)
         defaults = {
             "lr": lr,
             "betas": betas,

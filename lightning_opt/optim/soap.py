@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load, params_with_grad, reject_dtensor, run_closure
+from lightning_opt.optim.base import (
+    check_flag,
+    keep_state_dtype_on_load,
+    params_with_grad,
+    reject_dtensor,
+    run_closure,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -203,7 +209,7 @@ class SOAP(Optimizer):
 
     Raises:
         ValueError: invalid lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency or
-            max_precond_dim.
+            max_precond_dim; a flag that is not a bool.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter.
 
     Example:
@@ -255,10 +261,10 @@ class SOAP(Optimizer):
             "weight_decay": weight_decay,
             "precondition_frequency": precondition_frequency,
             "max_precond_dim": max_precond_dim,
-            "merge_dims": bool(merge_dims),
-            "precondition_1d": bool(precondition_1d),
-            "normalize_grads": bool(normalize_grads),
-            "correct_bias": bool(correct_bias),
+            "merge_dims": check_flag("SOAP", "merge_dims", merge_dims),
+            "precondition_1d": check_flag("SOAP", "precondition_1d", precondition_1d),
+            "normalize_grads": check_flag("SOAP", "normalize_grads", normalize_grads),
+            "correct_bias": check_flag("SOAP", "correct_bias", correct_bias),
         }
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)

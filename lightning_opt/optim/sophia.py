@@ -47,6 +47,7 @@ from torch.optim import Optimizer
 from lightning_opt.optim._kahan import apply_update_
 from lightning_opt.optim.base import (
     backfill_group_defaults,
+    check_flag,
     compute_dtype,
     ensure_kahan_comp,
     params_with_grad,
@@ -194,11 +195,6 @@ def _check_betas(cls: str, betas: Any) -> tuple[float, float]:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
             raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
     return float(betas[0]), float(betas[1])
-
-
-def _check_flag(cls: str, kahan_sum: Any) -> None:
-    if not isinstance(kahan_sum, bool):
-        raise ValueError(f"{cls}(kahan_sum={kahan_sum!r}) is invalid; expected True or False")
 
 
 class _Sophia(Optimizer):
@@ -363,7 +359,7 @@ class SophiaG(_Sophia):
             _check("SophiaG", key, value)
         _check("SophiaG", "bs", bs, positive=True)
         betas = _check_betas("SophiaG", betas)
-        _check_flag("SophiaG", kahan_sum)
+        check_flag("SophiaG", "kahan_sum", kahan_sum)
         defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "bs": bs, "eps": eps}
         super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
 
@@ -418,7 +414,7 @@ class SophiaH(_Sophia):
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaH", key, value)
         betas = _check_betas("SophiaH", betas)
-        _check_flag("SophiaH", kahan_sum)
+        check_flag("SophiaH", "kahan_sum", kahan_sum)
         defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "eps": eps}
         super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
 

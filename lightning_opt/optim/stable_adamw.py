@@ -17,6 +17,7 @@ from lightning_opt.optim._kahan import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
+    check_flag,
     check_lr_wd,
     init_state,
     params_with_grad,
@@ -98,7 +99,8 @@ class StableAdamW(Optimizer):
             torch-optimi it is never switched on automatically).
 
     Raises:
-        ValueError: invalid ``lr``, ``weight_decay``, ``eps``, betas or ``max_lr``.
+        ValueError: invalid ``lr``, ``weight_decay``, ``eps``, betas or ``max_lr`` (also in
+            ``add_param_group``); ``decouple_lr`` or ``kahan_sum`` not a bool.
 
     Example:
         >>> opt = StableAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -134,9 +136,9 @@ class StableAdamW(Optimizer):
             "betas": betas,
             "weight_decay": weight_decay,
             "eps": eps,
-            "decouple_lr": bool(decouple_lr),
+            "decouple_lr": check_flag("StableAdamW", "decouple_lr", decouple_lr),
             "max_lr": max_lr,
-            "kahan_sum": bool(kahan_sum),
+            "kahan_sum": check_flag("StableAdamW", "kahan_sum", kahan_sum),
         }
         super().__init__(params, defaults)
 

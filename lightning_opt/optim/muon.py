@@ -121,7 +121,8 @@ def muon_update_(
 
     ``B <- lerp(B, g, 1 - mu)``; ``U = lerp(g, B, mu)`` (Nesterov) or ``B``; ``O = NS(U)``;
     ``p <- p (1 - lr wd)``; ``p <- p - adjusted_lr(lr) O``. The decay uses the unadjusted lr, as in
-    torch and Keller. The momentum and the arithmetic are float32 for bf16/fp16 parameters.
+    torch and Keller. The momentum and the arithmetic are float32 for bf16/fp16 parameters, which
+    are rounded once per step (after both the decay and the update).
     """
     dt = compute_dtype(param)
     g = grad.to(dt).reshape(param.size(0), -1)
@@ -130,12 +131,13 @@ def muon_update_(
     update = g.lerp(buf, momentum) if nesterov else buf
     ortho = zeropower_via_newtonschulz(update, ns_steps, ns_dtype, coefficients=ns_coefficients, eps=eps)
     step = adjusted_lr(lr, buf.shape, adjust_lr_fn)
+    # a bf16/fp16 parameter is decayed and updated in float32 and rounded once, not once per op
+    p = param if param.dtype == dt else param.to(dt)
     if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    if param.dtype == dt:
-        param.add_(ortho.reshape(param.shape), alpha=-step)
-    else:
-        param.copy_(param.to(dt).add_(ortho.reshape(param.shape), alpha=-step))
+        p.mul_(1 - lr * weight_decay)
+    p.add_(ortho.reshape(param.shape), alpha=-step)
+    if p is not param:
+        param.copy_(p)
 
 
 def adamw_update_(

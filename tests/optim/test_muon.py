@@ -309,6 +309,31 @@ def test_bf16_parameters_keep_fp32_state_through_save_and_load() -> None:
         assert first[n].dtype == torch.bfloat16 and torch.equal(first[n], straight[n]), n
 
 
+def test_bf16_step_is_the_float32_step_rounded_once() -> None:
+    """With decay on, a bf16 parameter moves to round(p32 (1 - lr wd) - step O): one rounding a step.
+
+    Each step a float32 twin starts from the bf16 weights and the same float32 state; its result
+    rounded once to bf16 must equal the bf16 run's, on the Muon side and the AdamW side.
+    """
+    init = _tensors(torch.bfloat16)
+    kw = {"lr": 0.05, "weight_decay": 0.5, "ns_dtype": torch.float32, "adamw_lr_ratio": 1.0}
+    low = {n: t.clone().requires_grad_() for n, t in init.items()}
+    opt = Muon(list(low.items()), **kw)
+    for s in range(4):
+        twin = {n: t.detach().float().requires_grad_() for n, t in low.items()}
+        opt32 = Muon(list(twin.items()), **kw)
+        for n in SHAPES:
+            if low[n] in opt.state:
+                opt32.state[twin[n]] = copy.deepcopy(opt.state[low[n]])
+        for n, g in _grads(init, s).items():
+            low[n].grad, twin[n].grad = g, g.float()
+        opt.step()
+        opt32.step()
+        for n in SHAPES:
+            assert low[n].dtype == torch.bfloat16
+            torch.testing.assert_close(low[n].detach(), twin[n].detach().bfloat16(), rtol=0, atol=0, msg=n)
+
+
 def test_closure_is_called_once_with_grad_enabled() -> None:
     w = torch.randn(4, 4, requires_grad=True)
     opt = Muon([w])

@@ -137,6 +137,12 @@ def test_bad_input_is_rejected_and_changes_nothing(kwargs: dict, error: type, me
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize(("name", "flag"), [("sgd", "nesterov"), ("adam", "amsgrad"), ("adamw", "maximize"), ("rmsprop", "centered")])
+def test_a_flag_must_be_a_bool(name: str, flag: str) -> None:
+    with pytest.raises(ValueError, match=f"{flag}='false' is invalid; expected True or False"):
+        build_optimizer(nn.Linear(2, 2), name, lr=0.1, **{flag: "false"})
+
+
 @pytest.mark.parametrize("name", ["sgd", "lookahead_sgd", "rmsprop"])
 @pytest.mark.parametrize("momentum", [float("nan"), 1.0, -0.1])
 def test_momentum_outside_the_unit_interval(name: str, momentum: float) -> None:

@@ -192,7 +192,7 @@ def validate_hparams(
 
     Raises:
         ValueError: unknown name, negative or non-finite ``lr``/``weight_decay``/``eps``, betas
-            or momentum outside [0, 1), any NaN hyperparameter.
+            or momentum outside [0, 1), any NaN hyperparameter, a non-bool value for a flag.
         TypeError: a hyperparameter the algorithm does not take (the message lists those it does),
             or one that its name fixes.
     """
@@ -226,5 +226,17 @@ def validate_hparams(
             raise ValueError(f"{name}: momentum={value!r} is invalid; it must lie in [0, 1)")
         elif isinstance(value, float) and math.isnan(value):
             raise ValueError(f"{name}: {key}=nan is invalid")
+    for key, default in _bool_defaults(info).items():
+        if key in hparams and not isinstance(hparams[key], bool):
+            raise ValueError(f"{name}: {key}={hparams[key]!r} is invalid; expected True or False")
     kwargs = {**fixed, **hparams}
     return info, kwargs
+
+
+def _bool_defaults(info: OptimInfo) -> dict[str, bool]:
+    """The hyperparameters whose default is a bool (a YAML "false" string must not pass as truthy)."""
+    try:
+        sig = inspect.signature(info.cls)
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in sig.parameters.values() if isinstance(p.default, bool)}

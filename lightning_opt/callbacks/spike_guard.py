@@ -35,10 +35,12 @@ class SpikeError(RuntimeError):
 class RunningStats:
     """Running mean and variance of a scalar series: exact over a warm-up, then exponential.
 
-    The first ``warmup`` values are averaged exactly (Welford), so the statistics do not depend on a
-    starting guess; afterwards ``mean`` and ``var`` are exponentially weighted with ``decay``
-    (West 1979: ``d = x - mean; mean += (1 - decay) d; var = decay (var + (1 - decay) d^2)``), so they
-    follow a loss that keeps falling.
+    The first ``max(warmup, 1)`` values are averaged exactly (Welford), so the statistics do not
+    depend on a starting guess; afterwards ``mean`` and ``var`` are exponentially weighted with
+    ``decay`` (West 1979: ``d = x - mean; mean += (1 - decay) d; var = decay (var + (1 - decay) d^2)``),
+    so they follow a loss that keeps falling. The statistics are :attr:`ready` to judge once they hold
+    ``max(warmup, 1)`` values: with ``warmup=0`` the first value is taken as the mean (an empty
+    mean of 0 would make every value a spike, and spikes never enter the statistics).
     """
 
     def __init__(self, warmup: int, decay: float) -> None:
@@ -50,14 +52,15 @@ class RunningStats:
 
     @property
     def ready(self) -> bool:
-        return self.count >= self.warmup
+        """True once ``max(warmup, 1)`` values were seen: empty statistics judge nothing."""
+        return self.count >= max(self.warmup, 1)
 
     @property
     def std(self) -> float:
         return math.sqrt(max(self.var, 0.0))
 
     def update(self, x: float) -> None:
-        if self.count < self.warmup:
+        if self.count < max(self.warmup, 1):
             self.count += 1
             delta = x - self.mean
             self.mean += delta / self.count
@@ -153,7 +156,8 @@ class SpikeGuard(Callback):
         threshold: z-score (default 6.0) or ratio above which a value is a spike.
         mode: ``"zscore"`` (default) or ``"ratio"`` (for positive metrics; needs ``threshold > 1``).
         warmup_steps: steps whose values only build the statistics (default 25); only non-finite
-            values are spikes before that.
+            values are spikes before that. ``0`` still takes the first step's value as the mean and
+            judges from the second step on.
         ema_decay: decay of the moving mean and variance after the warm-up, in (0, 1) (default 0.97).
         patience: spikes in a row that trigger ``"rollback"`` / ``"raise"``; the earlier ones of
             the streak are skipped (default 1). Only for those two actions.

@@ -27,7 +27,8 @@ class LRSchedule(Callback):
     and multiplied, so layer-decay and ``lr_multipliers`` ratios survive. Several optimizers each
     advance on their own steps. The lr of every group is logged as ``lr-<Optimizer>[/pg<j>]``.
 
-    Resume: the checkpointed state is ``{"step": ..., "steps": [...]}`` (plus the plateau state); the
+    Every ``fit`` starts the schedule at step 0 (the state is reset in ``setup``), so one instance
+    can be reused. Resume: the checkpointed state is ``{"step": ..., "steps": [...]}`` (plus the plateau state); the
     lr is recomputed from it at ``on_train_start``, never replayed, so a ``wsd`` run can resume with
     a longer ``total_steps``/``max_steps`` (the stable phase grows) or with ``decay_start=`` (an int,
     or ``"now"``: the step at which the run resumes) to start its decay.
@@ -165,6 +166,18 @@ class LRSchedule(Callback):
         return self.steps[0] if self.steps else 0
 
     # --- lifecycle ------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # a new fit starts the schedule over, so one instance can serve several fits; Lightning
+        # restores a checkpoint's state (load_state_dict) after setup, so a resume still continues
+        self._remove_hooks()
+        self.steps = []
+        self.plateau = plateau_init(self.config) if self.config.shape == "plateau" else None
+        self.resolved_decay_start = None
+        self.schedule = None
+        self._optimizers = []
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start runs after the checkpoint restored the optimizers and this callback's state,
         # so the lr set here is the recomputed one, not the checkpoint's stale group["lr"].

@@ -364,3 +364,29 @@ def test_layer_decay_and_lr_multiplier_ratios_survive_with_the_mixin():
     s = ScheduleConfig("cosine", warmup_steps=1).resolve(5)
     for t, row in enumerate(model.ratios):  # every group: its own lr times the same multiplier
         assert row == pytest.approx([1e-2 * s(t)] * len(row), rel=1e-12, abs=1e-18)
+
+
+def test_one_instance_reused_for_a_second_fit_starts_over():
+    cb = LRSchedule("cosine", warmup_steps=2, total_steps=8)
+    first = _fit(cb, 8)
+    second = _fit(cb, 8)  # a fresh model, the same callback: the schedule starts at step 0 again
+    assert second.lrs == first.lrs and cb.steps == [8]
+
+    cb = LRSchedule("wsd", decay_steps=3, decay_start="now")
+    _fit(cb, 5)
+    assert cb.state_dict()["decay_start"] == 0  # resolved where the first fit started
+    cb.resolved_decay_start = 2  # as if resumed: a second fit must not keep it
+    again = _fit(cb, 5)
+    assert cb.state_dict()["decay_start"] == 0
+    _same(again.lrs, _expected(ScheduleConfig("wsd", decay_steps=3, decay_start=0).resolve(5), range(5)))
+
+    model = WithValidation()
+    model.epoch_lrs = []
+    cb = LRSchedule("plateau", patience=0, factor=0.5)
+    _trainer([cb], max_epochs=3, num_sanity_val_steps=0).fit(model, _data(), _data(4))
+    assert cb.plateau["scale"] == 0.5
+    model = WithValidation()
+    model.epoch_lrs = []
+    _trainer([cb], max_epochs=1, num_sanity_val_steps=0).fit(model, _data(), _data(4))
+    assert cb.plateau == plateau_update_sequence(cb.config, WithValidation.METRICS[:1])  # not the old 0.5
+    assert [lrs[0] for lrs in model.lrs] == [0.1] * 5

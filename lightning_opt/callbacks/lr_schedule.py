@@ -11,6 +11,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_opt.schedules import DecayShape, Schedule, ScheduleConfig, Shape, plateau_init, plateau_update
 
@@ -27,11 +28,16 @@ class LRSchedule(Callback):
     and multiplied, so layer-decay and ``lr_multipliers`` ratios survive. Several optimizers each
     advance on their own steps. The lr of every group is logged as ``lr-<Optimizer>[/pg<j>]``.
 
+    ``plateau`` takes one ``ReduceLROnPlateau`` step per validation run (``on_validation_end``; the
+    sanity check does not count), so with ``check_val_every_n_epoch > 1`` the epochs without
+    validation neither fail nor count a stale value against ``patience``. A run without a
+    validation loop steps once per training epoch on a metric logged in training.
+
     Every ``fit`` starts the schedule at step 0 (the state is reset in ``setup``), so one instance
-    can be reused. Resume: the checkpointed state is ``{"step": ..., "steps": [...]}`` (plus the plateau state); the
-    lr is recomputed from it at ``on_train_start``, never replayed, so a ``wsd`` run can resume with
-    a longer ``total_steps``/``max_steps`` (the stable phase grows) or with ``decay_start=`` (an int,
-    or ``"now"``: the step at which the run resumes) to start its decay.
+    can be reused. Resume: the checkpointed state is ``{"step": ..., "steps": [...]}`` (plus the
+    plateau state); the lr is recomputed from it at ``on_train_start``, never replayed, so a ``wsd``
+    run can resume with a longer ``total_steps``/``max_steps`` (the stable phase grows) or with
+    ``decay_start=`` (an int, or ``"now"``: the step at which the run resumes) to start its decay.
 
     Args:
         shape: ``constant``, ``linear``, ``cosine``, ``cosine_restarts``, ``polynomial``,
@@ -267,13 +273,24 @@ class LRSchedule(Callback):
                 metrics[name if len(opt.param_groups) == 1 else f"{name}/pg{j + 1}"] = float(group["lr"])
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.plateau is None:
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # one plateau step per validation run, when the monitored value is fresh; the sanity check
+        # and a standalone trainer.validate() are not part of the schedule
+        if self.plateau is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
+        self._plateau_step(trainer, "validation run")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # without a validation loop, step on a metric logged in training, once per epoch
+        if self.plateau is None or trainer.enable_validation:
+            return
+        self._plateau_step(trainer, "epoch (this run has no validation loop)")
+
+    def _plateau_step(self, trainer: pl.Trainer, when: str) -> None:
         monitor = self.config.option("monitor")
         if monitor not in trainer.callback_metrics:
             raise ValueError(
-                f"LRSchedule('plateau') monitors {monitor!r}, which was not logged this epoch; "
+                f"LRSchedule('plateau') monitors {monitor!r}, which was not logged this {when}; "
                 f"logged: {sorted(trainer.callback_metrics)}"
             )
         self.plateau = plateau_update(self.config, self.plateau, float(trainer.callback_metrics[monitor]))

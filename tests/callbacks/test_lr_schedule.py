@@ -390,3 +390,39 @@ def test_one_instance_reused_for_a_second_fit_starts_over():
     _trainer([cb], max_epochs=1, num_sanity_val_steps=0).fit(model, _data(), _data(4))
     assert cb.plateau == plateau_update_sequence(cb.config, WithValidation.METRICS[:1])  # not the old 0.5
     assert [lrs[0] for lrs in model.lrs] == [0.1] * 5
+
+
+class ValidatesEveryOtherEpoch(Regression):
+    """Logs METRICS[k] at its k-th validation; the sanity check logs a best-ever -1 that must not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.validations = 0
+        self.epoch_lrs: list[float] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", -1.0 if self.trainer.sanity_checking else WithValidation.METRICS[self.validations])
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.validations += 1
+
+    def on_train_epoch_start(self):
+        self.epoch_lrs.append(self.optimizers().param_groups[0]["lr"])
+
+
+def test_plateau_steps_once_per_validation_with_check_val_every_n_epoch():
+    model = ValidatesEveryOtherEpoch()
+    cb = LRSchedule("plateau", patience=1, factor=0.5)
+    _trainer([cb], max_epochs=8, check_val_every_n_epoch=2).fit(model, _data(), _data(4))
+    assert model.validations == 4  # after epochs 1, 3, 5, 7
+    opt = torch.optim.SGD([torch.zeros(1)], lr=0.1)
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5)
+    expected = []  # the lr of each epoch: changed only by the validations before it
+    for epoch in range(8):
+        expected.append(opt.param_groups[0]["lr"])
+        if epoch % 2 == 1:
+            ref.step(WithValidation.METRICS[epoch // 2])
+    assert model.epoch_lrs == pytest.approx(expected, abs=1e-15)
+    assert expected[-1] == 0.1 and opt.param_groups[0]["lr"] == 0.05  # the reduction came at the last one
+    assert cb.plateau == plateau_update_sequence(cb.config, WithValidation.METRICS[:4])

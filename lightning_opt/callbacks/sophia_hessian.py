@@ -42,8 +42,11 @@ class SophiaHessian(Callback):
 
     Runs inside Lightning's automatic optimization (no ``automatic_optimization = False`` needed):
     on optimizer steps ``1, k + 1, 2k + 1, ...`` (the paper's ``t mod k = 1``), after the training
-    backward and before the update, it evaluates the current batch again and folds a fresh estimate
-    into the optimizer's ``h`` with ``optimizer.update_hessian(...)``. Gradients are taken with
+    backward (``on_before_optimizer_step``), it evaluates the current batch again and computes a
+    fresh estimate. The estimate is folded into the optimizer's ``h`` (``optimizer.update_hessian``)
+    by an optimizer step pre-hook, which torch runs only when the optimizer's real ``step`` runs,
+    just before the update: a step that is not taken (a ``SpikeGuard`` skip, a GradScaler inf-skip)
+    leaves the optimizer state bit-identical and its estimate is dropped. Gradients are taken with
     ``torch.autograd.grad``, so ``p.grad`` (the training gradient) is not touched.
 
     - SophiaG (Gauss-Newton-Bartlett): labels are sampled from ``softmax(logits)`` and the estimate
@@ -117,6 +120,9 @@ class SophiaHessian(Callback):
         self._generators: dict[str, torch.Generator] = {}
         self._pending: dict[str, Tensor] = {}
         self._batch: Any = None
+        # estimates computed for this step, applied by the optimizer's step pre-hook: id(opt) -> list
+        self._estimates: dict[int, list[Tensor | None]] = {}
+        self._handles: list[Any] = []
 
     # -- protocol
     def _estimator_fn(self, pl_module: pl.LightningModule, kind: str) -> Callable[[Any], Tensor] | None:
@@ -166,6 +172,46 @@ class SophiaHessian(Callback):
             )
         for opt in found:
             self._require_fn(pl_module, opt.hessian_estimator)
+        self._remove_hooks()
+        self._estimates = {}
+        for opt in found:
+            self._handles.append(opt.register_step_pre_hook(self._before_real_step))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._estimates = {}
+
+    def _before_real_step(self, optimizer: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # torch runs step pre-hooks before ``step`` calls its closure, and under Lightning the closure
+        # (backward, then on_before_optimizer_step) computes the estimate: apply it after the closure
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:  # the closure already ran (GradScaler, SpikeGuard) or there is none
+            self._apply_estimates(optimizer)
+            return None
+
+        def closure_then_apply() -> Any:
+            result = closure()
+            self._apply_estimates(optimizer)
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_apply}
+        return (args[0], closure_then_apply, *args[2:]), kwargs
+
+    def _apply_estimates(self, optimizer: Optimizer) -> None:
+        estimates = self._estimates.pop(id(optimizer), None)
+        if estimates is not None:
+            with torch.no_grad():
+                optimizer.update_hessian(estimates)
+            self.refreshes += 1
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -176,6 +222,8 @@ class SophiaHessian(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batch = None
+        # an estimate whose step was not taken (skipped) is dropped, not applied to a later step
+        self._estimates = {}
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -186,10 +234,18 @@ class SophiaHessian(Callback):
         # global_step counts completed optimizer steps, so this is step global_step + 1
         if trainer.global_step % self.every_n_steps != 0:
             return
-        self.refresh(trainer, pl_module, opt, self._batch)
+        # applied by the step pre-hook, so only if the step is really taken
+        self._estimates[id(opt)] = self.estimate(trainer, pl_module, opt, self._batch)
 
     def refresh(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, batch: Any) -> None:
-        """Compute one estimate on ``batch`` and fold it into ``optimizer``'s Hessian EMA."""
+        """Compute one estimate on ``batch`` and fold it into ``optimizer``'s Hessian EMA now."""
+        optimizer.update_hessian(self.estimate(trainer, pl_module, optimizer, batch))
+        self.refreshes += 1
+
+    def estimate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer, batch: Any
+    ) -> list[Tensor | None]:
+        """One diagonal-Hessian estimate on ``batch`` per parameter of ``optimizer`` (``None`` if frozen)."""
         kind = optimizer.hessian_estimator
         fn = self._require_fn(pl_module, kind)
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -226,8 +282,7 @@ class SophiaHessian(Callback):
                 )
                 for i, est in zip(live, ests):
                     estimates[i] = None if est is None else self._mean(trainer, est.detach())
-        optimizer.update_hessian(estimates)
-        self.refreshes += 1
+        return estimates
 
     @staticmethod
     def _mean(trainer: pl.Trainer, t: Tensor) -> Tensor:

@@ -199,3 +199,55 @@ def test_hutchinson_through_fused_attention() -> None:
     model = _Attn()
     _fit(model, 1, [SophiaHessian()])
     assert _changed(model.hessians) == [True]
+
+
+class _SpikeAt(Clf):
+    """The loss of optimizer step ``spike`` is multiplied by 1e4."""
+
+    def __init__(self, spike: int) -> None:
+        super().__init__("sophia")
+        self.spike = spike
+        self.states: dict[str, dict] = {}
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if self.trainer.global_step == self.spike else loss
+
+    def _state(self) -> dict:
+        opt = self.trainer.optimizers[0]
+        return {
+            "params": {k: v.detach().clone() for k, v in self.state_dict().items()},
+            "optimizer": copy.deepcopy(opt.state_dict()["state"]),
+        }
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.trainer.global_step == self.spike:
+            self.states["before"] = self._state()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.trainer.global_step == self.spike + 1:  # global_step counts the skipped batch too
+            self.states["after"] = self._state()
+
+
+def test_a_step_spike_guard_skips_leaves_the_hessian_ema_untouched() -> None:
+    from lightning_opt.callbacks import SpikeGuard
+
+    model = _SpikeAt(spike=5)
+    guard = SpikeGuard(mode="ratio", threshold=10.0, warmup_steps=3, filename=None)
+    # the guard first: it judges after every callback's on_before_optimizer_step, where the estimate is computed
+    trainer = _fit(model, 8, [guard, SophiaHessian(every_n_steps=1)])
+    assert [s["step"] for s in guard.spikes] == [5]
+    before, after = model.states["before"], model.states["after"]
+    for k in before["params"]:
+        assert torch.equal(before["params"][k], after["params"][k]), k
+    assert before["optimizer"].keys() == after["optimizer"].keys()
+    for i, state in before["optimizer"].items():
+        assert state.keys() == after["optimizer"][i].keys()
+        for k, v in state.items():
+            assert torch.equal(v, after["optimizer"][i][k]), (i, k)  # hessian included
+    # every real step refreshed the EMA, the skipped one did not
+    assert _changed(model.hessians) == [True] * 5 + [False] + [True] * 2
+    [cb] = [c for c in trainer.callbacks if isinstance(c, SophiaHessian)]
+    assert cb.refreshes == 7
+    assert not trainer.optimizers[0]._optimizer_step_pre_hooks  # removed at the end of training

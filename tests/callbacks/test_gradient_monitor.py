@@ -288,6 +288,9 @@ def _fsdp_worker(rank, world, port, out):
         opt.step()
         monitor.on_train_batch_end(trainer, model, None, None, 0)
         torch.save({"metrics": monitor.metrics, "norm": norm}, os.path.join(out, f"fsdp{rank}.pt"))
+        # both ranks done with their collectives before gloo is torn down (a rank that tore down
+        # while the other still talked aborted with "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

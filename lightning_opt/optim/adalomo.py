@@ -31,16 +31,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import keep_state_dtype_on_load, reject_sparse_grad, run_closure
+from lightning_opt.optim.base import (
+    compute_dtype,
+    keep_state_dtype_on_load,
+    reject_sparse_grad,
+    run_closure,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["AdaLomo", "adalomo_update_"]
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _math_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
 
 
 def _rms(t: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ def adalomo_update_(
         decay_rate: ``beta2_t = 1 - t^decay_rate`` (``-0.8``).
         weight_decay: ``p *= 1 - lr_t * wd``, before the update.
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt)
     beta2t = 1.0 - math.pow(step, decay_rate)
     sq = g.square().add_(eps1)
@@ -197,7 +197,7 @@ class AdaLomo(Optimizer):
     def _update(self, p: Tensor, group: dict[str, Any]) -> None:
         reject_sparse_grad(p, "AdaLomo")
         state = self.state[p]
-        dt = _math_dtype(p)
+        dt = compute_dtype(p)
         if "step" not in state:
             state["step"] = 0
             if p.ndim >= 2:

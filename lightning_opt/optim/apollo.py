@@ -21,7 +21,8 @@ same two differences) instead of torch's.
 
 Every other parameter gets AdamW in the same optimizer (one object for Lightning's automatic
 optimization). The math lives in plain functions of tensors (:func:`apollo_update_`,
-:func:`adamw_update_`, :func:`random_projection`) so a fused kernel or a sharded wrapper can reuse it.
+:func:`adamw_update_reference_`, :func:`random_projection`; the torch-convention AdamW side is
+``optim.base.adamw_update_``, shared with Muon) so a fused kernel or a sharded wrapper can reuse it.
 
 Registered as ``apollo`` (Hugging Face ``apollo_adamw``) and ``apollo_mini`` (rank 1, tensor-wise
 scaling, ``scale=128``).
@@ -40,8 +41,13 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
+    adamw_update_,
     backfill_group_defaults,
+    check_arg,
     check_flag,
+    compute_dtype,
+    is_int,
+    is_number,
     keep_state_dtype_on_load,
     reject_dtensor,
     reject_sparse_grad,
@@ -52,7 +58,7 @@ from lightning_opt.optim.registry import OptimInfo, register, register_alias
 __all__ = [
     "APOLLO",
     "APOLLOMini",
-    "adamw_update_",
+    "adamw_update_reference_",
     "apollo_update_",
     "next_projection_seed",
     "project",
@@ -65,11 +71,6 @@ Proj = Literal["random"]
 
 #: added to ||R|| in the scaling factor and to the previous norm in the limiter (the reference's)
 _TINY = 1e-8
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _math_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
 
 
 def next_projection_seed(seed: int) -> int:
@@ -109,7 +110,7 @@ def project(grad: Tensor, proj: Tensor) -> Tensor:
     return proj.t() @ grad
 
 
-def adamw_update_(
+def adamw_update_reference_(
     param: Tensor,
     grad: Tensor,
     exp_avg: Tensor,
@@ -121,30 +122,21 @@ def adamw_update_(
     beta2: float,
     eps: float,
     weight_decay: float,
-    convention: Convention = "paper",
 ) -> None:
-    """One AdamW step for a parameter APOLLO does not project, in place on ``param`` and the moments.
-
-    ``convention="paper"``: torch's AdamW, ``p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)``.
-    ``convention="reference"``: the reference's (Hugging Face's) AdamW,
-    ``p <- p - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)`` and then ``p <- p - lr wd p`` (decay after
-    the update, eps not bias-corrected), as ``apollo_torch.APOLLOAdamW`` moves these parameters.
+    """The AdamW step ``apollo_torch.APOLLOAdamW`` gives the parameters it does not project
+    (Hugging Face's AdamW): ``p <- p - lr sqrt(bc2)/bc1 * m / (sqrt(v) + eps)``, then
+    ``p <- p - lr wd p`` (decay after the update, eps not bias-corrected); used with
+    ``convention="reference"``. ``convention="paper"`` uses torch's AdamW, :func:`adamw_update_`.
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt)
     p = param.to(dt)
     exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-    if convention == "paper":
-        if weight_decay != 0:
-            p.mul_(1 - lr * weight_decay)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-        p.addcdiv_(exp_avg, denom, value=-lr / bc1)
-    else:
-        p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr * math.sqrt(bc2) / bc1)
-        if weight_decay != 0:
-            p.add_(p, alpha=-lr * weight_decay)
+    p.addcdiv_(exp_avg, exp_avg_sq.sqrt().add_(eps), value=-lr * math.sqrt(bc2) / bc1)
+    if weight_decay != 0:
+        p.add_(p, alpha=-lr * weight_decay)
     if p is not param:
         param.copy_(p)
 
@@ -189,7 +181,7 @@ def apollo_update_(
     Returns:
         The update norm to pass as ``prev_norm`` next step (``None`` without a limiter).
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt)
     r = project(g, proj)
     exp_avg.mul_(beta1).add_(r, alpha=1 - beta1)
@@ -236,14 +228,6 @@ def apollo_update_(
     if p is not param:
         param.copy_(p)
     return new_norm
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class APOLLO(Optimizer):
@@ -322,45 +306,45 @@ class APOLLO(Optimizer):
         convention: Convention = "paper",
     ) -> None:
         name = type(self).__name__
-        self._check(name, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-        self._check(
+        check_arg(name, "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        check_arg(
             name,
             "weight_decay",
             weight_decay,
-            _is_number(weight_decay) and weight_decay >= 0,
+            is_number(weight_decay) and weight_decay >= 0,
             "it must be a finite number >= 0",
         )
-        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
-        self._check(name, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
-        self._check(name, "eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
-        self._check(name, "rank", rank, _is_int(rank) and rank >= 1, "it must be an int >= 1 (APOLLO-Mini uses 1)")
-        self._check(
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
+        check_arg(name, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
+        check_arg(name, "eps", eps, is_number(eps) and eps >= 0, "it must be a finite number >= 0")
+        check_arg(name, "rank", rank, is_int(rank) and rank >= 1, "it must be an int >= 1 (APOLLO-Mini uses 1)")
+        check_arg(
             name,
             "scale",
             scale,
-            _is_number(scale) and scale > 0,
+            is_number(scale) and scale > 0,
             "it must be a finite number > 0 (the update is multiplied by sqrt(scale))",
         )
-        self._check(
+        check_arg(
             name, "scale_type", scale_type, scale_type in get_args(ScaleType), f"expected one of {get_args(ScaleType)}"
         )
-        self._check(
+        check_arg(
             name,
             "update_proj_gap",
             update_proj_gap,
-            _is_int(update_proj_gap) and update_proj_gap >= 1,
+            is_int(update_proj_gap) and update_proj_gap >= 1,
             "it must be an int >= 1 (steps between projection refreshes)",
         )
-        self._check(name, "proj", proj, proj in get_args(Proj), "only the random projection ('random') is implemented")
-        ok = norm_growth_limit is None or (_is_number(norm_growth_limit) and norm_growth_limit >= 1)
-        self._check(
+        check_arg(name, "proj", proj, proj in get_args(Proj), "only the random projection ('random') is implemented")
+        ok = norm_growth_limit is None or (is_number(norm_growth_limit) and norm_growth_limit >= 1)
+        check_arg(
             name,
             "norm_growth_limit",
             norm_growth_limit,
             ok,
             "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off",
         )
-        self._check(
+        check_arg(
             name,
             "convention",
             convention,
@@ -371,7 +355,7 @@ class APOLLO(Optimizer):
             target_modules = (target_modules,)
         if target_modules is not None:
             target_modules = tuple(target_modules)
-            self._check(
+            check_arg(
                 name,
                 "target_modules",
                 target_modules,
@@ -403,11 +387,6 @@ class APOLLO(Optimizer):
             self._check_targets(name, target_modules)
         keep_state_dtype_on_load(self)
         self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
-
-    @staticmethod
-    def _check(owner: str, key: str, value: Any, ok: bool, hint: str) -> None:
-        if not ok:
-            raise ValueError(f"{owner}({key}={value!r}) is invalid; {hint}")
 
     def _check_targets(self, name: str, target_modules: tuple[str, ...]) -> None:
         matched = set()
@@ -486,14 +465,15 @@ class APOLLO(Optimizer):
                     continue
                 reject_sparse_grad(p, type(self).__name__)
                 state = self.state[p]
-                dt = _math_dtype(p)
+                dt = compute_dtype(p)
                 if not on_apollo:
                     if "exp_avg" not in state:
                         state["step"] = 0
                         state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
                     state["step"] += 1
-                    adamw_update_(
+                    adamw = adamw_update_ if group["convention"] == "paper" else adamw_update_reference_
+                    adamw(
                         p,
                         p.grad,
                         state["exp_avg"],
@@ -504,7 +484,6 @@ class APOLLO(Optimizer):
                         beta2=beta2,
                         eps=group["eps"],
                         weight_decay=group["weight_decay"],
-                        convention=group["convention"],
                     )
                     continue
                 if "step" not in state:

@@ -16,11 +16,15 @@ from torch.optim import Optimizer
 __all__ = [
     "DEFAULT_ADAMW_PATTERNS",
     "LOW_PRECISION",
+    "adamw_update_",
     "backfill_group_defaults",
+    "check_arg",
     "check_betas",
     "check_flag",
     "check_lr_wd",
     "compute_dtype",
+    "is_int",
+    "is_number",
     "ensure_kahan_comp",
     "init_state",
     "keep_state_dtype_on_load",
@@ -47,6 +51,57 @@ DEFAULT_ADAMW_PATTERNS: tuple[str, ...] = (
     r"(?:^|[._])(?:embed\w*|embeddings?|wte|wpe|tok_emb\w*|pos_emb\w*)(?:\.|$)",
     r"(?:^|\.)(?:lm_head|head|output|classifier)\.weight$",
 )
+
+
+def adamw_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step, the non-matrix side of the hybrid optimizers (Muon, APOLLO) (torch's convention: ``p *= 1 - lr wd``; eps added to ``sqrt(v / bc2)``).
+
+    ``step`` is the 1-based count of this update; moments are float32 for bf16/fp16 parameters.
+    """
+    dt = compute_dtype(param)
+    g = grad.to(dt)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - beta1**step
+    bc2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
+    if param.dtype == dt:
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        param.addcdiv_(exp_avg, denom, value=-lr / bc1)
+    else:
+        p32 = param.to(dt)
+        if weight_decay != 0:
+            p32.mul_(1 - lr * weight_decay)
+        param.copy_(p32.addcdiv_(exp_avg, denom, value=-lr / bc1))
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def is_int(v: Any) -> bool:
+    """An int, not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_arg(cls: str, key: str, value: Any, ok: bool, hint: str) -> None:
+    """Raise ``ValueError("{cls}({key}={value!r}) is invalid; {hint}")`` unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{cls}({key}={value!r}) is invalid; {hint}")
 
 
 def check_lr_wd(cls: str, lr: float, weight_decay: float) -> None:

@@ -19,13 +19,16 @@ itself (its ``step``, ``state_dict`` and ``load_state_dict``), so checkpoints ar
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_opt.optim.base import (
+    check_arg,
+    is_number,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["adamw_8bit", "lion_8bit", "paged_adamw_8bit", "paged_lion_8bit", "require_bnb"]
@@ -89,32 +92,23 @@ def _groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     return [{"params": params}]
 
 
-def _check(cls: str, key: str, value: Any, ok: bool, hint: str) -> None:
-    if not ok:
-        raise ValueError(f"{cls}({key}={value!r}) is invalid; {hint}")
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _validate(
     cls: str, *, lr: float, betas: Any, weight_decay: float, min_8bit_size: int, eps: float | None = None
 ) -> tuple[float, float]:
-    _check(cls, "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-    _check(
+    check_arg(cls, "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+    check_arg(
         cls,
         "weight_decay",
         weight_decay,
-        _is_number(weight_decay) and weight_decay >= 0,
+        is_number(weight_decay) and weight_decay >= 0,
         "it must be a finite number >= 0",
     )
-    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
-    _check(cls, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
+    check_arg(cls, "betas", betas, ok, "expected a tuple of 2 floats in [0, 1)")
     if eps is not None:
-        _check(cls, "eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
+        check_arg(cls, "eps", eps, is_number(eps) and eps >= 0, "it must be a finite number >= 0")
     ok = isinstance(min_8bit_size, int) and not isinstance(min_8bit_size, bool) and min_8bit_size >= 0
-    _check(
+    check_arg(
         cls,
         "min_8bit_size",
         min_8bit_size,

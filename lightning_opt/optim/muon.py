@@ -20,8 +20,11 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
+    adamw_update_,
+    check_arg,
     check_flag,
     compute_dtype,
+    is_number,
     keep_state_dtype_on_load,
     reject_dtensor,
     reject_sparse_grad,
@@ -140,50 +143,6 @@ def muon_update_(
         param.copy_(p)
 
 
-def adamw_update_(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step: int,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW step (torch's convention: ``p *= 1 - lr wd``; eps added to ``sqrt(v / bc2)``).
-
-    ``step`` is the 1-based count of this update; moments are float32 for bf16/fp16 parameters.
-    """
-    dt = compute_dtype(param)
-    g = grad.to(dt)
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - beta1**step
-    bc2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps)
-    if param.dtype == dt:
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        param.addcdiv_(exp_avg, denom, value=-lr / bc1)
-    else:
-        p32 = param.to(dt)
-        if weight_decay != 0:
-            p32.mul_(1 - lr * weight_decay)
-        param.copy_(p32.addcdiv_(exp_avg, denom, value=-lr / bc1))
-
-
-def _check(cls: str, key: str, value: Any, ok: bool, hint: str) -> None:
-    if not ok:
-        raise ValueError(f"{cls}({key}={value!r}) is invalid; {hint}")
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
 def _resolve_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         if value is not None and not value.is_floating_point:
@@ -278,35 +237,35 @@ class Muon(Optimizer):
         adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS,
         flatten_conv: bool = False,
     ) -> None:
-        _check("Muon", "lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
-        _check(
+        check_arg("Muon", "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        check_arg(
             "Muon",
             "weight_decay",
             weight_decay,
-            _is_number(weight_decay) and weight_decay >= 0,
+            is_number(weight_decay) and weight_decay >= 0,
             "it must be a finite number >= 0",
         )
-        _check("Muon", "momentum", momentum, _is_number(momentum) and 0 <= momentum < 1, "it must lie in [0, 1)")
-        _check(
+        check_arg("Muon", "momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "it must lie in [0, 1)")
+        check_arg(
             "Muon",
             "ns_steps",
             ns_steps,
             isinstance(ns_steps, int) and not isinstance(ns_steps, bool) and 0 < ns_steps < 100,
             "it must be an int in [1, 99]",
         )
-        _check(
+        check_arg(
             "Muon",
             "ns_coefficients",
             ns_coefficients,
             isinstance(ns_coefficients, (tuple, list))
             and len(ns_coefficients) == 3
-            and all(_is_number(c) for c in ns_coefficients),
+            and all(is_number(c) for c in ns_coefficients),
             "expected three finite floats (a, b, c)",
         )
-        _check("Muon", "eps", eps, _is_number(eps) and eps > 0, "it must be a finite number > 0")
+        check_arg("Muon", "eps", eps, is_number(eps) and eps > 0, "it must be a finite number > 0")
         ns_dtype = _resolve_dtype(ns_dtype)
         adjust_lr_fn = "original" if adjust_lr_fn is None else adjust_lr_fn
-        _check(
+        check_arg(
             "Muon",
             "adjust_lr_fn",
             adjust_lr_fn,
@@ -318,10 +277,10 @@ class Muon(Optimizer):
                 "Muon(adamw_lr=..., adamw_lr_ratio=...) are exclusive; give one (adamw_lr is stored as adamw_lr / lr)"
             )
         if adamw_lr is not None:
-            _check(
-                "Muon", "adamw_lr", adamw_lr, _is_number(adamw_lr) and adamw_lr >= 0, "it must be a finite number >= 0"
+            check_arg(
+                "Muon", "adamw_lr", adamw_lr, is_number(adamw_lr) and adamw_lr >= 0, "it must be a finite number >= 0"
             )
-            _check(
+            check_arg(
                 "Muon",
                 "lr",
                 lr,
@@ -331,24 +290,24 @@ class Muon(Optimizer):
             adamw_lr_ratio = adamw_lr / lr
         elif adamw_lr_ratio is None:
             adamw_lr_ratio = _ORIGINAL_ADAMW_RATIO if adjust_lr_fn == "original" else 1.0
-        _check(
+        check_arg(
             "Muon",
             "adamw_lr_ratio",
             adamw_lr_ratio,
-            _is_number(adamw_lr_ratio) and adamw_lr_ratio >= 0,
+            is_number(adamw_lr_ratio) and adamw_lr_ratio >= 0,
             "it must be a finite number >= 0",
         )
-        _check(
+        check_arg(
             "Muon",
             "adamw_betas",
             adamw_betas,
             isinstance(adamw_betas, (tuple, list))
             and len(adamw_betas) == 2
-            and all(_is_number(b) and 0 <= b < 1 for b in adamw_betas),
+            and all(is_number(b) and 0 <= b < 1 for b in adamw_betas),
             "expected two floats in [0, 1)",
         )
-        _check(
-            "Muon", "adamw_eps", adamw_eps, _is_number(adamw_eps) and adamw_eps >= 0, "it must be a finite number >= 0"
+        check_arg(
+            "Muon", "adamw_eps", adamw_eps, is_number(adamw_eps) and adamw_eps >= 0, "it must be a finite number >= 0"
         )
         if isinstance(adamw_patterns, str):
             raise ValueError(

@@ -18,6 +18,9 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     check_flag,
+    compute_dtype,
+    is_int,
+    is_number,
     keep_state_dtype_on_load,
     params_with_grad,
     reject_dtensor,
@@ -34,11 +37,6 @@ __all__ = [
     "soap_update_",
 ]
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _math_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in _LOW_PRECISION else t.dtype
 
 
 def soap_merge_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
@@ -141,7 +139,7 @@ def soap_update_(
     ``p -= lr sqrt(bc2)/bc1 N``; ``p -= lr wd p``; then the preconditioners take ``G`` and, every
     ``precondition_frequency`` updates, the bases are refreshed (``m'`` is rotated along with them).
     """
-    dt = _math_dtype(param)
+    dt = compute_dtype(param)
     g = grad.to(dt).reshape(state["exp_avg"].shape)
     Q = state["Q"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -173,14 +171,6 @@ def soap_update_(
 def _check(key: str, value: Any, ok: bool, hint: str) -> None:
     if not ok:
         raise ValueError(f"SOAP({key}={value!r}) is invalid; {hint}")
-
-
-def _is_number(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class SOAP(Optimizer):
@@ -242,17 +232,17 @@ class SOAP(Optimizer):
         normalize_grads: bool = False,
         correct_bias: bool = True,
     ) -> None:
-        _check("lr", lr, _is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
+        _check("lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
         _check(
             "betas", betas,
-            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+            isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
             "expected two floats in [0, 1)",
         )
-        _check("shampoo_beta", shampoo_beta, shampoo_beta is None or (_is_number(shampoo_beta) and 0 <= shampoo_beta < 1), "expected None (use beta2) or a float in [0, 1)")
-        _check("eps", eps, _is_number(eps) and eps >= 0, "it must be a finite number >= 0")
-        _check("weight_decay", weight_decay, _is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
-        _check("precondition_frequency", precondition_frequency, _is_int(precondition_frequency) and precondition_frequency >= 1, "it must be an int >= 1")
-        _check("max_precond_dim", max_precond_dim, _is_int(max_precond_dim) and max_precond_dim >= 1, "it must be an int >= 1")
+        _check("shampoo_beta", shampoo_beta, shampoo_beta is None or (is_number(shampoo_beta) and 0 <= shampoo_beta < 1), "expected None (use beta2) or a float in [0, 1)")
+        _check("eps", eps, is_number(eps) and eps >= 0, "it must be a finite number >= 0")
+        _check("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
+        _check("precondition_frequency", precondition_frequency, is_int(precondition_frequency) and precondition_frequency >= 1, "it must be an int >= 1")
+        _check("max_precond_dim", max_precond_dim, is_int(max_precond_dim) and max_precond_dim >= 1, "it must be an int >= 1")
         defaults = {
             "lr": lr,
             "betas": tuple(float(b) for b in betas),
@@ -279,7 +269,7 @@ class SOAP(Optimizer):
 
     @staticmethod
     def _init_state(param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        dt = _math_dtype(param)
+        dt = compute_dtype(param)
         max_dim = group["max_precond_dim"]
         if param.ndim <= 1:
             shape = [max(param.numel(), 1)]

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.precision import LOW_PRECISION, compute_dtype, keep_state_dtype_on_load, new_kahan_comp
+
 __all__ = [
     "DEFAULT_ADAMW_PATTERNS",
     "LOW_PRECISION",
@@ -22,6 +24,7 @@ __all__ = [
     "check_betas",
     "check_flag",
     "check_lr_wd",
+    "check_rounding",
     "compute_dtype",
     "is_int",
     "is_number",
@@ -31,18 +34,8 @@ __all__ = [
     "params_with_grad",
     "reject_dtensor",
     "reject_sparse_grad",
-    "restore_fp32_state",
     "run_closure",
-    "stash_fp32_state",
 ]
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def compute_dtype(t: Tensor) -> torch.dtype:
-    """The dtype optimizer math runs in for ``t``: float32 for bf16/fp16 tensors, else ``t.dtype``."""
-    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
-
 
 #: Name regexes (``re.search``) of 2-D parameters that go to AdamW: embeddings anywhere in the name,
 #: and the weight of a module called ``lm_head``/``head``/``output``/``classifier`` (the output
@@ -122,6 +115,19 @@ def check_flag(cls: str, key: str, value: Any) -> bool:
     return value
 
 
+def check_rounding(cls: str, kahan_sum: Any, stochastic_rounding: Any) -> dict[str, bool]:
+    """The group options of the two roundings of bf16/fp16 updates (``precision``), checked.
+
+    Raises:
+        ValueError: a flag that is not a bool, or both on (they are exclusive).
+    """
+    kahan_sum = check_flag(cls, "kahan_sum", kahan_sum)
+    stochastic_rounding = check_flag(cls, "stochastic_rounding", stochastic_rounding)
+    if kahan_sum and stochastic_rounding:
+        raise ValueError(f"{cls}(kahan_sum=True, stochastic_rounding=True) is invalid; choose one rounding")
+    return {"kahan_sum": kahan_sum, "stochastic_rounding": stochastic_rounding}
+
+
 def check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:
     """``betas`` as a tuple of ``n`` floats, or ``ValueError`` naming ``cls`` unless each is in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != n:
@@ -151,44 +157,6 @@ def reject_dtensor(cls: str, param: Tensor, name: str | None = None) -> None:
         )
 
 
-def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
-    """Keep float32 state of low-precision parameters float32 through ``load_state_dict``.
-
-    torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
-    dtype, which would round fp32 moments of bf16 parameters to bf16 (and break exact resume). A
-    pre-hook keeps the saved entries of bf16/fp16 parameters and a post-hook puts them back, moved to
-    the parameter's device but in their saved dtype.
-    """
-    kept: dict[int, Any] = {}
-
-    def _move(value: Any, device: torch.device) -> Any:
-        if isinstance(value, Tensor):
-            return value.to(device=device, copy=True)
-        if isinstance(value, dict):
-            return {k: _move(v, device) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(_move(v, device) for v in value)
-        return value
-
-    def pre_hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
-        kept.clear()
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            if p.dtype in LOW_PRECISION and saved_id in state_dict["state"]:
-                kept[id(p)] = _move(state_dict["state"][saved_id], p.device)
-
-    def post_hook(opt: Optimizer) -> None:
-        for g in opt.param_groups:
-            for p in g["params"]:
-                if id(p) in kept:
-                    opt.state[p] = kept[id(p)]
-        kept.clear()
-
-    optimizer.register_load_state_dict_pre_hook(pre_hook)
-    optimizer.register_load_state_dict_post_hook(post_hook)
-
-
 def params_with_grad(group: dict[str, Any], cls: str) -> Iterator[Tensor]:
     """The parameters of ``group`` that have a gradient, in order: the loop head every ``step`` shares.
 
@@ -211,9 +179,6 @@ def reject_sparse_grad(p: Tensor, cls: str) -> None:
 def ensure_kahan_comp(state: dict[str, Any], p: Tensor, kahan_sum: bool) -> None:
     """Add ``state["kahan_comp"]`` once when ``kahan_sum`` is on and ``p`` is low precision."""
     if kahan_sum and "kahan_comp" not in state:
-        # imported here: _kahan imports this module
-        from lightning_opt.optim._kahan import new_kahan_comp
-
         comp = new_kahan_comp(p)
         if comp is not None:
             state["kahan_comp"] = comp
@@ -245,31 +210,3 @@ def run_closure(closure: Callable[[], Any] | None) -> Any:
         return None
     with torch.enable_grad():
         return closure()
-
-
-def stash_fp32_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
-    """``load_state_dict`` pre-hook: keep the saved float32 state tensors for ``restore_fp32_state``.
-
-    Optimizer.load_state_dict casts floating state to the param dtype, which would round the float32
-    state of bf16/fp16 parameters.
-    """
-    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    optimizer._fp32_stash = (
-        ids,
-        {
-            k: {n: v for n, v in s.items() if isinstance(v, Tensor) and v.dtype == torch.float32}
-            for k, s in state_dict["state"].items()
-        },
-    )
-
-
-def restore_fp32_state(optimizer: Optimizer) -> None:
-    """``load_state_dict`` post-hook: put the stashed float32 state of bf16/fp16 parameters back."""
-    ids, stash = getattr(optimizer, "_fp32_stash", None) or ([], {})
-    optimizer._fp32_stash = None
-    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"])))
-    for k, saved in stash.items():
-        p = params.get(k)
-        if p is not None and p.dtype in LOW_PRECISION:
-            for n, v in saved.items():
-                optimizer.state[p][n] = v.to(p.device, copy=True)

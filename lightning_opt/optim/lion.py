@@ -13,19 +13,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
-    check_flag,
     check_lr_wd,
+    check_rounding,
     init_state,
     params_with_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
-__all__ = ["Lion", "lion_update_"]
+__all__ = ["LION_IMPLS", "Lion", "lion", "lion_update_"]
 
 
 def lion_update_(
@@ -38,12 +39,14 @@ def lion_update_(
     beta2: float,
     weight_decay: float,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> None:
-    """One Lion step for one tensor, in place on ``param`` and ``exp_avg``.
+    """One Lion step for one tensor, in place on ``param`` and ``exp_avg`` (the reference).
 
     ``p <- p (1 - lr wd)``; ``c = b1 m + (1 - b1) g``; ``p <- p - lr sign(c)``;
     ``m <- b2 m + (1 - b2) g``. The math runs in float32 for bf16/fp16 tensors; ``exp_avg`` keeps
-    its dtype. With ``kahan_comp`` (a buffer in ``param``'s dtype) the step is Kahan-compensated.
+    its dtype. With ``kahan_comp`` (a buffer in ``param``'s dtype) the step is Kahan-compensated,
+    with ``stochastic`` a bf16 parameter is stochastically rounded (see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt)
@@ -55,7 +58,83 @@ def lion_update_(
     m.mul_(beta2).add_(g, alpha=1 - beta2)
     if m is not exp_avg:
         exp_avg.copy_(m)
-    apply_update_(param, update.mul_(-lr), kahan_comp)
+    apply_update_(param, update.mul_(-lr), kahan_comp, stochastic=stochastic)
+
+
+def _lion_for_loop(params, grads, exp_avgs, kahan_comps, **hp: Any) -> None:
+    for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps):
+        lion_update_(p, g, m, kahan_comp=c, **hp)
+
+
+def _lion_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    stochastic: bool = False,
+) -> None:
+    low = params[0].dtype in LOW_PRECISION
+    g = [x.float() for x in grads] if low else grads
+    m = [x.float() for x in exp_avgs] if low else exp_avgs
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    update = torch._foreach_mul(m, beta1)
+    torch._foreach_add_(update, g, alpha=1 - beta1)
+    torch._foreach_sign_(update)
+    torch._foreach_mul_(m, beta2)
+    torch._foreach_add_(m, g, alpha=1 - beta2)
+    if low:
+        torch._foreach_copy_(exp_avgs, m)
+    torch._foreach_mul_(update, -lr)
+    apply_updates_(params, update, kahan_comps, stochastic=stochastic)
+
+
+def _lion_fused(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
+    from lightning_opt.kernels import cpu
+
+    cpu.launch("lion", [params, grads, exp_avgs, kahan_comps], [lr, beta1, beta2, weight_decay], [int(stochastic)])
+
+
+def _lion_triton(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
+    from lightning_opt.kernels.triton_lion import lion_triton_
+
+    lion_triton_(params, grads, exp_avgs, kahan_comps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, stochastic=stochastic)
+
+
+#: Lion's implementations, by ``impl`` name (``for_loop`` is the reference)
+LION_IMPLS = {"for_loop": _lion_for_loop, "foreach": _lion_foreach, "fused": _lion_fused, "triton": _lion_triton}
+
+
+def lion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """Lion over tensor lists (the functional API): :func:`lion_update_` for every tensor, by ``impl``."""
+    dispatch(
+        "Lion",
+        impl,
+        LION_IMPLS,
+        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "kahan_comps": kahan_comps},
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        stochastic=stochastic,
+    )
 
 
 class Lion(Optimizer):
@@ -70,10 +149,14 @@ class Lion(Optimizer):
             ``0.0``; use 3-10x more than AdamW's).
         kahan_sum: Kahan-compensate the updates of bf16/fp16 parameters, so updates below their
             resolution are not lost (default ``False``; float32 parameters need and get no buffer).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; no extra memory; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
+            ``"foreach"``, ``"fused"`` or ``"triton"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
-        ValueError: negative or non-finite ``lr``/``weight_decay``, betas outside [0, 1), ``kahan_sum``
-            not a bool.
+        ValueError: negative or non-finite ``lr``/``weight_decay``, betas outside [0, 1), a flag
+            not a bool, both roundings, an unknown ``impl``.
 
     Example:
         >>> opt = Lion(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -91,36 +174,50 @@ class Lion(Optimizer):
         weight_decay: float = 0.0,
         *,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         check_lr_wd("Lion", lr, weight_decay)
         betas = check_betas("Lion", betas)
-        kahan_sum = check_flag("Lion", "kahan_sum", kahan_sum)
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "kahan_sum": kahan_sum}
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "weight_decay": weight_decay,
+            **check_rounding("Lion", kahan_sum, stochastic_rounding),
+            "impl": check_impl("Lion", impl, tuple(LION_IMPLS)),
+        }
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, kahan_sum=False)
+        backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            params, grads, exp_avgs, comps = [], [], [], []
             for p in params_with_grad(group, "Lion"):
                 state = self.state[p]
                 init_state(state, p, "exp_avg", step=False, kahan_sum=group["kahan_sum"])
-                lion_update_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    weight_decay=group["weight_decay"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+            beta1, beta2 = group["betas"]
+            lion(
+                params,
+                grads,
+                exp_avgs,
+                comps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+            )
         return loss
 
 

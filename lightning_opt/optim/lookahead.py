@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import compute_dtype
+from lightning_opt.optim.precision import compute_dtype
 from lightning_opt.optim.build import normalize_groups
 from lightning_opt.optim.registry import OptimInfo, accepted_hparams, get_optimizer_info, register, validate_hparams
 

@@ -38,9 +38,8 @@ from lightning_opt.optim.base import (
     LOW_PRECISION,
     check_flag,
     params_with_grad,
-    restore_fp32_state,
     run_closure,
-    stash_fp32_state,
+    keep_state_dtype_on_load,
 )
 from lightning_opt.optim.registry import OptimInfo, register
 
@@ -167,8 +166,7 @@ class ScheduleFreeBase(Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         defaults = {**defaults, "k": 0, "train_mode": True, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(stash_fp32_state)
-        self.register_load_state_dict_post_hook(restore_fp32_state)
+        keep_state_dtype_on_load(self)
 
     # -- hooks for subclasses
     def _beta(self, group: dict[str, Any]) -> float:

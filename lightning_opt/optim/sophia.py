@@ -44,16 +44,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim._kahan import apply_update_
+from lightning_opt.optim.precision import apply_update_
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_flag,
     compute_dtype,
     ensure_kahan_comp,
     params_with_grad,
-    restore_fp32_state,
     run_closure,
-    stash_fp32_state,
+    keep_state_dtype_on_load,
 )
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -205,8 +204,7 @@ class _Sophia(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(stash_fp32_state)
-        self.register_load_state_dict_post_hook(restore_fp32_state)
+        keep_state_dtype_on_load(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from lightning_opt.optim._kahan import apply_update_, kahan_add_, new_kahan_comp
+from lightning_opt.optim.precision import apply_update_, kahan_add_, new_kahan_comp
 from lightning_opt.optim.grokadamw import GrokAdamW
 from lightning_opt.optim.lamb_lars import Lamb, Lars
 from lightning_opt.optim.lion import Lion

@@ -1,0 +1,181 @@
+/* Shared pieces of the fused CPU optimizer kernels (lightning_opt.kernels.cpu).
+ *
+ * Every kernel has one C signature, so one Python launcher serves them all:
+ *   void NAME_SUFFIX(int64_t n, void **ptrs, const int64_t *sizes, const double *hp,
+ *                    const int64_t *ip, double *out, int nthreads)
+ *   n      tensors in the bucket; ptrs[l * n + t] is tensor t of list l (NULL where absent)
+ *   sizes  elements of tensor t; hp / ip the float / integer hyperparameters (runtime values)
+ *   out    per-tensor results (n * n_out doubles), e.g. a clipped lr or a trust ratio
+ * SUFFIX names the parameter storage type and, where it differs, the state's: f32, f64, bf16, f16,
+ * bf16_f32, f16_f32. Arithmetic is float32 for bf16/f16 (double for f64); bf16 stores round to
+ * nearest even (or stochastically, or Kahan-compensated: lightning_opt.optim.precision).
+ * Work is split into fixed chunks of LO_CHUNK elements, so per-tensor reductions add the same
+ * partial sums in the same order whatever the thread count: results are deterministic.
+ */
+#ifndef LO_COMMON_H
+#define LO_COMMON_H
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LO_CHUNK 16384
+
+typedef struct {
+  int64_t t, lo, hi;
+} lo_chunk;
+
+/* every (tensor, chunk) pair of the bucket, in order; the caller frees *out */
+static inline int64_t lo_make_chunks(int64_t n, const int64_t *sizes, lo_chunk **out) {
+  int64_t nc = 0;
+  for (int64_t t = 0; t < n; t++) nc += (sizes[t] + LO_CHUNK - 1) / LO_CHUNK;
+  lo_chunk *ch = (lo_chunk *)malloc(sizeof(lo_chunk) * (size_t)(nc > 0 ? nc : 1));
+  int64_t k = 0;
+  for (int64_t t = 0; t < n; t++)
+    for (int64_t lo = 0; lo < sizes[t]; lo += LO_CHUNK) {
+      ch[k].t = t;
+      ch[k].lo = lo;
+      ch[k].hi = lo + LO_CHUNK < sizes[t] ? lo + LO_CHUNK : sizes[t];
+      k++;
+    }
+  *out = ch;
+  return nc;
+}
+
+#define LO_STR(x) #x
+#define LO_PRAGMA(x) _Pragma(LO_STR(x))
+
+/* run the body (the variadic argument) for every chunk (t, lo, hi) of the bucket, chunks spread over nthreads threads */
+#define LO_FOR_CHUNKS(n, sizes, nthreads, ...)                                    \
+  do {                                                                            \
+    lo_chunk *lo_ch_;                                                             \
+    int64_t lo_nc_ = lo_make_chunks((n), (sizes), &lo_ch_);                       \
+    LO_PRAGMA(omp parallel for num_threads(nthreads) schedule(static))            \
+    for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++) {                            \
+      const int64_t t = lo_ch_[lo_c_].t, lo = lo_ch_[lo_c_].lo, hi = lo_ch_[lo_c_].hi; \
+      (void)t;                                                                    \
+      __VA_ARGS__                                                                 \
+    }                                                                             \
+    free(lo_ch_);                                                                 \
+  } while (0)
+
+/* per-tensor sums of per-chunk partials (double), added in chunk order: deterministic.
+ * The body (variadic argument) must accumulate chunk (lo, hi) of tensor t into double acc[0..k-1]. */
+#define LO_TENSOR_SUMS(n, sizes, nthreads, k, sums, ...)                         \
+  do {                                                                            \
+    lo_chunk *lo_ch_;                                                             \
+    int64_t lo_nc_ = lo_make_chunks((n), (sizes), &lo_ch_);                       \
+    double *lo_part_ = (double *)calloc((size_t)(lo_nc_ > 0 ? lo_nc_ : 1) * (k), sizeof(double)); \
+    LO_PRAGMA(omp parallel for num_threads(nthreads) schedule(static))            \
+    for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++) {                            \
+      const int64_t t = lo_ch_[lo_c_].t, lo = lo_ch_[lo_c_].lo, hi = lo_ch_[lo_c_].hi; \
+      double *acc = lo_part_ + lo_c_ * (k);                                       \
+      __VA_ARGS__                                                                 \
+    }                                                                             \
+    memset((sums), 0, sizeof(double) * (size_t)(n) * (k));                        \
+    for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++)                              \
+      for (int64_t j_ = 0; j_ < (k); j_++) (sums)[lo_ch_[lo_c_].t * (k) + j_] += lo_part_[lo_c_ * (k) + j_]; \
+    free(lo_part_);                                                               \
+    free(lo_ch_);                                                                 \
+  } while (0)
+
+/* ---- storage types: load to the compute type, store with rounding ---- */
+typedef uint16_t lo_bf16;
+typedef _Float16 lo_f16;
+
+static inline float lo_bf16_to_f32(lo_bf16 x) {
+  uint32_t u = ((uint32_t)x) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline uint32_t lo_f32_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+
+/* round to nearest even; NaN stays NaN (quiet) */
+static inline lo_bf16 lo_f32_to_bf16(float f) {
+  uint32_t u = lo_f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (lo_bf16)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (lo_bf16)(u >> 16);
+}
+
+/* Wellons' lowbias32 hash; the same in lightning_opt.optim.precision.sr_bits and the Triton kernels */
+static inline uint32_t lo_hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+/* stochastic rounding of f to bf16: add 16 hashed bits below the kept ones, truncate */
+static inline lo_bf16 lo_f32_to_bf16_sr(float f, int64_t i) {
+  uint32_t u = lo_f32_bits(f);
+  if ((u & 0x7f800000u) == 0x7f800000u) return lo_f32_to_bf16(f);
+  uint32_t r = lo_hash32(lo_hash32((uint32_t)i) ^ u) & 0xffffu;
+  return (lo_bf16)((u + r) >> 16);
+}
+
+/* LD_<tag>(x): storage -> compute type; ST_<tag>(v): compute type -> storage (nearest even) */
+#define LD_f32(x) (x)
+#define ST_f32(v) (v)
+#define LD_f64(x) (x)
+#define ST_f64(v) (v)
+#define LD_bf16(x) lo_bf16_to_f32(x)
+#define ST_bf16(v) lo_f32_to_bf16(v)
+#define LD_f16(x) ((float)(x))
+#define ST_f16(v) ((lo_f16)(v))
+/* R_<tag>(v): v rounded through the storage type, back in the compute type */
+#define R_f32(v) (v)
+#define R_f64(v) (v)
+#define R_bf16(v) lo_bf16_to_f32(lo_f32_to_bf16(v))
+#define R_f16(v) ((float)(lo_f16)(v))
+
+/* p_new = p + d stored into P[i] (p already loaded, possibly modified, in the compute type):
+ * Kahan-compensated when C is not NULL (C in P's type, as torch's c += d; old = p; p += c;
+ * c += old - p, each result rounded), stochastically rounded when sr (bf16), nearest otherwise. */
+#define LO_DEFINE_UPDATE(TAG, PT, CT)                                                   \
+  static inline void lo_update_##TAG(PT *P, PT *C, int64_t i, CT p, CT d, int sr) {     \
+    if (C) {                                                                            \
+      CT c1 = R_##TAG(LD_##TAG(C[i]) + d);                                              \
+      CT p1 = R_##TAG(p + c1);                                                          \
+      CT dd = R_##TAG(p - p1);                                                          \
+      P[i] = ST_##TAG(p1);                                                              \
+      C[i] = ST_##TAG(c1 + dd);                                                         \
+    } else {                                                                            \
+      LO_STORE_##TAG(P, i, p + d, sr);                                                  \
+    }                                                                                   \
+  }
+#define LO_STORE_f32(P, i, v, sr) ((P)[i] = (v))
+#define LO_STORE_f64(P, i, v, sr) ((P)[i] = (v))
+#define LO_STORE_f16(P, i, v, sr) ((P)[i] = (lo_f16)(v))
+#define LO_STORE_bf16(P, i, v, sr) ((P)[i] = (sr) ? lo_f32_to_bf16_sr((v), (i)) : lo_f32_to_bf16(v))
+LO_DEFINE_UPDATE(f32, float, float)
+LO_DEFINE_UPDATE(f64, double, double)
+LO_DEFINE_UPDATE(bf16, lo_bf16, float)
+LO_DEFINE_UPDATE(f16, lo_f16, float)
+
+/* the same store without Kahan: P[i] = v rounded (stochastically with sr, bf16 only) */
+#define LO_STORE(TAG, P, i, v, sr) LO_STORE_##TAG(P, i, v, sr)
+
+/* Instantiate KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT) for every storage combination the launcher
+ * asks for: parameters and state of one type, or bf16/f16 parameters with float32 state. */
+#define LO_INSTANTIATE(KERNEL)                        \
+  KERNEL(f32, f32, float, f32, float, float)          \
+  KERNEL(f64, f64, double, f64, double, double)       \
+  KERNEL(bf16, bf16, lo_bf16, bf16, lo_bf16, float)   \
+  KERNEL(f16, f16, lo_f16, f16, lo_f16, float)        \
+  KERNEL(bf16_f32, bf16, lo_bf16, f32, float, float)  \
+  KERNEL(f16_f32, f16, lo_f16, f32, float, float)
+
+#define LO_SIGNATURE(NAME, SUFFIX)                                                     \
+  void NAME##_##SUFFIX(int64_t n, void **ptrs, const int64_t *sizes, const double *hp, \
+                       const int64_t *ip, double *out, int nthreads)
+
+#endif

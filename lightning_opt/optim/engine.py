@@ -1,0 +1,167 @@
+"""The optimizer engine: implementation choice and multi-tensor dispatch, shared by every family.
+
+Infrastructure (registers nothing). torch.optim's split: a class validates its options and gathers
+per-group tensor lists (``_init_group``); one list-level function per family does the math; this
+module picks, per (device, dtype) bucket of a group, which implementation of that function runs:
+
+- ``"for_loop"``: one tensor at a time (the reference; every other impl must equal it);
+- ``"foreach"``: multi-tensor ``torch._foreach_*`` ops (fewest launches on a GPU);
+- ``"fused"``: one fused C kernel per bucket on the CPU (:mod:`lightning_opt.kernels.cpu`), a single
+  pass over memory; built once per machine with the system C compiler;
+- ``"triton"``: one Triton launch per bucket on CUDA (:mod:`lightning_opt.kernels.triton_launcher`);
+  on the CPU only under ``TRITON_INTERPRET=1`` (the interpreter, for tests);
+- ``"auto"`` (the default): ``triton`` on CUDA when Triton works there (``foreach`` otherwise),
+  ``fused`` on the CPU when the kernel library builds (``for_loop`` otherwise: on the CPU torch's
+  ``foreach`` ops are no faster than its loop), ``for_loop`` for DTensor (FSDP2) shards.
+
+An impl the optimizer does not have is refused when it is constructed; one that cannot run where it
+is asked to (``"fused"`` on a GPU, ``"triton"`` on a CPU, either on a DTensor) raises at the first
+step with the impl to use instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args
+
+import torch
+from torch import Tensor
+
+__all__ = ["IMPLS", "Impl", "check_impl", "dispatch", "is_dtensor", "resolve_impl"]
+
+Impl = Literal["auto", "for_loop", "foreach", "fused", "triton"]
+IMPLS: tuple[str, ...] = get_args(Impl)
+
+#: dtypes the fused CPU kernels and the Triton kernels take for parameters
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_impl(cls: str, impl: Any, supported: Sequence[str]) -> str:
+    """``impl`` if it is ``"auto"`` or one of ``supported``, else ``ValueError`` naming ``cls``.
+
+    Call it in ``__init__`` (and for a group's own ``impl`` in ``add_param_group``) so a typo or
+    an impl the family lacks fails at construction.
+    """
+    choices = ("auto", *supported)
+    if not isinstance(impl, str) or impl not in choices:
+        raise ValueError(f"{cls}(impl={impl!r}) is invalid; expected one of {choices}")
+    return impl
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 shard)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _triton_usable(device: torch.device) -> bool:
+    from lightning_opt.kernels import triton_launcher
+
+    return triton_launcher.usable(device)
+
+
+def _fused_usable() -> bool:
+    from lightning_opt.kernels import cpu
+
+    return cpu.available()
+
+
+def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor) -> str:
+    """The impl that runs for a bucket whose tensors are like ``sample`` (same device and dtype).
+
+    Raises:
+        RuntimeError: an explicit ``impl`` cannot run on ``sample``'s device, dtype or tensor type,
+            with the impl to use instead.
+    """
+    device = sample.device
+    dtensor = is_dtensor(sample)
+    if impl == "auto":
+        if dtensor:
+            return "for_loop"
+        if device.type == "cuda":
+            if "triton" in supported and sample.dtype in KERNEL_DTYPES and _triton_usable(device):
+                return "triton"
+            return "foreach" if "foreach" in supported else "for_loop"
+        if device.type == "cpu" and "fused" in supported and sample.dtype in KERNEL_DTYPES and _fused_usable():
+            return "fused"
+        return "for_loop"
+    if impl in ("fused", "triton"):
+        if dtensor:
+            raise RuntimeError(
+                f"{cls}(impl={impl!r}) steps plain tensors, got a DTensor (FSDP2 shard); use impl='auto' or 'for_loop'"
+            )
+        if sample.dtype not in KERNEL_DTYPES:
+            raise RuntimeError(
+                f"{cls}(impl={impl!r}) takes {', '.join(str(d) for d in KERNEL_DTYPES)} parameters, got "
+                f"{sample.dtype}; use impl='for_loop'"
+            )
+    if impl == "fused":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"{cls}(impl='fused') is the CPU kernel; the parameters are on {device}: use impl='triton' or 'foreach'"
+            )
+        from lightning_opt.kernels import cpu
+
+        cpu.require()
+    elif impl == "triton":
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not (device.type == "cpu" and interpret):
+            raise RuntimeError(
+                f"{cls}(impl='triton') needs CUDA tensors (the parameters are on {device}); on the CPU use "
+                "impl='fused', or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
+            )
+        from lightning_opt.kernels import triton_launcher
+
+        triton_launcher.require(device)
+    return impl
+
+
+def _bucket_key(t: Tensor) -> tuple[Any, ...]:
+    return (t.device, t.dtype, is_dtensor(t))
+
+
+def dispatch(
+    cls: str,
+    impl: str,
+    impls: Mapping[str, Callable[..., Any]],
+    lists: Mapping[str, Sequence[Any]],
+    **hparams: Any,
+) -> list[Any]:
+    """Run the family's list-level function for each (device, dtype) bucket of ``lists``.
+
+    Args:
+        cls: the optimizer's name, for errors.
+        impl: the group's ``impl`` option.
+        impls: the family's implementations by name (``"for_loop"`` is required; it is also the
+            fallback ``"auto"`` takes).
+        lists: equally long lists keyed by argument name; the first is the parameters, which decide
+            the buckets. Entries may be ``None`` (an absent Kahan buffer).
+        hparams: keyword arguments passed unchanged to every call.
+
+    Returns:
+        The per-tensor results (whatever each implementation returns per tensor, e.g. StableAdamW's
+        clipped lr), in the order of ``lists``, or ``[]`` when the implementations return ``None``.
+    """
+    names = list(lists)
+    params = lists[names[0]]
+    if not params:
+        return []
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(params):
+        buckets.setdefault(_bucket_key(p), []).append(i)
+    supported = tuple(impls)
+    results: list[Any] = [None] * len(params)
+    any_result = False
+    for idx in buckets.values():
+        chosen = resolve_impl(cls, impl, supported, params[idx[0]])
+        sliced = {n: [lists[n][i] for i in idx] for n in names}
+        out = impls[chosen](**sliced, **hparams)
+        if out is not None:
+            any_result = True
+            for i, r in zip(idx, out):
+                results[i] = r
+    return results if any_result else []

@@ -1,0 +1,220 @@
+"""The shared precision service: compute dtype, state-dtype policy, rounding of the final store.
+
+Infrastructure (registers nothing). Every family and every implementation (``for_loop``,
+``foreach``, the fused CPU kernel, Triton) follows the same rules, so a precision plugin can switch a
+rounding mode on for any optimizer:
+
+- **Compute dtype**: the math runs in float32 for bfloat16/float16 tensors, in the tensor's own
+  dtype otherwise (:func:`compute_dtype`).
+- **State dtype** (one policy): elementwise state (moments, EMAs, momentum buffers) is created like
+  the parameter, in the parameter's dtype, as torch.optim does, so ``bf16-true`` halves state
+  memory; matrix-optimizer state that feeds a whole-matrix computation (Muon's momentum, SOAP's
+  preconditioners, the AdamW side of the hybrids) is float32 for bf16/fp16 parameters
+  (:func:`matrix_state_dtype`). :func:`keep_state_dtype_on_load` keeps that float32 state float32
+  through ``load_state_dict`` (torch would cast it to the parameter's dtype).
+- **The final store** of a bf16/fp16 parameter is one of three roundings (:data:`Rounding`):
+  ``"nearest"`` (round to nearest even, what ``param.add_(delta_fp32)`` does), ``"kahan"``
+  (Kahan-compensated: the part of each update that rounding lost is kept in a buffer of the
+  parameter's dtype and added back next step; Zamirai et al. 2020, arXiv:2010.06192, the scheme of
+  torch-optimi's ``kahan_sum``) or ``"stochastic"`` (round up with probability equal to the
+  remainder, so updates below the resolution survive in expectation; bfloat16 only, no extra
+  memory). float32/float64 parameters always take the plain store.
+
+Stochastic rounding draws its bits from a counter-based hash of the element index and the bits of
+the unrounded value (:func:`sr_bits`), not from a generator: it needs no state, so a checkpoint
+round-trips bit-exactly, and every implementation (torch ops, C, Triton) draws the same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "LOW_PRECISION",
+    "Rounding",
+    "apply_update_",
+    "apply_updates_",
+    "compute_dtype",
+    "kahan_add_",
+    "keep_state_dtype_on_load",
+    "matrix_state_dtype",
+    "new_kahan_comp",
+    "sr_bits",
+    "stochastic_round",
+    "store_",
+]
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+#: How a bf16/fp16 parameter's update is stored (see the module docstring).
+Rounding = Literal["nearest", "kahan", "stochastic"]
+
+_MASK32 = 0xFFFFFFFF
+
+
+def compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype optimizer math runs in for ``t``: float32 for bf16/fp16 tensors, else ``t.dtype``."""
+    return torch.float32 if t.dtype in LOW_PRECISION else t.dtype
+
+
+def matrix_state_dtype(t: Tensor) -> torch.dtype:
+    """The dtype of whole-matrix state for ``t`` (float32 for bf16/fp16, else ``t.dtype``)."""
+    return compute_dtype(t)
+
+
+def new_kahan_comp(param: Tensor) -> Tensor | None:
+    """A zero compensation buffer for ``param`` if it is bf16/fp16, else ``None`` (fp32 needs none)."""
+    if param.dtype in LOW_PRECISION:
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+    return None
+
+
+def kahan_add_(param: Tensor, delta: Tensor, comp: Tensor) -> None:
+    """``param += delta`` with Kahan compensation; ``comp`` carries the rounding error across calls.
+
+    Args:
+        param: the (low-precision) parameter, updated in place.
+        delta: the update to add, in any floating dtype (usually float32); not modified.
+        comp: compensation buffer of ``param``'s shape and dtype, updated in place.
+
+    The sequence is ``c += delta; old = p; p += c; c += old - p`` (each result rounded to the
+    parameter's dtype): after it, ``p + c`` equals the exactly accumulated sum up to the rounding of
+    ``c`` itself, so updates below ``p``'s resolution accumulate in ``c`` until they move ``p``.
+    """
+    comp.add_(delta)
+    old = param.detach().clone()
+    param.add_(comp)
+    comp.add_(old.sub_(param))
+
+
+def _hash32(x: Tensor) -> Tensor:
+    # Wellons' "lowbias32" integer hash on int64 tensors holding 32-bit values (products wrap; the
+    # mask keeps the low 32 bits, as uint32 arithmetic in C and Triton does)
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sr_bits(value: Tensor) -> Tensor:
+    """The 16 random bits stochastic rounding adds to each float32 element of ``value`` (int64).
+
+    ``hash32(hash32(index) ^ bits(value)) & 0xFFFF``, with ``index`` the element's position in the
+    flattened tensor: the same in every implementation.
+    """
+    flat = value.reshape(-1)
+    idx = torch.arange(flat.numel(), device=value.device, dtype=torch.int64)
+    bits = flat.view(torch.int32).to(torch.int64) & _MASK32
+    return (_hash32(_hash32(idx) ^ bits) & 0xFFFF).view(value.shape)
+
+
+def stochastic_round(value: Tensor) -> Tensor:
+    """``value`` (float32) rounded to bfloat16, up with probability equal to the dropped remainder.
+
+    The 16 dropped mantissa bits plus :func:`sr_bits` carry into the kept bits or not; inf and NaN
+    are rounded to nearest (the carry would change them).
+    """
+    if value.dtype != torch.float32:
+        raise TypeError(f"stochastic_round takes float32 values, got {value.dtype}")
+    bits = value.reshape(-1).view(torch.int32).to(torch.int64) & _MASK32
+    rounded = ((bits + sr_bits(value).reshape(-1)) & 0xFFFF0000).to(torch.int64)
+    # back to a signed int32 bit pattern
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    out = rounded.view(torch.float32).view(value.shape).to(torch.bfloat16)
+    return torch.where(torch.isfinite(value), out, value.to(torch.bfloat16))
+
+
+def store_(param: Tensor, value: Tensor, *, stochastic: bool = False) -> None:
+    """Write ``value`` (the updated parameter in its compute dtype) into ``param``.
+
+    ``stochastic`` rounds a bfloat16 parameter stochastically; otherwise the copy rounds to nearest.
+    """
+    if stochastic and param.dtype == torch.bfloat16:
+        param.copy_(stochastic_round(value.float()))
+    else:
+        param.copy_(value)
+
+
+def apply_update_(param: Tensor, delta: Tensor, comp: Tensor | None, *, stochastic: bool = False) -> None:
+    """``param += delta``: Kahan-compensated with a ``comp`` buffer, stochastically rounded with
+    ``stochastic`` (bfloat16), rounded to nearest otherwise."""
+    if comp is not None:
+        kahan_add_(param, delta, comp)
+    elif stochastic and param.dtype == torch.bfloat16:
+        param.copy_(stochastic_round(param.float().add_(delta)))
+    else:
+        param.add_(delta)  # computed in the wider dtype, rounded once to param's
+
+
+def apply_updates_(
+    params: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+    comps: Sequence[Tensor | None],
+    *,
+    stochastic: bool = False,
+) -> None:
+    """:func:`apply_update_` over lists with multi-tensor (``torch._foreach_*``) ops.
+
+    All ``params`` share one dtype (the engine buckets by device and dtype); ``comps`` is all
+    buffers or all ``None``.
+    """
+    if not params:
+        return
+    params, deltas = list(params), list(deltas)
+    if comps and comps[0] is not None:
+        comps = list(comps)
+        torch._foreach_add_(comps, deltas)
+        old = torch._foreach_mul(params, 1.0)  # a copy
+        torch._foreach_add_(params, comps)
+        torch._foreach_sub_(old, params)
+        torch._foreach_add_(comps, old)
+    elif stochastic and params[0].dtype == torch.bfloat16:
+        for p, d in zip(params, deltas):
+            p.copy_(stochastic_round(p.float().add_(d)))
+    elif params[0].dtype == deltas[0].dtype:
+        torch._foreach_add_(params, deltas)
+    else:
+        # foreach add needs equal dtypes: add in float32, round once on the copy back
+        wide = [p.to(d.dtype) for p, d in zip(params, deltas)]
+        torch._foreach_add_(wide, deltas)
+        torch._foreach_copy_(params, wide)
+
+
+def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
+    """Keep the float32 state of low-precision parameters float32 through ``load_state_dict``.
+
+    torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
+    dtype, which would round float32 moments of bf16 parameters to bf16 (and break exact resume). A
+    pre-hook keeps the saved float32 entries of bf16/fp16 parameters and a post-hook puts them back,
+    moved to the parameter's device, in float32. State saved in the parameter's dtype is untouched.
+    """
+    kept: dict[int, dict[str, Any]] = {}
+
+    def pre_hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
+        kept.clear()
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if p.dtype in LOW_PRECISION and saved is not None:
+                kept[id(p)] = {
+                    k: v.to(p.device, copy=True)
+                    for k, v in saved.items()
+                    if isinstance(v, Tensor) and v.dtype == torch.float32
+                }
+
+    def post_hook(opt: Optimizer) -> None:
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if id(p) in kept:
+                    opt.state[p].update(kept[id(p)])
+        kept.clear()
+
+    optimizer.register_load_state_dict_pre_hook(pre_hook)
+    optimizer.register_load_state_dict_post_hook(post_hook)

@@ -1,7 +1,7 @@
 """The fused CPU kernels and their one multi-tensor launcher.
 
 The C sources in ``csrc/`` (one file per algorithm family, sharing ``csrc/common.h``) are compiled
-once per machine into one shared library with the system C compiler (``$CC``, else ``cc`` or
+once per machine, each into its own shared library, with the system C compiler (``$CC``, else ``cc`` or
 ``gcc``; ``-O3 -march=native``, OpenMP when the compiler has it), cached under
 ``$LIGHTNING_OPT_CACHE`` (default ``~/.cache/lightning_opt``) by a hash of the sources, the
 compiler and the CPU, and loaded with :mod:`ctypes`. Building takes about a second; it happens at
@@ -33,8 +33,8 @@ __all__ = ["available", "build_error", "launch", "library_path", "require"]
 _CSRC = Path(__file__).with_name("csrc")
 _TAGS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
+_libs: dict[str, ctypes.CDLL] = {}
+_errors: dict[str, str] = {}
 _functions: dict[str, ctypes._CFuncPtr] = {}
 
 
@@ -61,32 +61,26 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
-def _sources() -> list[Path]:
-    return sorted(_CSRC.glob("*.c"))
-
-
-def library_path(cc: str) -> Path:
-    """Where the library built by ``cc`` from the current sources is cached."""
+def library_path(family: str, cc: str) -> Path:
+    """Where the library of ``csrc/<family>.c`` built by ``cc`` is cached (keyed by source, compiler, CPU)."""
     h = hashlib.sha256()
-    for src in [*_sources(), _CSRC / "common.h"]:
-        h.update(src.name.encode())
+    for src in (_CSRC / f"{family}.c", _CSRC / "common.h"):
         h.update(src.read_bytes())
     h.update(cc.encode())
     h.update(_cpu_id().encode())
-    return _cache_dir() / f"lightning_opt_cpu_{h.hexdigest()[:16]}.so"
+    return _cache_dir() / f"lightning_opt_{family}_{h.hexdigest()[:16]}.so"
 
 
-def _compile(cc: str, out: Path) -> None:
+def _compile(cc: str, src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     base = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-I", str(_CSRC)]
-    srcs = [str(s) for s in _sources()]
     # build into a temporary file and rename: concurrent processes (DDP ranks) never see half a file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         errors = []
         for extra in (["-fopenmp"], []):
-            proc = subprocess.run([*base, *extra, *srcs, "-o", tmp, "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([*base, *extra, str(src), "-o", tmp, "-lm"], capture_output=True, text=True)
             if proc.returncode == 0:
                 os.replace(tmp, out)
                 return
@@ -97,52 +91,54 @@ def _compile(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
-def _load() -> ctypes.CDLL | None:
-    global _lib, _error
-    if _lib is not None or _error is not None:
-        return _lib
+def _load(family: str) -> ctypes.CDLL | None:
+    if family in _libs or family in _errors:
+        return _libs.get(family)
     with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
+        if family in _libs or family in _errors:
+            return _libs.get(family)
+        src = _CSRC / f"{family}.c"
         cc = _compiler()
-        if cc is None:
-            _error = "no C compiler found ($CC, cc, gcc or clang)"
-            return None
-        path = library_path(cc)
-        try:
-            if not path.exists():
-                _compile(cc, path)
-            _lib = ctypes.CDLL(str(path))
-        except (OSError, RuntimeError) as err:
-            _error = f"building the kernels with {cc} failed: {err}"
-    return _lib
+        if not src.exists():
+            _errors[family] = f"there is no fused CPU kernel {family!r} ({src} is missing)"
+        elif cc is None:
+            _errors[family] = "no C compiler found ($CC, cc, gcc or clang)"
+        else:
+            path = library_path(family, cc)
+            try:
+                if not path.exists():
+                    _compile(cc, src, path)
+                _libs[family] = ctypes.CDLL(str(path))
+            except (OSError, RuntimeError) as err:
+                _errors[family] = f"building {src.name} with {cc} failed: {err}"
+    return _libs.get(family)
 
 
-def available() -> bool:
-    """The kernel library is built (or builds now) and loads."""
-    return _load() is not None
+def available(family: str = "lion") -> bool:
+    """The kernel library of ``family`` is built (or builds now) and loads."""
+    return _load(family) is not None
 
 
-def build_error() -> str | None:
-    """Why the library is not available, or ``None``."""
-    _load()
-    return _error
+def build_error(family: str = "lion") -> str | None:
+    """Why the library of ``family`` is not available, or ``None``."""
+    _load(family)
+    return _errors.get(family)
 
 
-def require() -> None:
-    """Raise ``RuntimeError`` (why, and what to use instead) unless the library is available."""
-    if not available():
+def require(family: str = "lion") -> None:
+    """Raise ``RuntimeError`` (why, and what to use instead) unless ``family``'s kernels are available."""
+    if not available(family):
         raise RuntimeError(
-            f"impl='fused' needs the fused CPU kernels, which are not available: {_error}. Install a C "
+            f"impl='fused' needs the fused CPU kernels, which are not available: {_errors[family]}. Install a C "
             "compiler (gcc) or use impl='for_loop'"
         )
 
 
-def _function(name: str) -> ctypes._CFuncPtr:
+def _function(family: str, name: str) -> ctypes._CFuncPtr:
     fn = _functions.get(name)
     if fn is None:
-        require()
-        fn = getattr(_lib, name)
+        require(family)
+        fn = getattr(_libs[family], name)
         fn.argtypes = [
             ctypes.c_int64,
             ctypes.c_void_p,
@@ -168,6 +164,7 @@ def suffix(param_dtype: torch.dtype, state_dtype: torch.dtype | None = None) -> 
 
 
 def launch(
+    family: str,
     kernel: str,
     lists: Sequence[Sequence[Tensor | None]],
     hp: Sequence[float],
@@ -176,10 +173,11 @@ def launch(
     state_dtype: torch.dtype | None = None,
     n_out: int = 0,
 ) -> list[list[float]] | None:
-    """Call ``kernel`` once over every tensor of ``lists`` (``lists[0]`` are the parameters).
+    """Call ``kernel`` of ``csrc/<family>.c`` once over every tensor of ``lists`` (``lists[0]``: the parameters).
 
     Args:
-        kernel: the family's kernel name in ``csrc/`` (``"lion"``).
+        family: the C source's stem (``"lion"``); each family's file builds into its own library.
+        kernel: the kernel's name in it (``"lion"``), without the dtype suffix.
         lists: equally long tensor lists in the kernel's order; ``None`` entries become NULL.
         hp: float hyperparameters (passed as doubles); ``ip``: integer ones.
         state_dtype: the dtype of the state lists when it differs from the parameters'.
@@ -190,7 +188,7 @@ def launch(
     """
     params = lists[0]
     n = len(params)
-    fn = _function(f"{kernel}_{suffix(params[0].dtype, state_dtype)}")
+    fn = _function(family, f"{kernel}_{suffix(params[0].dtype, state_dtype)}")
     ptrs = (ctypes.c_void_p * (n * len(lists)))()
     sizes = (ctypes.c_int64 * n)()
     write_back: list[tuple[Tensor, Tensor]] = []

@@ -64,14 +64,16 @@ def _triton_usable(device: torch.device) -> bool:
     return triton_launcher.usable(device)
 
 
-def _fused_usable() -> bool:
+def _fused_usable(family: str) -> bool:
     from lightning_opt.kernels import cpu
 
-    return cpu.available()
+    return cpu.available(family)
 
 
-def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor) -> str:
+def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor, family: str) -> str:
     """The impl that runs for a bucket whose tensors are like ``sample`` (same device and dtype).
+
+    ``family`` names the family's fused CPU kernel source (``kernels/csrc/<family>.c``).
 
     Raises:
         RuntimeError: an explicit ``impl`` cannot run on ``sample``'s device, dtype or tensor type,
@@ -86,7 +88,7 @@ def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor) 
             if "triton" in supported and sample.dtype in KERNEL_DTYPES and _triton_usable(device):
                 return "triton"
             return "foreach" if "foreach" in supported else "for_loop"
-        if device.type == "cpu" and "fused" in supported and sample.dtype in KERNEL_DTYPES and _fused_usable():
+        if device.type == "cpu" and "fused" in supported and sample.dtype in KERNEL_DTYPES and _fused_usable(family):
             return "fused"
         return "for_loop"
     if impl in ("fused", "triton"):
@@ -106,7 +108,7 @@ def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor) 
             )
         from lightning_opt.kernels import cpu
 
-        cpu.require()
+        cpu.require(family)
     elif impl == "triton":
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type != "cuda" and not (device.type == "cpu" and interpret):
@@ -126,6 +128,7 @@ def _bucket_key(t: Tensor) -> tuple[Any, ...]:
 
 def dispatch(
     cls: str,
+    family: str,
     impl: str,
     impls: Mapping[str, Callable[..., Any]],
     lists: Mapping[str, Sequence[Any]],
@@ -135,6 +138,7 @@ def dispatch(
 
     Args:
         cls: the optimizer's name, for errors.
+        family: the stem of the family's fused CPU kernel source (``kernels/csrc/<family>.c``).
         impl: the group's ``impl`` option.
         impls: the family's implementations by name (``"for_loop"`` is required; it is also the
             fallback ``"auto"`` takes).
@@ -157,7 +161,7 @@ def dispatch(
     results: list[Any] = [None] * len(params)
     any_result = False
     for idx in buckets.values():
-        chosen = resolve_impl(cls, impl, supported, params[idx[0]])
+        chosen = resolve_impl(cls, impl, supported, params[idx[0]], family)
         sliced = {n: [lists[n][i] for i in idx] for n in names}
         out = impls[chosen](**sliced, **hparams)
         if out is not None:

@@ -7,7 +7,7 @@ resolve to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -97,7 +97,7 @@ def _lion_foreach(
 def _lion_fused(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
     from lightning_opt.kernels import cpu
 
-    cpu.launch("lion", [params, grads, exp_avgs, kahan_comps], [lr, beta1, beta2, weight_decay], [int(stochastic)])
+    cpu.launch("lion", "lion", [params, grads, exp_avgs, kahan_comps], [lr, beta1, beta2, weight_decay], [int(stochastic)])
 
 
 def _lion_triton(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
@@ -126,6 +126,7 @@ def lion(
     """Lion over tensor lists (the functional API): :func:`lion_update_` for every tensor, by ``impl``."""
     dispatch(
         "Lion",
+        "lion",
         impl,
         LION_IMPLS,
         {"params": params, "grads": grads, "exp_avgs": exp_avgs, "kahan_comps": kahan_comps},
@@ -165,6 +166,9 @@ class Lion(Optimizer):
     ``exp_avg`` per parameter (plus ``kahan_comp`` with ``kahan_sum``). Paper: Chen et al.,
     "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675.
     """
+
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(LION_IMPLS)
 
     def __init__(
         self,

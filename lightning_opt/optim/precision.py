@@ -187,33 +187,37 @@ def apply_updates_(
 
 
 def keep_state_dtype_on_load(optimizer: Optimizer) -> None:
-    """Keep the float32 state of low-precision parameters float32 through ``load_state_dict``.
+    """Keep the state of low-precision parameters in its saved dtypes through ``load_state_dict``.
 
     torch's ``Optimizer.load_state_dict`` casts every floating state tensor to its parameter's
     dtype, which would round float32 moments of bf16 parameters to bf16 (and break exact resume). A
-    pre-hook keeps the saved float32 entries of bf16/fp16 parameters and a post-hook puts them back,
-    moved to the parameter's device, in float32. State saved in the parameter's dtype is untouched.
+    pre-hook keeps the saved entries of bf16/fp16 parameters (nested lists and dicts included) and a
+    post-hook puts them back, moved to the parameter's device, in their saved dtypes.
     """
-    kept: dict[int, dict[str, Any]] = {}
+    kept: dict[int, Any] = {}
+
+    def _move(value: Any, device: torch.device) -> Any:
+        if isinstance(value, Tensor):
+            return value.to(device=device, copy=True)
+        if isinstance(value, dict):
+            return {k: _move(v, device) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(_move(v, device) for v in value)
+        return value
 
     def pre_hook(opt: Optimizer, state_dict: dict[str, Any]) -> None:
         kept.clear()
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in opt.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(saved_id)
-            if p.dtype in LOW_PRECISION and saved is not None:
-                kept[id(p)] = {
-                    k: v.to(p.device, copy=True)
-                    for k, v in saved.items()
-                    if isinstance(v, Tensor) and v.dtype == torch.float32
-                }
+            if p.dtype in LOW_PRECISION and saved_id in state_dict["state"]:
+                kept[id(p)] = _move(state_dict["state"][saved_id], p.device)
 
     def post_hook(opt: Optimizer) -> None:
         for g in opt.param_groups:
             for p in g["params"]:
                 if id(p) in kept:
-                    opt.state[p].update(kept[id(p)])
+                    opt.state[p] = kept[id(p)]
         kept.clear()
 
     optimizer.register_load_state_dict_pre_hook(pre_hook)

@@ -7,6 +7,10 @@ Per-name exceptions live in ``tests/contract_overrides.py`` (``OVERRIDES[name]``
 - ``loss_threshold``: final/initial loss ratio the convergence test must reach (default 0.3).
 - ``bf16``: ``False`` to skip the bfloat16 dtype check, with a ``why``.
 - ``why``: the reason for the override (required, shown in skip messages).
+
+Every test runs once per implementation a name offers (its class's or factory's ``impls``:
+``for_loop``, ``foreach``, ``fused``, ``triton`` under the interpreter) and once with the default
+(``impl`` not passed, i.e. ``"auto"``); names without ``impls`` run once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ from lightning_opt import available_optimizers, build_optimizer, get_optimizer_i
 from tests.contract_overrides import OVERRIDES
 
 NAMES = available_optimizers()
+
+
+def _impls(name: str) -> tuple[str | None, ...]:
+    return (None, *getattr(get_optimizer_info(name).cls, "impls", ()))
+
+
+CASES = [pytest.param(name, impl, id=f"{name}-{impl or 'default'}") for name in NAMES for impl in _impls(name)]
 
 
 def _spec(name: str) -> dict:
@@ -66,30 +77,31 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     return float(loss.detach())
 
 
-def _build(model: nn.Module, name: str, *, lr: float | None = None, weight_decay: float = 0.0):
+def _build(model: nn.Module, name: str, impl: str | None, *, lr: float | None = None, weight_decay: float = 0.0):
     spec = _spec(name)
     lr = lr if lr is not None else spec.get("lr", get_optimizer_info(name).default_lr)
-    return build_optimizer(model, name, lr=lr, weight_decay=weight_decay, **spec["hparams"])
+    hparams = dict(spec["hparams"]) if impl is None else {**spec["hparams"], "impl": impl}
+    return build_optimizer(model, name, lr=lr, weight_decay=weight_decay, **hparams)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_builds_and_takes_three_steps(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_builds_and_takes_three_steps(name: str, impl: str | None) -> None:
     torch.manual_seed(0)
     model = Net()
     before = copy.deepcopy(model.state_dict())
-    opt = _build(model, name, weight_decay=0.01)
+    opt = _build(model, name, impl, weight_decay=0.01)
     x, y = _data()
     losses = [_step(model, opt, x, y) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), f"{name} changed no parameter"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_converges_on_regression(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_converges_on_regression(name: str, impl: str | None) -> None:
     spec = _spec(name)
     torch.manual_seed(0)
     model = Net()
-    opt = _build(model, name)
+    opt = _build(model, name, impl)
     x, y = _data()
     first = _step(model, opt, x, y)
     for _ in range(spec["steps"]):
@@ -98,14 +110,14 @@ def test_converges_on_regression(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", NAMES)
-def test_keeps_parameter_dtype(name: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_keeps_parameter_dtype(name: str, impl: str | None, dtype: torch.dtype) -> None:
     spec = _spec(name)
     if dtype is torch.bfloat16 and not spec["bf16"]:
         pytest.skip(f"{name}: no bfloat16 parameters: {spec.get('why')}")
     torch.manual_seed(0)
     model = Net().to(dtype)
-    opt = _build(model, name, weight_decay=0.01)
+    opt = _build(model, name, impl, weight_decay=0.01)
     x, y = _data()
     for _ in range(3):
         _step(model, opt, x.to(dtype), y)
@@ -128,12 +140,12 @@ def _two_group_model() -> tuple[nn.Module, list[dict]]:
     ]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_honours_param_groups(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_honours_param_groups(name: str, impl: str | None) -> None:
     model, groups = _two_group_model()
     spec = _spec(name)
     lr = spec.get("lr", get_optimizer_info(name).default_lr)
-    opt = build_optimizer(groups, name, lr=lr, **spec["hparams"])
+    opt = build_optimizer(groups, name, lr=lr, **spec["hparams"], **({} if impl is None else {"impl": impl}))
     frozen = model.fc1.weight.detach().clone()
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
@@ -148,11 +160,11 @@ def test_honours_param_groups(name: str) -> None:
     assert decayed < plain, f"{name} ignored a group's weight_decay ({decayed:.6f} vs {plain:.6f})"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_skips_parameters_without_grad(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_skips_parameters_without_grad(name: str, impl: str | None) -> None:
     torch.manual_seed(0)
     model = Net()
-    opt = _build(model, name, weight_decay=0.01)
+    opt = _build(model, name, impl, weight_decay=0.01)
     x, y = _data()
     model.fc1.weight.requires_grad_(False)  # autograd leaves its .grad None; it stays in the optimizer
     before = model.fc1.weight.detach().clone()
@@ -182,11 +194,11 @@ def _state_equal(a: dict, b: dict) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_grad_scaler_inf_skips_step(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_grad_scaler_inf_skips_step(name: str, impl: str | None) -> None:
     torch.manual_seed(0)
     model = Net()
-    opt = _build(model, name, weight_decay=0.01)
+    opt = _build(model, name, impl, weight_decay=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     x, y = _data()
     for bad in (False, True):
@@ -202,15 +214,15 @@ def test_grad_scaler_inf_skips_step(name: str) -> None:
     assert _state_equal(state, opt.state_dict()), f"{name} changed its state on an inf gradient"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip(name: str) -> None:
+@pytest.mark.parametrize(("name", "impl"), CASES)
+def test_state_dict_round_trip(name: str, impl: str | None) -> None:
     n = 4
     x, y = _data()
 
     def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
         model = Net()
-        return model, _build(model, name, weight_decay=0.01)
+        return model, _build(model, name, impl, weight_decay=0.01)
 
     straight, opt = fresh()
     for _ in range(2 * n):

@@ -23,6 +23,7 @@ __all__ = [
     "check_arg",
     "check_betas",
     "check_flag",
+    "check_hparam",
     "check_lr_wd",
     "check_rounding",
     "compute_dtype",
@@ -113,6 +114,31 @@ def check_flag(cls: str, key: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{cls}({key}={value!r}) is invalid; expected True or False")
     return value
+
+
+def check_hparam(cls: str, key: str, value: Any) -> None:
+    """The checks a hyperparameter's name implies, shared by the registry and the classes.
+
+    ``betas`` entries (``None`` allowed) and ``beta``/``beta1``/``beta2``/``beta3`` in [0, 1);
+    ``eps`` finite and >= 0; ``momentum`` in [0, 1); no NaN anywhere.
+
+    Raises:
+        ValueError: ``{cls}({key}={value!r}) is invalid; <hint>``.
+    """
+    if key == "betas":
+        ok = isinstance(value, (tuple, list)) and len(value) > 0
+        check_arg(cls, key, value, ok, "expected a tuple of floats in [0, 1)")
+        for b in value:
+            if b is not None:
+                check_arg(cls, key, value, is_number(b) and 0 <= b < 1, "each beta must lie in [0, 1)")
+    elif key in ("beta1", "beta2", "beta3", "beta"):
+        check_arg(cls, key, value, is_number(value) and 0 <= value < 1, "each beta must lie in [0, 1)")
+    elif key == "eps" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        check_arg(cls, key, value, math.isfinite(value) and value >= 0, "it must be a finite number >= 0")
+    elif key == "momentum":
+        check_arg(cls, key, value, is_number(value) and 0 <= value < 1, "it must lie in [0, 1)")
+    elif isinstance(value, float) and math.isnan(value):
+        check_arg(cls, key, value, False, "a hyperparameter must not be NaN")
 
 
 def check_rounding(cls: str, kahan_sum: Any, stochastic_rounding: Any) -> dict[str, bool]:

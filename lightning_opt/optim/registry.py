@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from torch.optim import Optimizer
+
+from lightning_opt.optim.base import check_flag, check_hparam, check_lr_wd
 
 __all__ = [
     "Alias",
@@ -172,12 +173,6 @@ def accepted_hparams(info: OptimInfo) -> tuple[str, ...]:
     return tuple(n for n in names if n not in info.fixed)
 
 
-def _check_unit_interval(name: str, key: str, value: Any, *, closed_low: bool = True) -> None:
-    low_ok = value >= 0 if closed_low else value > 0
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and low_ok and value < 1):
-        raise ValueError(f"{name}: {key}={value!r} is invalid; each beta must lie in [0, 1)")
-
-
 def validate_hparams(
     name: str,
     *,
@@ -205,30 +200,14 @@ def validate_hparams(
         if key not in accepted or key in ("lr", "weight_decay"):
             takes = ", ".join(n for n in accepted if n not in _IMPL_ARGS)
             raise TypeError(f"{name} takes no {key!r}; it takes: {takes}")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"{name}: lr={lr!r} is invalid; it must be a finite number >= 0")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"{name}: weight_decay={weight_decay!r} is invalid; it must be a finite number >= 0")
+    check_lr_wd(name, lr, weight_decay)
     if weight_decay and "weight_decay" not in accepted:
         raise TypeError(f"{name} takes no 'weight_decay'; set weight_decay=0")
     for key, value in hparams.items():
-        if key == "betas":
-            if not isinstance(value, (tuple, list)) or not value:
-                raise ValueError(f"{name}: betas={value!r} is invalid; expected a tuple of floats in [0, 1)")
-            for b in value:
-                if b is not None:
-                    _check_unit_interval(name, "betas", b)
-        elif key in ("beta1", "beta2", "beta3", "beta"):
-            _check_unit_interval(name, key, value)
-        elif key == "eps" and isinstance(value, (int, float)) and (not math.isfinite(value) or value < 0):
-            raise ValueError(f"{name}: eps={value!r} is invalid; it must be a finite number >= 0")
-        elif key == "momentum" and not (isinstance(value, (int, float)) and 0 <= value < 1):
-            raise ValueError(f"{name}: momentum={value!r} is invalid; it must lie in [0, 1)")
-        elif isinstance(value, float) and math.isnan(value):
-            raise ValueError(f"{name}: {key}=nan is invalid")
-    for key, default in _bool_defaults(info).items():
-        if key in hparams and not isinstance(hparams[key], bool):
-            raise ValueError(f"{name}: {key}={hparams[key]!r} is invalid; expected True or False")
+        check_hparam(name, key, value)
+    for key in _bool_defaults(info):
+        if key in hparams:
+            check_flag(name, key, hparams[key])
     kwargs = {**fixed, **hparams}
     return info, kwargs
 

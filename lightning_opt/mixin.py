@@ -143,10 +143,10 @@ class OptimizerMixin:
         return self.optimizer_config().build(self)  # type: ignore[arg-type]
 
     def configure_callbacks(self) -> list[Any]:
-        from lightning_opt.optim.registry import get_optimizer_info
+        from lightning_opt.optim.registry import get_optimizer_info, make_callbacks
 
         info = get_optimizer_info(self.optimizer_config().name)
         trainer = getattr(self, "_trainer", None)
         present = tuple(type(cb) for cb in (trainer.callbacks if trainer is not None else []))
-        needed = [factory() for factory in info.callbacks]
+        needed = make_callbacks(info)
         return [cb for cb in needed if not isinstance(cb, present)]

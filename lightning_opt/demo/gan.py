@@ -171,13 +171,12 @@ class ToyGAN(L.LightningModule):
         )
 
     def configure_callbacks(self) -> list[Any]:
-        from lightning_opt.optim.registry import get_optimizer_info
+        from lightning_opt.optim.registry import get_optimizer_info, make_callbacks
 
         present = tuple(type(cb) for cb in (self._trainer.callbacks if self._trainer is not None else []))
         needed, seen = [], set()
         for cfg in (self.generator_optimizer, self.discriminator_optimizer):
-            for factory in get_optimizer_info(as_optimizer_config(cfg).name).callbacks:
-                cb = factory()
+            for cb in make_callbacks(get_optimizer_info(as_optimizer_config(cfg).name)):
                 if not isinstance(cb, present) and type(cb) not in seen:
                     seen.add(type(cb))
                     needed.append(cb)

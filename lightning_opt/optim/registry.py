@@ -9,6 +9,7 @@ the same table as our own names. An alias may fix keyword arguments (``adamw_tor
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ __all__ = [
     "aliases",
     "available_optimizers",
     "get_optimizer_info",
+    "make_callbacks",
     "register",
     "register_alias",
     "resolve",
@@ -49,8 +51,10 @@ class OptimInfo:
         fixed: keyword arguments this name fixes (``sgd_nesterov`` fixes ``nesterov=True``).
         hparams: the hyperparameters the user may pass; ``None`` reads them from ``cls``'s signature.
         extra: the pip extra that provides a dependency (``"bnb"``), named in errors.
-        callbacks: zero-argument factories of callbacks the algorithm needs in a Trainer
-            (schedule-free's train/eval switch, Sophia's Hessian refresh); the mixin adds them.
+        callbacks: the callbacks the algorithm needs in a Trainer (schedule-free's train/eval
+            switch, Sophia's Hessian refresh), named by import path ``"module:Class"``; the mixin
+            imports and builds them (:func:`make_callbacks`), so the optimizer modules never import
+            the callbacks package.
         schedule_free: the optimizer keeps train/eval parameter sequences (``optimizer.train()``).
     """
 
@@ -62,13 +66,16 @@ class OptimInfo:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     hparams: tuple[str, ...] | None = None
     extra: str | None = None
-    callbacks: tuple[Callable[[], Any], ...] = ()
+    callbacks: tuple[str | Callable[[], Any], ...] = ()
     schedule_free: bool = False
 
     def __post_init__(self) -> None:
         if self.name != self.name.lower() or not self.name.replace("_", "").isalnum():
             raise ValueError(f"OptimInfo(name={self.name!r}) must be lower-case snake_case")
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+        for path in self.callbacks:
+            if isinstance(path, str) and path.count(":") != 1:
+                raise ValueError(f"OptimInfo(callbacks=[..., {path!r}]) must name callbacks as 'module:Class'")
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,18 @@ def resolve(name: str) -> tuple[OptimInfo, dict[str, Any]]:
     close = difflib.get_close_matches(key, [k.lower() for k in known], n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise ValueError(f"unknown optimizer {name!r}; {hint}registered: {', '.join(sorted(_REGISTRY))}")
+
+
+def make_callbacks(info: OptimInfo) -> list[Any]:
+    """A fresh instance of every callback ``info`` needs (imported by path, built without arguments)."""
+    out = []
+    for path in info.callbacks:
+        if callable(path):
+            out.append(path())
+            continue
+        module, _, attr = path.partition(":")
+        out.append(getattr(importlib.import_module(module), attr)())
+    return out
 
 
 def get_optimizer_info(name: str) -> OptimInfo:

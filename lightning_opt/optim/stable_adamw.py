@@ -7,25 +7,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
     check_flag,
     check_lr_wd,
+    check_rounding,
     init_state,
     params_with_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register
 
-__all__ = ["StableAdamW", "debias_beta", "stable_adamw_update_"]
+__all__ = ["STABLE_ADAMW_IMPLS", "StableAdamW", "debias_beta", "stable_adamw", "stable_adamw_update_"]
 
 
 def debias_beta(beta: float, step: int) -> float:
@@ -48,13 +50,16 @@ def stable_adamw_update_(
     decouple_lr: bool = False,
     max_lr: float | None = None,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> Tensor:
     """One StableAdamW step for one tensor (``step`` is 1-based); returns the clipped lr (0-d tensor).
 
     ``m`` and ``v`` are EMAs with debiased betas (so they are the bias-corrected moments);
     ``RMS = sqrt(mean(g^2 / max(v, eps^2)))``; ``lr_t = lr / max(1, RMS)``; decay
     ``p *= 1 - lr_t wd`` (or ``1 - (lr_t / max_lr) wd`` with ``decouple_lr``); then
-    ``p -= lr_t m / (sqrt(v) + eps)``. No host sync: ``lr_t`` stays a tensor.
+    ``p -= lr_t m / (sqrt(v) + eps)``. No host sync: ``lr_t`` stays a tensor. The math runs in
+    float32 for bf16/fp16 tensors; with ``kahan_comp`` the update is Kahan-compensated, with
+    ``stochastic`` a bf16 parameter is stochastically rounded (see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt)
@@ -72,8 +77,166 @@ def stable_adamw_update_(
     if m is not exp_avg:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-    apply_update_(param, delta, kahan_comp)
+    apply_update_(param, delta, kahan_comp, stochastic=stochastic)
     return lr_t
+
+
+# --------------------------------------------------------------------------------------------------
+# the implementations: one signature, per (device, dtype) bucket (lightning_opt.optim.engine)
+
+
+def _stable_adamw_for_loop(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps, **hp: Any) -> list[Tensor]:
+    return [
+        stable_adamw_update_(p, g, m, v, step=s, kahan_comp=c, **hp)
+        for p, g, m, v, c, s in zip(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps)
+    ]
+
+
+def _stable_adamw_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    stochastic: bool = False,
+) -> list[Tensor]:
+    low = params[0].dtype in LOW_PRECISION
+    g = [x.float() for x in grads] if low else list(grads)
+    m = [x.float() for x in exp_avgs] if low else list(exp_avgs)
+    v = [x.float() for x in exp_avg_sqs] if low else list(exp_avg_sqs)
+    # the debiased betas depend on each tensor's own step: one foreach call per distinct step
+    by_step: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        by_step.setdefault(s, []).append(i)
+    for s, idx in by_step.items():
+        b1, b2 = debias_beta(beta1, s), debias_beta(beta2, s)
+        gs, ms, vs = [g[i] for i in idx], [m[i] for i in idx], [v[i] for i in idx]
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, gs, alpha=1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+    ratio = torch._foreach_mul(g, g)
+    torch._foreach_div_(ratio, torch._foreach_clamp_min(v, eps * eps))
+    # the per-tensor mean: ord-1 norms of the non-negative ratios are their sums
+    sums = torch.stack(torch._foreach_norm(ratio, 1))
+    numels = torch.tensor([x.numel() for x in ratio], dtype=sums.dtype, device=sums.device)
+    lr_ts = list((lr / sums.div_(numels).sqrt_().clamp_(min=1.0)).unbind(0))
+    if weight_decay != 0:
+        scales = [t / max_lr for t in lr_ts] if decouple_lr else lr_ts
+        torch._foreach_mul_(params, [1 - t * weight_decay for t in scales])
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, eps)
+    delta = torch._foreach_div(m, denom)
+    torch._foreach_mul_(delta, [-t for t in lr_ts])
+    if low:
+        torch._foreach_copy_(exp_avgs, m)
+        torch._foreach_copy_(exp_avg_sqs, v)
+    apply_updates_(params, delta, kahan_comps, stochastic=stochastic)
+    return lr_ts
+
+
+def _stable_adamw_fused(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    kahan_comps,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    decouple_lr=False,
+    max_lr=None,
+    stochastic=False,
+) -> list[float]:
+    from lightning_opt.kernels import cpu
+
+    hp = [lr, eps, weight_decay, max_lr if decouple_lr else 1.0]
+    for s in steps:
+        hp += [debias_beta(beta1, s), debias_beta(beta2, s)]
+    out = cpu.launch(
+        "stable_adamw",
+        "stable_adamw",
+        [params, grads, exp_avgs, exp_avg_sqs, kahan_comps],
+        hp,
+        [int(stochastic), int(decouple_lr)],
+        state_dtype=exp_avgs[0].dtype,
+        n_out=1,
+    )
+    return [o[0] for o in out]
+
+
+#: StableAdamW's implementations, by ``impl`` name (``for_loop`` is the reference)
+STABLE_ADAMW_IMPLS = {
+    "for_loop": _stable_adamw_for_loop,
+    "foreach": _stable_adamw_foreach,
+    "fused": _stable_adamw_fused,
+}
+
+
+def stable_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> list[Tensor | float]:
+    """StableAdamW over tensor lists (the functional API): :func:`stable_adamw_update_` for every tensor.
+
+    ``steps`` holds each tensor's 1-based step (already incremented). Returns each tensor's clipped
+    lr: a 0-d tensor (``for_loop``, ``foreach``: no host sync) or a float (``fused``, computed on
+    the host anyway).
+
+    Raises:
+        ValueError: ``decouple_lr`` without ``max_lr``.
+    """
+    if decouple_lr and max_lr is None:
+        raise ValueError("stable_adamw(decouple_lr=True) needs max_lr (the schedule's peak lr)")
+    return dispatch(
+        "StableAdamW",
+        "stable_adamw",
+        impl,
+        STABLE_ADAMW_IMPLS,
+        {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "exp_avg_sqs": exp_avg_sqs,
+            "kahan_comps": kahan_comps,
+            "steps": steps,
+        },
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        decouple_lr=decouple_lr,
+        max_lr=max_lr,
+        stochastic=stochastic,
+    )
 
 
 class StableAdamW(Optimizer):
@@ -97,10 +260,15 @@ class StableAdamW(Optimizer):
         max_lr: the schedule's peak lr for ``decouple_lr`` (default: each group's initial ``lr``).
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``; unlike
             torch-optimi it is never switched on automatically).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; no extra memory; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
+            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`). The fused kernel computes each
+            tensor's RMS deterministically (the same sums in the same order for any thread count).
 
     Raises:
         ValueError: invalid ``lr``, ``weight_decay``, ``eps``, betas or ``max_lr`` (also in
-            ``add_param_group``); ``decouple_lr`` or ``kahan_sum`` not a bool.
+            ``add_param_group``); a flag not a bool; both roundings; an unknown ``impl``.
 
     Example:
         >>> opt = StableAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -108,6 +276,9 @@ class StableAdamW(Optimizer):
     Equal to ``optimi.StableAdamW`` with the same options. Paper: Wortsman et al., "Stable and
     low-precision training for large-scale vision-language models", arXiv:2304.13013.
     """
+
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(STABLE_ADAMW_IMPLS)
 
     def __init__(
         self,
@@ -120,6 +291,8 @@ class StableAdamW(Optimizer):
         decouple_lr: bool = False,
         max_lr: float | None = None,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         check_lr_wd("StableAdamW", lr, weight_decay)
         betas = check_betas("StableAdamW", betas)
@@ -138,7 +311,8 @@ class StableAdamW(Optimizer):
             "eps": eps,
             "decouple_lr": check_flag("StableAdamW", "decouple_lr", decouple_lr),
             "max_lr": max_lr,
-            "kahan_sum": check_flag("StableAdamW", "kahan_sum", kahan_sum),
+            **check_rounding("StableAdamW", kahan_sum, stochastic_rounding),
+            "impl": check_impl("StableAdamW", impl, tuple(STABLE_ADAMW_IMPLS)),
         }
         super().__init__(params, defaults)
 
@@ -146,6 +320,9 @@ class StableAdamW(Optimizer):
         """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # a group's own options are checked as the constructor checks them
+        check_rounding("StableAdamW", group["kahan_sum"], group["stochastic_rounding"])
+        check_impl("StableAdamW", group["impl"], tuple(STABLE_ADAMW_IMPLS))
         max_lr = group["max_lr"]
         if max_lr is not None:
             if not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0:
@@ -161,33 +338,44 @@ class StableAdamW(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, decouple_lr=False, max_lr=None, kahan_sum=False)
+        backfill_group_defaults(
+            self, decouple_lr=False, max_lr=None, kahan_sum=False, stochastic_rounding=False, impl="auto"
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            params, grads, exp_avgs, exp_avg_sqs, comps, steps = [], [], [], [], [], []
             for p in params_with_grad(group, "StableAdamW"):
                 state = self.state[p]
                 init_state(state, p, "exp_avg", "exp_avg_sq", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
-                stable_adamw_update_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    step=state["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    decouple_lr=group["decouple_lr"],
-                    max_lr=group["max_lr"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+                steps.append(state["step"])
+            beta1, beta2 = group["betas"]
+            stable_adamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                comps,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decouple_lr=group["decouple_lr"],
+                max_lr=group["max_lr"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+            )
         return loss
 
 

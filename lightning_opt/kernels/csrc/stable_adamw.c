@@ -1,0 +1,75 @@
+/* StableAdamW (lightning_opt.optim.stable_adamw): lists params, grads, exp_avgs, exp_avg_sqs, kahan_comps;
+ * hp = lr, eps, weight_decay, max_lr, then per tensor t the debiased betas hp[4 + 2t] (beta1) and
+ * hp[5 + 2t] (beta2) (a tensor's step count is its own); ip = stochastic rounding (0/1), decouple_lr
+ * (0/1); out[t] = tensor t's clipped lr. Equals stable_adamw_update_.
+ *
+ * Two passes. The first computes each tensor's RMS = sqrt(mean(g^2 / max(v', eps^2))) with v' the
+ * updated second moment, recomputed from the stored v (nothing is written), summed per chunk and
+ * then in chunk order (LO_TENSOR_SUMS: deterministic, thread-count independent). The second
+ * recomputes m' and v' the same way, stores them and applies the update: the step uses the
+ * unrounded m', v' as the reference does for bf16 state. */
+#include "common.h"
+
+#define SA_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
+/* torch's add(x, y, alpha) is fmadd(y, alpha, x) in its vectorized CPU kernels */
+#define SA_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
+
+#define SADAMW_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                                       \
+  LO_SIGNATURE(stable_adamw, SUFFIX) {                                                       \
+    const CT eps = (CT)hp[1], eps2 = (CT)(hp[1] * hp[1]), wdc = (CT)hp[2], max_lr = (CT)hp[3]; \
+    const int wd = hp[2] != 0.0, sr = (int)ip[0], decouple = (int)ip[1];                     \
+    const size_t nn = (size_t)(n > 0 ? n : 1);                                               \
+    double *sums = (double *)malloc(sizeof(double) * nn);                                    \
+    CT *lr_t = (CT *)malloc(sizeof(CT) * nn), *decay = (CT *)malloc(sizeof(CT) * nn);        \
+    LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                                            \
+      const PT *G = (const PT *)ptrs[n + t];                                                 \
+      const ST *V = (const ST *)ptrs[3 * n + t];                                             \
+      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                       \
+      double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
+      int64_t i = lo;                                                                        \
+      for (; i + 8 <= hi; i += 8)                                                            \
+        for (int j = 0; j < 8; j++) {                                                        \
+          CT g = LD_##PTAG(G[i + j]);                                                        \
+          CT v = LD_##STAG(V[i + j]) * b2 + a2 * g * g;                                      \
+          s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                 \
+        }                                                                                    \
+      for (; i < hi; i++) {                                                                  \
+        CT g = LD_##PTAG(G[i]);                                                              \
+        CT v = LD_##STAG(V[i]) * b2 + a2 * g * g;                                            \
+        s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                   \
+      }                                                                                      \
+      acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));            \
+    });                                                                                      \
+    for (int64_t t = 0; t < n; t++) {                                                        \
+      CT rms = SA_SQRT((CT)(sums[t] / (double)sizes[t]));                                    \
+      if (rms < (CT)1) rms = (CT)1; /* clamp(min=1): NaN stays NaN */                        \
+      lr_t[t] = ((CT)1 / rms) * (CT)hp[0]; /* lr / rms is reciprocal(rms) * lr in torch */    \
+      const CT scale = decouple ? lr_t[t] / max_lr : lr_t[t];                                \
+      decay[t] = (CT)1 - scale * wdc;                                                        \
+      out[t] = (double)lr_t[t];                                                              \
+    }                                                                                        \
+    LO_FOR_CHUNKS(n, sizes, nthreads, {                                                      \
+      PT *P = (PT *)ptrs[t];                                                                 \
+      const PT *G = (const PT *)ptrs[n + t];                                                 \
+      ST *M = (ST *)ptrs[2 * n + t];                                                         \
+      ST *V = (ST *)ptrs[3 * n + t];                                                         \
+      PT *C = (PT *)ptrs[4 * n + t];                                                         \
+      const CT b1 = (CT)hp[4 + 2 * t], a1 = (CT)(1.0 - hp[4 + 2 * t]);                       \
+      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                       \
+      const CT neg_lr = -lr_t[t], dec = decay[t];                                            \
+      for (int64_t i = lo; i < hi; i++) {                                                    \
+        CT g = LD_##PTAG(G[i]), p = LD_##PTAG(P[i]);                                         \
+        CT m = SA_FMA(g, a1, LD_##STAG(M[i]) * b1);                                          \
+        CT v = LD_##STAG(V[i]) * b2 + a2 * g * g;                                            \
+        M[i] = ST_##STAG(m);                                                                 \
+        V[i] = ST_##STAG(v);                                                                 \
+        if (wd) p = R_##PTAG(p * dec);                                                       \
+        lo_update_##PTAG(P, C, i, p, (m / (SA_SQRT(v) + eps)) * neg_lr, sr);                 \
+      }                                                                                      \
+    });                                                                                      \
+    free(sums);                                                                              \
+    free(lr_t);                                                                              \
+    free(decay);                                                                             \
+  }
+
+LO_INSTANTIATE(SADAMW_KERNEL)

@@ -202,6 +202,8 @@ def _lookahead_over(base: str) -> Callable[..., Lookahead]:
         return Lookahead(params, lr=lr, base=base, k=k, alpha=alpha, weight_decay=weight_decay, base_hparams=hparams)
 
     make.__name__ = make.__qualname__ = f"lookahead_{base}"
+    # the base's implementations (impl= reaches the base through hparams)
+    make.impls = tuple(getattr(get_optimizer_info(base).cls, "impls", ()))
     make.__doc__ = f"Lookahead over {base!r}: takes {base}'s hyperparameters plus k and alpha."
     return make
 

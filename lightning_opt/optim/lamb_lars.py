@@ -17,27 +17,39 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
     check_flag,
     check_lr_wd,
+    check_rounding,
     ensure_kahan_comp,
     init_state,
     params_with_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register
 
-__all__ = ["Lamb", "Lars", "lamb_update_", "lars_update_", "trust_ratio"]
+__all__ = [
+    "LAMB_IMPLS",
+    "LARS_IMPLS",
+    "Lamb",
+    "Lars",
+    "lamb",
+    "lamb_update_",
+    "lars",
+    "lars_update_",
+    "trust_ratio",
+]
 
 
 def _check_number(cls: str, key: str, value: Any, ok: Callable[[float], bool], want: str) -> None:
@@ -54,6 +66,14 @@ def _warn_if_nothing_adapted(opt: Optimizer, cls: str) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def _check_group(group: dict[str, Any], cls: str, impls: dict[str, Any]) -> None:
+    # a param group may set its own impl/rounding: checked when it is added, not at its first step
+    if "impl" in group:
+        check_impl(cls, group["impl"], tuple(impls))
+    if "kahan_sum" in group and "stochastic_rounding" in group:
+        check_rounding(cls, group["kahan_sum"], group["stochastic_rounding"])
 
 
 def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -82,13 +102,15 @@ def lamb_update_(
     adapt: bool = True,
     trust_clip: bool = False,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> None:
-    """One LAMB (NVLAMB) step for one tensor.
+    """One LAMB (NVLAMB) step for one tensor (the reference of every impl).
 
     ``g = grad * grad_scale`` (the global-norm clip factor); ``m <- b1 m + (1-b1) g`` (``+ g`` without
     ``grad_averaging``); ``v <- b2 v + (1-b2) g^2``; ``u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd p``;
     with ``adapt``: ``u *= ||p|| / ||u||`` (1 if a norm is 0; at most 1 with ``trust_clip``);
-    ``p -= lr u``.
+    ``p -= lr u``. With ``kahan_comp`` the store is Kahan-compensated, with ``stochastic`` a bf16
+    parameter is stochastically rounded (see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt) * grad_scale
@@ -110,7 +132,7 @@ def lamb_update_(
     if m is not exp_avg:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-    apply_update_(param, u.mul_(-lr), kahan_comp)
+    apply_update_(param, u.mul_(-lr), kahan_comp, stochastic=stochastic)
 
 
 def lars_update_(
@@ -128,8 +150,9 @@ def lars_update_(
     adapt: bool = True,
     trust_clip: bool = False,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> Tensor | None:
-    """One LARS step for one tensor; returns the momentum buffer (created on the first step).
+    """One LARS step for one tensor (the reference); returns the momentum buffer (created on the first step).
 
     With ``adapt``: ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)`` (1 if a norm is 0;
     ``min(r / lr, 1)`` with ``trust_clip``, LARC) and ``d = (g + wd p) r``; else ``d = g + wd p``.
@@ -158,8 +181,328 @@ def lars_update_(
             if buf is not momentum_buffer:
                 momentum_buffer.copy_(buf)
         d = d.add_(buf, alpha=momentum) if nesterov else buf
-    apply_update_(param, d.mul(-lr), kahan_comp)
+    apply_update_(param, d.mul(-lr), kahan_comp, stochastic=stochastic)
     return momentum_buffer
+
+
+# --------------------------------------------------------------------------------------------------
+# list-level implementations (one signature each; the engine picks one per (device, dtype) bucket)
+
+
+def _check_grad_dtypes(cls: str, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    # the fused kernel reads a gradient as the parameter's type
+    for p, g in zip(params, grads):
+        if g.dtype != p.dtype:
+            raise TypeError(
+                f"{cls}(impl='fused') needs gradients in the parameters' dtype, got a {g.dtype} gradient for a "
+                f"{p.dtype} parameter; use impl='for_loop'"
+            )
+
+
+def _on(scale: Tensor | float, device: torch.device) -> Tensor | float:
+    return scale.to(device) if isinstance(scale, Tensor) else scale
+
+
+def _lamb_corrections(steps: Sequence[int], beta1: float, beta2: float, bias_correction: bool) -> tuple[list, list]:
+    """Per-tensor ``bc1`` and ``sqrt(bc2)`` (Python floats, as :func:`lamb_update_` computes them)."""
+    if not bias_correction:
+        return [1.0] * len(steps), [1.0] * len(steps)
+    return [1 - beta1**s for s in steps], [math.sqrt(1 - beta2**s) for s in steps]
+
+
+def _lamb_for_loop(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps, *, grad_scale=1.0, **hp: Any) -> None:
+    for p, g, m, v, c, s in zip(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps):
+        lamb_update_(p, g, m, v, step=s, grad_scale=_on(grad_scale, p.device), kahan_comp=c, **hp)
+
+
+def _lamb_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Tensor | float = 1.0,
+    bias_correction: bool = True,
+    grad_averaging: bool = True,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    stochastic: bool = False,
+) -> None:
+    dt = compute_dtype(params[0])
+    low = params[0].dtype in LOW_PRECISION
+    g = torch._foreach_mul([x.to(dt) for x in grads], _on(grad_scale, params[0].device))
+    m = [x.to(dt) for x in exp_avgs]
+    v = [x.to(dt) for x in exp_avg_sqs]
+    torch._foreach_mul_(m, beta1)
+    torch._foreach_add_(m, g, alpha=(1 - beta1) if grad_averaging else 1.0)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    bc1, sbc2 = _lamb_corrections(steps, beta1, beta2, bias_correction)
+    u = torch._foreach_div(m, bc1)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, sbc2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(u, denom)
+    p32 = [x.to(dt) for x in params]
+    if weight_decay != 0:
+        torch._foreach_add_(u, p32, alpha=weight_decay)
+    if adapt:
+        w_norm, u_norm = torch.stack(torch._foreach_norm(p32)), torch.stack(torch._foreach_norm(u))
+        ratio = trust_ratio(w_norm, u_norm, w_norm, u_norm)
+        if trust_clip:
+            ratio = ratio.clamp(max=1.0)
+        torch._foreach_mul_(u, list(ratio.unbind(0)))
+    if low:
+        torch._foreach_copy_(exp_avgs, m)
+        torch._foreach_copy_(exp_avg_sqs, v)
+    torch._foreach_mul_(u, -lr)
+    apply_updates_(params, u, kahan_comps, stochastic=stochastic)
+
+
+def _lamb_fused(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    kahan_comps,
+    steps,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    grad_scale=1.0,
+    bias_correction=True,
+    grad_averaging=True,
+    adapt=True,
+    trust_clip=False,
+    stochastic=False,
+) -> None:
+    from lightning_opt.kernels import cpu
+
+    _check_grad_dtypes("Lamb", params, grads)
+    bc1, sbc2 = _lamb_corrections(steps, beta1, beta2, bias_correction)
+    per = [x for pair in zip(bc1, sbc2) for x in pair]
+    # the clip factor is a CPU tensor here: reading it is no device sync
+    hp = [lr, beta1, beta2, eps, weight_decay, float(grad_scale), (1 - beta1) if grad_averaging else 1.0, *per]
+    cpu.launch(
+        "lamb_lars",
+        "lamb",
+        [params, grads, exp_avgs, exp_avg_sqs, kahan_comps],
+        hp,
+        [int(adapt), int(trust_clip), int(stochastic)],
+        state_dtype=exp_avgs[0].dtype,
+    )
+
+
+#: LAMB's implementations, by ``impl`` name (``for_loop`` is the reference)
+LAMB_IMPLS: dict[str, Callable[..., Any]] = {"for_loop": _lamb_for_loop, "foreach": _lamb_foreach, "fused": _lamb_fused}
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    grad_scale: Tensor | float = 1.0,
+    bias_correction: bool = True,
+    grad_averaging: bool = True,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """LAMB over tensor lists (the functional API): :func:`lamb_update_` for every tensor, by ``impl``.
+
+    ``steps`` holds each tensor's 1-based step count; ``grad_scale`` is the global clip factor (a
+    0-dim tensor, so computing it needs no host sync, or ``1.0``).
+    """
+    dispatch(
+        "Lamb",
+        "lamb_lars",
+        impl,
+        LAMB_IMPLS,
+        {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "exp_avg_sqs": exp_avg_sqs,
+            "kahan_comps": kahan_comps,
+            "steps": steps,
+        },
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        grad_scale=grad_scale,
+        bias_correction=bias_correction,
+        grad_averaging=grad_averaging,
+        adapt=adapt,
+        trust_clip=trust_clip,
+        stochastic=stochastic,
+    )
+
+
+def _lars_for_loop(params, grads, momentum_buffers, kahan_comps, **hp: Any) -> list[Tensor | None]:
+    return [
+        lars_update_(p, g, b, kahan_comp=c, **hp) for p, g, b, c in zip(params, grads, momentum_buffers, kahan_comps)
+    ]
+
+
+def _lars_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coeff: float,
+    eps: float,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    stochastic: bool = False,
+) -> list[Tensor | None]:
+    dt = compute_dtype(params[0])
+    p32 = [x.to(dt) for x in params]
+    d = [x.to(dt, copy=True) for x in grads]
+    if adapt:
+        w_norm, g_norm = torch.stack(torch._foreach_norm(p32)), torch.stack(torch._foreach_norm(d))
+        ratio = trust_ratio(trust_coeff * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm)
+        if trust_clip:
+            ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
+    if weight_decay != 0:
+        torch._foreach_add_(d, p32, alpha=weight_decay)
+    if adapt:
+        torch._foreach_mul_(d, list(ratio.unbind(0)))
+    buffers = list(momentum_buffers)
+    if momentum != 0:
+        old = [i for i, b in enumerate(buffers) if b is not None]
+        bufs: list[Tensor] = [None] * len(d)  # type: ignore[list-item]
+        for i, b in enumerate(buffers):
+            if b is None:  # torch SGD's first step: buf = d
+                buffers[i] = d[i].to(params[i].dtype, copy=True)
+                bufs[i] = d[i].clone()
+        if old:
+            b32 = [buffers[i].to(dt) for i in old]
+            torch._foreach_mul_(b32, momentum)
+            torch._foreach_add_(b32, [d[i] for i in old], alpha=1 - dampening)
+            if params[0].dtype != dt:
+                torch._foreach_copy_([buffers[i] for i in old], b32)
+            for i, b in zip(old, b32):
+                bufs[i] = b
+        if nesterov:
+            torch._foreach_add_(d, bufs, alpha=momentum)
+        else:
+            d = bufs
+    apply_updates_(params, torch._foreach_mul(d, -lr), kahan_comps, stochastic=stochastic)
+    return buffers
+
+
+def _lars_fused(
+    params,
+    grads,
+    momentum_buffers,
+    kahan_comps,
+    *,
+    lr,
+    momentum,
+    dampening,
+    nesterov,
+    weight_decay,
+    trust_coeff,
+    eps,
+    adapt=True,
+    trust_clip=False,
+    stochastic=False,
+) -> list[Tensor | None]:
+    from lightning_opt.kernels import cpu
+
+    _check_grad_dtypes("Lars", params, grads)
+    buffers = list(momentum_buffers)
+    fresh = [0] * len(params)
+    if momentum != 0:
+        for i, b in enumerate(buffers):
+            if b is None:  # the kernel writes buf = d into it
+                buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                fresh[i] = 1
+    cpu.launch(
+        "lamb_lars",
+        "lars",
+        [params, grads, buffers, kahan_comps],
+        [lr, momentum, dampening, weight_decay, trust_coeff, eps],
+        [int(adapt), int(trust_clip), int(nesterov), int(stochastic), *fresh],
+    )
+    return buffers
+
+
+#: LARS's implementations, by ``impl`` name (``for_loop`` is the reference)
+LARS_IMPLS: dict[str, Callable[..., Any]] = {"for_loop": _lars_for_loop, "foreach": _lars_foreach, "fused": _lars_fused}
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    trust_coeff: float,
+    eps: float,
+    adapt: bool = True,
+    trust_clip: bool = False,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> list[Tensor | None]:
+    """LARS over tensor lists (the functional API): :func:`lars_update_` for every tensor, by ``impl``.
+
+    Returns the momentum buffers (new ones where ``momentum_buffers`` had ``None``), or ``[]``.
+    """
+    return dispatch(
+        "Lars",
+        "lamb_lars",
+        impl,
+        LARS_IMPLS,
+        {"params": params, "grads": grads, "momentum_buffers": momentum_buffers, "kahan_comps": kahan_comps},
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        trust_coeff=trust_coeff,
+        eps=eps,
+        adapt=adapt,
+        trust_clip=trust_clip,
+        stochastic=stochastic,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the optimizers
 
 
 class Lamb(Optimizer):
@@ -180,9 +523,14 @@ class Lamb(Optimizer):
         trust_clip: clamp the trust ratio at 1 (LAMBC) (default ``False``).
         always_adapt: adapt groups with ``weight_decay == 0`` too (the paper) (default ``False``).
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; no extra memory; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
+            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
-        ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm; a flag that is not a bool.
+        ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm; a flag that is not a bool;
+            both roundings; an unknown ``impl``.
 
     Example:
         >>> opt = Lamb(model.parameters(), lr=2e-3, weight_decay=0.01)
@@ -193,6 +541,9 @@ class Lamb(Optimizer):
     weight_decouple=False`` (tests/optim/test_lamb_lars.py). Paper: You et al., "Large Batch
     Optimization for Deep Learning: Training BERT in 76 minutes", arXiv:1904.00962.
     """
+
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(LAMB_IMPLS)
 
     def __init__(
         self,
@@ -208,6 +559,8 @@ class Lamb(Optimizer):
         trust_clip: bool = False,
         always_adapt: bool = False,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         check_lr_wd("Lamb", lr, weight_decay)
         betas = check_betas("Lamb", betas)
@@ -224,7 +577,8 @@ class Lamb(Optimizer):
             "grad_averaging": check_flag("Lamb", "grad_averaging", grad_averaging),
             "trust_clip": check_flag("Lamb", "trust_clip", trust_clip),
             "always_adapt": check_flag("Lamb", "always_adapt", always_adapt),
-            "kahan_sum": check_flag("Lamb", "kahan_sum", kahan_sum),
+            **check_rounding("Lamb", kahan_sum, stochastic_rounding),
+            "impl": check_impl("Lamb", impl, tuple(LAMB_IMPLS)),
         }
         # the clip is global over every group, so it is one number for the optimizer
         self.max_grad_norm = float(max_grad_norm)
@@ -238,7 +592,11 @@ class Lamb(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", 1.0)
-        backfill_group_defaults(self, kahan_sum=False)
+        backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1], "Lamb", LAMB_IMPLS)
 
     @torch.no_grad()
     def _grad_scale(self) -> Tensor | float:
@@ -262,29 +620,37 @@ class Lamb(Optimizer):
         scale = self._grad_scale()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            adapt = group["weight_decay"] != 0 or group["always_adapt"]
+            params, grads, exp_avgs, exp_avg_sqs, comps, steps = [], [], [], [], [], []
             for p in params_with_grad(group, "Lamb"):
                 state = self.state[p]
                 init_state(state, p, "exp_avg", "exp_avg_sq", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
-                lamb_update_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    step=state["step"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    grad_scale=scale.to(p.device) if isinstance(scale, Tensor) else scale,
-                    bias_correction=group["bias_correction"],
-                    grad_averaging=group["grad_averaging"],
-                    adapt=adapt,
-                    trust_clip=group["trust_clip"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+                steps.append(state["step"])
+            lamb(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                comps,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                grad_scale=scale,
+                bias_correction=group["bias_correction"],
+                grad_averaging=group["grad_averaging"],
+                adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                trust_clip=group["trust_clip"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+            )
         return loss
 
 
@@ -307,10 +673,15 @@ class Lars(Optimizer):
         trust_clip: LARC: use ``min(trust / lr, 1)`` as the ratio (default ``False``).
         always_adapt: adapt groups with ``weight_decay == 0`` too (default ``False``).
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
+            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: invalid lr, weight_decay, momentum, dampening, trust_coeff or eps, or
-            ``nesterov`` without momentum or with dampening; a flag that is not a bool.
+            ``nesterov`` without momentum or with dampening; a flag that is not a bool; both
+            roundings; an unknown ``impl``.
 
     Example:
         >>> opt = Lars(model.parameters(), lr=4.8, weight_decay=1e-6, momentum=0.9)
@@ -320,6 +691,9 @@ class Lars(Optimizer):
     to torch's only with ``dampening=0``). Paper: You, Gitman & Ginsburg, "Large Batch Training of
     Convolutional Networks", arXiv:1708.03888.
     """
+
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(LARS_IMPLS)
 
     def __init__(
         self,
@@ -335,6 +709,8 @@ class Lars(Optimizer):
         trust_clip: bool = False,
         always_adapt: bool = False,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         check_lr_wd("Lars", lr, weight_decay)
         _check_number("Lars", "momentum", momentum, lambda x: 0 <= x < 1, "a number in [0, 1)")
@@ -356,41 +732,53 @@ class Lars(Optimizer):
             "eps": eps,
             "trust_clip": check_flag("Lars", "trust_clip", trust_clip),
             "always_adapt": check_flag("Lars", "always_adapt", always_adapt),
-            "kahan_sum": check_flag("Lars", "kahan_sum", kahan_sum),
+            **check_rounding("Lars", kahan_sum, stochastic_rounding),
+            "impl": check_impl("Lars", impl, tuple(LARS_IMPLS)),
         }
         super().__init__(params, defaults)
         _warn_if_nothing_adapted(self, "Lars")
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, kahan_sum=False)
+        backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1], "Lars", LARS_IMPLS)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            adapt = group["weight_decay"] != 0 or group["always_adapt"]
+            params, grads, bufs, comps = [], [], [], []
             for p in params_with_grad(group, "Lars"):
                 state = self.state[p]
                 ensure_kahan_comp(state, p, group["kahan_sum"])
-                buf = lars_update_(
-                    p,
-                    p.grad,
-                    state.get("momentum_buffer"),
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    weight_decay=group["weight_decay"],
-                    trust_coeff=group["trust_coeff"],
-                    eps=group["eps"],
-                    adapt=adapt,
-                    trust_clip=group["trust_clip"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                params.append(p)
+                grads.append(p.grad)
+                bufs.append(state.get("momentum_buffer"))
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+            new_bufs = lars(
+                params,
+                grads,
+                bufs,
+                comps,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                weight_decay=group["weight_decay"],
+                trust_coeff=group["trust_coeff"],
+                eps=group["eps"],
+                adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                trust_clip=group["trust_clip"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+            )
+            for p, buf in zip(params, new_bufs):
                 if buf is not None:
-                    state["momentum_buffer"] = buf
+                    self.state[p]["momentum_buffer"] = buf
         return loss
 
 

@@ -20,9 +20,12 @@ update, ``W <- W - lr wd W`` on the new ``W``; its other parameters get Hugging 
 same two differences) instead of torch's.
 
 Every other parameter gets AdamW in the same optimizer (one object for Lightning's automatic
-optimization). The math lives in plain functions of tensors (:func:`apollo_update_`,
-:func:`adamw_update_reference_`, :func:`random_projection`; the torch-convention AdamW side is
-``optim.base.adamw_update_``, shared with Muon) so a fused kernel or a sharded wrapper can reuse it.
+optimization). The math lives in plain functions of tensors so a fused kernel or a sharded wrapper
+can reuse it: the APOLLO step is :func:`apollo_direction` (the low-rank projection, its moments and
+the gradient scaling: whole-matrix work) then :func:`apollo_apply_` (elementwise), composed in
+:func:`apollo_update_`; :func:`random_projection` draws ``P``. The torch-convention AdamW side is
+:func:`lightning_opt.optim._hybrid.adamw_side` (shared with Muon), the reference convention's is
+:func:`adamw_reference_side` over :func:`adamw_update_reference_`.
 
 Registered as ``apollo`` (Hugging Face ``apollo_adamw``) and ``apollo_mini`` (rank 1, tensor-wise
 scaling, ``scale=128``).
@@ -33,12 +36,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim._hybrid import adamw_side, adamw_state_, route_matrices
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
     adamw_update_,
@@ -49,16 +53,21 @@ from lightning_opt.optim.base import (
     is_int,
     is_number,
     keep_state_dtype_on_load,
-    reject_dtensor,
     reject_sparse_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
     "APOLLO",
     "APOLLOMini",
+    "APOLLO_IMPLS",
+    "adamw_reference_side",
     "adamw_update_reference_",
+    "apollo_apply_",
+    "apollo_direction",
     "apollo_update_",
     "next_projection_seed",
     "project",
@@ -141,58 +150,102 @@ def adamw_update_reference_(
         param.copy_(p)
 
 
-def apollo_update_(
-    param: Tensor,
+def _adamw_reference_for_loop(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay):
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        adamw_update_reference_(
+            p, g, m, v, step=s, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+        )
+
+
+def _adamw_reference_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay):
+    low = params[0].dtype in LOW_PRECISION
+    g = [x.float() for x in grads] if low else [x.to(p.dtype) for x, p in zip(grads, params)]
+    p32 = [p.float() for p in params] if low else params
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, g, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p32, exp_avgs, denom, [-lr * math.sqrt(1 - beta2**s) / (1 - beta1**s) for s in steps])
+    if weight_decay != 0:
+        torch._foreach_add_(p32, p32, alpha=-lr * weight_decay)
+    if low:
+        torch._foreach_copy_(params, p32)
+
+
+#: the implementations of the reference convention's AdamW side, by ``impl`` name
+APOLLO_IMPLS = {"for_loop": _adamw_reference_for_loop, "foreach": _adamw_reference_foreach}
+
+
+def adamw_reference_side(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    impl: str = "auto",
+    cls: str = "APOLLO",
+) -> None:
+    """:func:`adamw_update_reference_` over tensor lists, by ``impl`` (``for_loop``, ``foreach``;
+    ``auto``: ``foreach`` on CUDA, ``for_loop`` elsewhere). ``steps``: each tensor's 1-based count."""
+    dispatch(
+        cls,
+        "apollo",
+        impl,
+        APOLLO_IMPLS,
+        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "steps": steps},
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+    )
+
+
+def apollo_direction(
     grad: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     proj: Tensor,
     *,
     step: int,
-    lr: float,
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
     scale: float,
     scale_type: ScaleType,
     scale_front: bool = False,
     norm_growth_limit: float | None = 1.01,
     prev_norm: Tensor | None = None,
     convention: Convention = "paper",
-) -> Tensor | None:
-    """One APOLLO step for one 2-D tensor, in place on ``param`` and the low-rank moments.
+) -> tuple[Tensor, Tensor | None]:
+    """The whole-matrix phase of an APOLLO step: project, update the low-rank moments, scale ``grad``.
 
-    Args:
-        param, grad: the (m, n) weight and its gradient.
-        exp_avg, exp_avg_sq: Adam moments of the projected gradient (shape of ``project(grad, proj)``).
-        proj: the projection from :func:`random_projection`.
-        step: 1-based step count (bias correction).
-        lr, beta1, beta2, eps, weight_decay: as in AdamW.
-        scale: the update is multiplied by ``sqrt(scale)``.
-        scale_type: ``"channel"`` (one factor per row when m >= n, per column otherwise) or ``"tensor"``.
-        scale_front: apply ``sqrt(scale)`` before the norm-growth limiter instead of after.
-        norm_growth_limit: max growth factor of the update norm per step (``None``: no limiter).
-        prev_norm: the limited update norm of the previous step (``None`` on the first).
-        convention: ``"paper"`` (Algorithm 1: ``N = m_hat / (sqrt(v_hat) + eps)`` and
-            ``W <- W (1 - lr wd) - lr U``) or ``"reference"`` (``apollo_torch``: ``N = m / (sqrt(v) + eps)``,
-            ``W <- W - lr sqrt(bc2)/bc1 U``, then ``W <- W - lr wd W``).
+    Steps 1-4 of the module docstring: ``R = project(G)``, the Adam moments of ``R`` (in place),
+    the channel- or tensor-wise factor ``||N|| / ||R||``, ``sqrt(scale)`` and the norm-growth limiter.
+    Arguments as in :func:`apollo_update_`; the math runs in ``exp_avg``'s dtype (float32 for
+    bf16/fp16 parameters).
 
     Returns:
-        The update norm to pass as ``prev_norm`` next step (``None`` without a limiter).
+        The scaled update ``U`` (``grad``'s shape, before the lr) and the norm to pass as
+        ``prev_norm`` next step (``None`` without a limiter).
     """
-    dt = compute_dtype(param)
-    g = grad.to(dt)
+    g = grad.to(exp_avg.dtype)
     r = project(g, proj)
     exp_avg.mul_(beta1).add_(r, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(r, r, value=1 - beta2)
     bc1, bc2 = 1 - beta1**step, 1 - beta2**step
     if convention == "paper":
         norm_update = (exp_avg / bc1).div_((exp_avg_sq / bc2).sqrt_().add_(eps))
-        step_size = lr
     else:
         norm_update = exp_avg / exp_avg_sq.sqrt().add_(eps)
-        step_size = lr * math.sqrt(bc2) / bc1
     if scale_type == "channel":
         dim = 1 if g.shape[0] >= g.shape[1] else 0  # the rank dimension of r
         factor = torch.linalg.vector_norm(norm_update, dim=dim) / (torch.linalg.vector_norm(r, dim=dim) + _TINY)
@@ -216,6 +269,31 @@ def apollo_update_(
             new_norm = norm / limiter
     if not scale_front:
         update.mul_(root_scale)
+    return update, new_norm
+
+
+def apollo_apply_(
+    param: Tensor,
+    update: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    convention: Convention = "paper",
+) -> None:
+    """The elementwise phase of an APOLLO step, in place on ``param`` (rounded once for bf16/fp16).
+
+    ``"paper"``: ``W <- W (1 - lr wd) - lr U``; ``"reference"``: ``W <- W - lr sqrt(bc2)/bc1 U``, then
+    ``W <- W - lr wd W``.
+    """
+    dt = compute_dtype(param)
+    if convention == "paper":
+        step_size = lr
+    else:
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        step_size = lr * math.sqrt(bc2) / bc1
     p = param.to(dt)
     if convention == "paper":
         if weight_decay != 0:
@@ -227,6 +305,69 @@ def apollo_update_(
             p.add_(p, alpha=-lr * weight_decay)
     if p is not param:
         param.copy_(p)
+
+
+def apollo_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    proj: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    scale_type: ScaleType,
+    scale_front: bool = False,
+    norm_growth_limit: float | None = 1.01,
+    prev_norm: Tensor | None = None,
+    convention: Convention = "paper",
+) -> Tensor | None:
+    """One APOLLO step for one 2-D tensor, in place on ``param`` and the low-rank moments.
+
+    :func:`apollo_direction` then :func:`apollo_apply_`.
+
+    Args:
+        param, grad: the (m, n) weight and its gradient.
+        exp_avg, exp_avg_sq: Adam moments of the projected gradient (shape of ``project(grad, proj)``).
+        proj: the projection from :func:`random_projection`.
+        step: 1-based step count (bias correction).
+        lr, beta1, beta2, eps, weight_decay: as in AdamW.
+        scale: the update is multiplied by ``sqrt(scale)``.
+        scale_type: ``"channel"`` (one factor per row when m >= n, per column otherwise) or ``"tensor"``.
+        scale_front: apply ``sqrt(scale)`` before the norm-growth limiter instead of after.
+        norm_growth_limit: max growth factor of the update norm per step (``None``: no limiter).
+        prev_norm: the limited update norm of the previous step (``None`` on the first).
+        convention: ``"paper"`` (Algorithm 1: ``N = m_hat / (sqrt(v_hat) + eps)`` and
+            ``W <- W (1 - lr wd) - lr U``) or ``"reference"`` (``apollo_torch``: ``N = m / (sqrt(v) + eps)``,
+            ``W <- W - lr sqrt(bc2)/bc1 U``, then ``W <- W - lr wd W``).
+
+    Returns:
+        The update norm to pass as ``prev_norm`` next step (``None`` without a limiter).
+    """
+    update, new_norm = apollo_direction(
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        proj,
+        step=step,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        scale=scale,
+        scale_type=scale_type,
+        scale_front=scale_front,
+        norm_growth_limit=norm_growth_limit,
+        prev_norm=prev_norm,
+        convention=convention,
+    )
+    apollo_apply_(
+        param, update, step=step, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, convention=convention
+    )
     return new_norm
 
 
@@ -263,10 +404,13 @@ class APOLLO(Optimizer):
             ``None`` turns it off, the reference's ``disable_nl=True``).
         convention: ``"paper"`` (default; torch's AdamW on the other parameters) or
             ``"reference"`` (``apollo_torch``'s eps placement and decay order, see the module docstring).
+        impl: how the AdamW side runs (the APOLLO side is one matrix at a time whatever it is):
+            ``"auto"`` (default: the fused C kernel on the CPU with ``convention="paper"``, else
+            ``for_loop``; ``foreach`` on CUDA), ``"for_loop"`` or ``"foreach"``.
 
     Raises:
         ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,
-            proj, norm_growth_limit, convention or a regex; a ``target_modules`` pattern that matches no 2-D
+            proj, norm_growth_limit, convention, impl or a regex; a ``target_modules`` pattern that matches no 2-D
             parameter; ``target_modules`` without parameter names; ``use_apollo=True`` on a non-2-D
             parameter; ``scale_front`` or a group's ``use_apollo`` not a bool.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter on the APOLLO side.
@@ -287,6 +431,9 @@ class APOLLO(Optimizer):
     Paper: Zhu et al., "APOLLO: SGD-like Memory, AdamW-level Performance", arXiv:2412.05270.
     """
 
+    #: the ``impl`` values this class takes besides ``"auto"`` (they choose the AdamW side's impl)
+    impls: ClassVar[tuple[str, ...]] = ("for_loop", "foreach")
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -304,6 +451,7 @@ class APOLLO(Optimizer):
         scale_front: bool = False,
         norm_growth_limit: float | None = 1.01,
         convention: Convention = "paper",
+        impl: Impl = "auto",
     ) -> None:
         name = type(self).__name__
         check_arg(name, "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
@@ -381,6 +529,7 @@ class APOLLO(Optimizer):
             "scale_front": check_flag(name, "scale_front", scale_front),
             "norm_growth_limit": None if norm_growth_limit is None else float(norm_growth_limit),
             "convention": convention,
+            "impl": check_impl(name, impl, APOLLO.impls),
         }
         super().__init__(params, defaults)
         if target_modules is not None:
@@ -410,47 +559,37 @@ class APOLLO(Optimizer):
             )
 
     def _apollo_mask(self, group: dict[str, Any]) -> list[bool]:
-        names = group.get("param_names")
-        use = group.get("use_apollo")
-        if use is not None:
-            check_flag(type(self).__name__, "use_apollo", use)
         targets = group["target_modules"]
-        mask = []
-        for i, p in enumerate(group["params"]):
-            name = names[i] if names is not None and i < len(names) else None
-            if use is not None:
-                if use and p.ndim != 2:
-                    raise ValueError(
-                        f"{type(self).__name__}: param group has use_apollo=True but "
-                        f"{name or f'parameter {i}'} has shape {tuple(p.shape)}; APOLLO projects 2-D weights only"
-                    )
-                on = use
-            elif p.ndim != 2:
-                on = False
-            elif targets is None:
-                on = not (name is not None and any(re.search(pat, name) for pat in DEFAULT_ADAMW_PATTERNS))
-            else:
-                on = name is not None and any(re.search(pat, name) for pat in targets)
-            if on:
-                reject_dtensor(type(self).__name__, p, name)
-            mask.append(on)
-        return mask
+        return route_matrices(
+            group["params"],
+            group.get("param_names"),
+            cls=type(self).__name__,
+            override_key="use_apollo",
+            override=group.get("use_apollo"),
+            exclude=DEFAULT_ADAMW_PATTERNS if targets is None else (),
+            include=targets,
+            flatten_conv=None,
+            matrix_hint="APOLLO projects 2-D weights only",
+        )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its APOLLO/AdamW split is decided here and stored as ``group["apollo_mask"]``."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if "impl" in param_group:
+            check_impl(type(self).__name__, group["impl"], APOLLO.impls)
         group["apollo_mask"] = self._apollo_mask(group)
 
     @staticmethod
     def _backfill_masks(opt: Optimizer) -> None:
         for group in opt.param_groups:
+            group.setdefault("impl", "auto")
             if "apollo_mask" not in group:
                 group["apollo_mask"] = opt._apollo_mask(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, scale_front=False, norm_growth_limit=1.01, convention="paper")
+        backfill_group_defaults(self, scale_front=False, norm_growth_limit=1.01, convention="paper", impl="auto")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -459,33 +598,23 @@ class APOLLO(Optimizer):
         index = 0  # 1-based position in the optimizer: the projection's first seed
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            ap, ag, am, av, steps = [], [], [], [], []
             for p, on_apollo in zip(group["params"], group["apollo_mask"]):
                 index += 1
                 if p.grad is None:
                     continue
                 reject_sparse_grad(p, type(self).__name__)
                 state = self.state[p]
-                dt = compute_dtype(p)
                 if not on_apollo:
-                    if "exp_avg" not in state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt, memory_format=torch.preserve_format)
+                    adamw_state_(state, p)
                     state["step"] += 1
-                    adamw = adamw_update_ if group["convention"] == "paper" else adamw_update_reference_
-                    adamw(
-                        p,
-                        p.grad,
-                        state["exp_avg"],
-                        state["exp_avg_sq"],
-                        step=state["step"],
-                        lr=group["lr"],
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
-                    )
+                    ap.append(p)
+                    ag.append(p.grad)
+                    am.append(state["exp_avg"])
+                    av.append(state["exp_avg_sq"])
+                    steps.append(state["step"])
                     continue
+                dt = compute_dtype(p)
                 if "step" not in state:
                     state["step"] = 0
                     state["seed"] = index
@@ -519,6 +648,21 @@ class APOLLO(Optimizer):
                 )
                 if new_norm is not None:
                     state["update_norm"] = new_norm
+            side = adamw_side if group["convention"] == "paper" else adamw_reference_side
+            side(
+                ap,
+                ag,
+                am,
+                av,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                impl=group["impl"],
+                cls=type(self).__name__,
+            )
         return loss
 
 
@@ -553,6 +697,7 @@ class APOLLOMini(APOLLO):
         scale_front: bool = False,
         norm_growth_limit: float | None = 1.01,
         convention: Convention = "paper",
+        impl: Impl = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -569,6 +714,7 @@ class APOLLOMini(APOLLO):
             scale_front=scale_front,
             norm_growth_limit=norm_growth_limit,
             convention=convention,
+            impl=impl,
         )
 
 

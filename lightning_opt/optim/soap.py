@@ -1,8 +1,11 @@
 """SOAP: Adam in the eigenbasis of Shampoo's preconditioners (Vyas et al. 2024, arXiv:2409.11321).
 
 Registered as ``soap``. The math lives in plain functions of tensors (:func:`soap_merge_shape`,
-:func:`soap_project`, :func:`soap_eigenbasis`, :func:`soap_refresh_eigenbasis`,
-:func:`soap_update_`) so a fused kernel or a sharded wrapper can call it.
+:func:`soap_project`, :func:`soap_eigenbasis`, :func:`soap_refresh_eigenbasis`) so a fused kernel
+or a sharded wrapper can call it. A step is three phases, composed in :func:`soap_update_`:
+:func:`soap_direction` (rotate into the eigenbasis, Adam's moments there, rotate back: whole
+matrix), :func:`soap_apply_` (elementwise) and :func:`soap_precondition_` (the preconditioner EMAs
+and the periodic eigenbasis refresh: whole matrix).
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
     "SOAP",
+    "soap_apply_",
+    "soap_direction",
     "soap_eigenbasis",
     "soap_merge_shape",
+    "soap_precondition_",
     "soap_project",
     "soap_refresh_eigenbasis",
     "soap_update_",
 ]
-
 
 
 def soap_merge_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
@@ -117,6 +122,82 @@ def _accumulate_(GG: Sequence[Tensor | None], g: Tensor, shampoo_beta: float) ->
         L.lerp_(torch.tensordot(g, g, dims=(others, others)), 1 - shampoo_beta)
 
 
+def soap_direction(
+    grad: Tensor,
+    state: dict[str, Any],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    normalize_grads: bool,
+) -> Tensor:
+    """The direction phase of a SOAP step (whole matrix): rotate, update Adam's moments, rotate back.
+
+    ``G' = project(G)``; ``step += 1``; ``m' = lerp(m', G', 1-b1)``; ``v' = b2 v' + (1-b2) G'^2``
+    (in place in ``state``); ``N = project_back(m' / (sqrt(v') + eps))``, divided by its RMS with
+    ``normalize_grads``.
+
+    Returns:
+        ``N`` in the moments' (possibly merged) shape and math dtype, before the lr.
+    """
+    Q = state["Q"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    g = grad.to(exp_avg.dtype).reshape(exp_avg.shape)
+    g_rot = soap_project(g, Q)
+    state["step"] += 1
+    exp_avg.lerp_(g_rot, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
+    update = soap_project(exp_avg / exp_avg_sq.sqrt().add_(eps), Q, back=True)
+    if normalize_grads:
+        update.div_(update.square().mean().sqrt().add_(1e-30))
+    return update
+
+
+def soap_apply_(
+    param: Tensor,
+    update: Tensor,
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    correct_bias: bool,
+) -> None:
+    """The elementwise phase of a SOAP step: ``p -= lr sqrt(bc2)/bc1 N``, then ``p -= lr wd p``.
+
+    Without ``correct_bias`` the step is ``lr``. A bf16/fp16 parameter is updated in float32 and
+    rounded once.
+    """
+    dt = compute_dtype(param)
+    step_size = lr
+    if correct_bias:
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    p = param if param.dtype == dt else param.to(dt)
+    p.add_(update.reshape(param.shape), alpha=-step_size)
+    if weight_decay != 0:
+        # after the step, on the updated p (the SOAP repo's order)
+        p.mul_(1 - lr * weight_decay)
+    if p is not param:
+        param.copy_(p)
+
+
+def soap_precondition_(grad: Tensor, state: dict[str, Any], *, shampoo_beta: float, precondition_frequency: int) -> None:
+    """The preconditioner phase of a SOAP step (whole matrix), after :func:`soap_direction`.
+
+    ``L_i <- lerp(L_i, G G^T along dim i, 1 - shampoo_beta)``; every ``precondition_frequency``
+    updates the bases are refreshed (:func:`soap_refresh_eigenbasis`) and ``m'`` is rotated along.
+    """
+    exp_avg = state["exp_avg"]
+    g = grad.to(exp_avg.dtype).reshape(exp_avg.shape)
+    _accumulate_(state["GG"], g, shampoo_beta)
+    if state["step"] % precondition_frequency == 0:
+        Q = state["Q"]
+        m = soap_project(exp_avg, Q, back=True)
+        state["Q"], state["exp_avg_sq"] = soap_refresh_eigenbasis(state["GG"], Q, state["exp_avg_sq"])
+        state["exp_avg"] = soap_project(m, state["Q"])
+
+
 def soap_update_(
     param: Tensor,
     grad: Tensor,
@@ -137,35 +218,21 @@ def soap_update_(
     ``G' = project(G)``; ``m' = lerp(m', G', 1-b1)``; ``v' = b2 v' + (1-b2) G'^2``;
     ``N = project_back(m' / (sqrt(v') + eps))`` (divided by its RMS with ``normalize_grads``);
     ``p -= lr sqrt(bc2)/bc1 N``; ``p -= lr wd p``; then the preconditioners take ``G`` and, every
-    ``precondition_frequency`` updates, the bases are refreshed (``m'`` is rotated along with them).
+    ``precondition_frequency`` updates, the bases are refreshed (``m'`` is rotated along with them):
+    :func:`soap_direction`, :func:`soap_apply_`, :func:`soap_precondition_`.
     """
-    dt = compute_dtype(param)
-    g = grad.to(dt).reshape(state["exp_avg"].shape)
-    Q = state["Q"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    g_rot = soap_project(g, Q)
-    state["step"] += 1
-    step = state["step"]
-    exp_avg.lerp_(g_rot, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g_rot, g_rot, value=1 - beta2)
-    step_size = lr
-    if correct_bias:
-        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-    update = soap_project(exp_avg / exp_avg_sq.sqrt().add_(eps), Q, back=True)
-    if normalize_grads:
-        update.div_(update.square().mean().sqrt().add_(1e-30))
-    p = param if param.dtype == dt else param.to(dt)
-    p.add_(update.reshape(param.shape), alpha=-step_size)
-    if weight_decay != 0:
-        # after the step, on the updated p (the SOAP repo's order)
-        p.mul_(1 - lr * weight_decay)
-    if p is not param:
-        param.copy_(p)
-    _accumulate_(state["GG"], g, shampoo_beta)
-    if step % precondition_frequency == 0:
-        m = soap_project(exp_avg, Q, back=True)
-        state["Q"], state["exp_avg_sq"] = soap_refresh_eigenbasis(state["GG"], Q, exp_avg_sq)
-        state["exp_avg"] = soap_project(m, state["Q"])
+    update = soap_direction(grad, state, beta1=beta1, beta2=beta2, eps=eps, normalize_grads=normalize_grads)
+    soap_apply_(
+        param,
+        update,
+        step=state["step"],
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        correct_bias=correct_bias,
+    )
+    soap_precondition_(grad, state, shampoo_beta=shampoo_beta, precondition_frequency=precondition_frequency)
 
 
 def _check(key: str, value: Any, ok: bool, hint: str) -> None:

@@ -44,27 +44,29 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import apply_update_
 from lightning_opt.optim.base import (
     backfill_group_defaults,
-    check_flag,
+    check_rounding,
     compute_dtype,
     ensure_kahan_comp,
+    keep_state_dtype_on_load,
     params_with_grad,
     run_closure,
-    keep_state_dtype_on_load,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
+    "SOPHIA_IMPLS",
     "SophiaG",
     "SophiaH",
     "gnb_estimate",
     "hessian_ema_",
     "hutchinson_estimate",
+    "sophia",
     "sophia_update_",
 ]
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,14 +85,16 @@ def sophia_update_(
     eps: float,
     weight_decay: float,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> None:
-    """One Sophia step for one tensor, in place on ``param`` and ``exp_avg``.
+    """One Sophia step for one tensor, in place on ``param`` and ``exp_avg`` (the reference).
 
     ``p <- p (1 - lr wd)``; ``m <- beta1 m + (1 - beta1) g``;
     ``p <- p - lr sign(m) min(|m| / max(scale h, eps), 1)``. The math runs in ``exp_avg``'s dtype
     (float32 for bf16/fp16 parameters) and the step is rounded into ``param`` once; with
     ``kahan_comp`` (a buffer in ``param``'s dtype) it is Kahan-compensated, so steps below a bf16
-    parameter's resolution accumulate instead of vanishing.
+    parameter's resolution accumulate instead of vanishing; with ``stochastic`` a bf16 parameter is
+    stochastically rounded.
     """
     if weight_decay != 0:
         # outside the compensation, as torch-optimi and the Lion family here
@@ -98,7 +102,118 @@ def sophia_update_(
     exp_avg.mul_(beta1).add_(grad.to(exp_avg.dtype), alpha=1.0 - beta1)
     denom = (hessian * scale).clamp_(min=eps)
     ratio = exp_avg.abs().div_(denom).clamp_(max=1.0)
-    apply_update_(param, ratio.mul_(exp_avg.sign()).mul_(-lr), kahan_comp)
+    apply_update_(param, ratio.mul_(exp_avg.sign()).mul_(-lr), kahan_comp, stochastic=stochastic)
+
+
+def _sophia_for_loop(params, grads, exp_avgs, hessians, kahan_comps, **hp: Any) -> None:
+    for p, g, m, h, c in zip(params, grads, exp_avgs, hessians, kahan_comps):
+        sophia_update_(p, g, m, h, kahan_comp=c, **hp)
+
+
+def _decay_(params: list[Tensor], factor: float) -> None:
+    """``p.mul_(factor)`` for every tensor, rounded as the per-tensor op rounds."""
+    if params[0].dtype in LOW_PRECISION:
+        # torch's CPU foreach ops round a scalar to bf16/fp16 first (0.998 -> 0.99609375): multiply
+        # in float32 and round once, as param.mul_ does
+        wide = [p.float() for p in params]
+        torch._foreach_mul_(wide, factor)
+        torch._foreach_copy_(params, wide)
+    else:
+        torch._foreach_mul_(params, factor)
+
+
+def _sophia_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    scale: float,
+    eps: float,
+    weight_decay: float,
+    stochastic: bool = False,
+) -> None:
+    if weight_decay != 0:
+        _decay_(params, 1.0 - lr * weight_decay)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, [g.to(m.dtype) for g, m in zip(grads, exp_avgs)], alpha=1.0 - beta1)
+    denom = torch._foreach_mul(hessians, scale)
+    torch._foreach_clamp_min_(denom, eps)
+    ratio = torch._foreach_abs(exp_avgs)
+    torch._foreach_div_(ratio, denom)
+    torch._foreach_clamp_max_(ratio, 1.0)
+    torch._foreach_mul_(ratio, torch._foreach_sign(exp_avgs))
+    torch._foreach_mul_(ratio, -lr)
+    apply_updates_(params, ratio, kahan_comps, stochastic=stochastic)
+
+
+def _sophia_fused(params, grads, exp_avgs, hessians, kahan_comps, *, lr, beta1, scale, eps, weight_decay, stochastic=False) -> None:
+    from lightning_opt.kernels import cpu
+
+    # one launch per state dtype (float32 state for bf16/fp16 parameters; a checkpoint may differ)
+    by_state: dict[torch.dtype, list[int]] = {}
+    for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians)):
+        if g.dtype != p.dtype or h.dtype != m.dtype:
+            raise TypeError(
+                f"Sophia(impl='fused') needs gradients in the parameters' dtype and the Hessian in exp_avg's, got "
+                f"{g.dtype}/{h.dtype} for a {p.dtype} parameter with {m.dtype} state; use impl='for_loop'"
+            )
+        by_state.setdefault(m.dtype, []).append(i)
+    for state_dtype, idx in by_state.items():
+        cpu.launch(
+            "sophia",
+            "sophia",
+            [[lst[i] for i in idx] for lst in (params, grads, exp_avgs, hessians, kahan_comps)],
+            [lr, beta1, scale, eps, weight_decay],
+            [int(stochastic)],
+            state_dtype=state_dtype,
+        )
+
+
+#: Sophia's step implementations, by ``impl`` name (``for_loop`` is the reference)
+SOPHIA_IMPLS: dict[str, Callable[..., Any]] = {
+    "for_loop": _sophia_for_loop,
+    "foreach": _sophia_foreach,
+    "fused": _sophia_fused,
+}
+
+
+def sophia(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    scale: float,
+    eps: float,
+    weight_decay: float,
+    stochastic: bool = False,
+    impl: str = "auto",
+    name: str = "Sophia",
+) -> None:
+    """Sophia's step over tensor lists (the functional API): :func:`sophia_update_` per tensor, by ``impl``.
+
+    ``name`` is the optimizer named in errors (``"SophiaG"``, ``"SophiaH"``).
+    """
+    dispatch(
+        name,
+        "sophia",
+        impl,
+        SOPHIA_IMPLS,
+        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "hessians": hessians, "kahan_comps": kahan_comps},
+        lr=lr,
+        beta1=beta1,
+        scale=scale,
+        eps=eps,
+        weight_decay=weight_decay,
+        stochastic=stochastic,
+    )
 
 
 def hessian_ema_(hessian: Tensor, estimate: Tensor, *, beta2: float) -> None:
@@ -201,6 +316,8 @@ class _Sophia(Optimizer):
 
     #: which estimator :class:`~lightning_opt.callbacks.SophiaHessian` computes for this optimizer
     hessian_estimator: ClassVar[str] = ""
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(SOPHIA_IMPLS)
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -208,7 +325,15 @@ class _Sophia(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, kahan_sum=False)  # checkpoints from before the option
+        # checkpoints from before the options
+        backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group, cls = self.param_groups[-1], type(self).__name__
+        # a param group may set its own impl/rounding: checked when it is added
+        check_impl(cls, group["impl"], self.impls)
+        check_rounding(cls, group["kahan_sum"], group["stochastic_rounding"])
 
     def _scale(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
@@ -265,26 +390,33 @@ class _Sophia(Optimizer):
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            beta1 = group["betas"][0]
-            scale = self._scale(group)
+            params, grads, exp_avgs, hessians, comps = [], [], [], [], []
             for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     self._init_state(p, state)
                 state["step"] += 1
                 ensure_kahan_comp(state, p, group["kahan_sum"])
-                sophia_update_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["hessian"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    scale=scale,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+            sophia(
+                params,
+                grads,
+                exp_avgs,
+                hessians,
+                comps,
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                scale=self._scale(group),
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+                name=type(self).__name__,
+            )
         return loss
 
     @torch.no_grad()
@@ -322,10 +454,15 @@ class SophiaG(_Sophia):
         eps: floor of the denominator ``max(rho * bs * h, eps)`` (default ``1e-15``).
         kahan_sum: Kahan-compensate the steps of bf16/fp16 parameters, so steps below their
             resolution are not lost (default ``False``; float32 parameters need and get no buffer).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; no extra memory; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
+            or ``"fused"`` for the step (see :mod:`lightning_opt.optim.engine`); the Hessian EMA
+            refresh is per tensor.
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
-            [0, 1), ``bs`` not positive.
+            [0, 1), ``bs`` not positive; a flag not a bool, both roundings, an unknown ``impl``.
 
     Example:
         >>> opt = SophiaG(model.parameters(), lr=3e-4, rho=0.05, weight_decay=0.2, bs=480 * 1024)
@@ -352,14 +489,16 @@ class SophiaG(_Sophia):
         eps: float = 1e-15,
         *,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaG", key, value)
         _check("SophiaG", "bs", bs, positive=True)
         betas = _check_betas("SophiaG", betas)
-        check_flag("SophiaG", "kahan_sum", kahan_sum)
         defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "bs": bs, "eps": eps}
-        super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
+        rounding = check_rounding("SophiaG", kahan_sum, stochastic_rounding)
+        super().__init__(params, {**defaults, **rounding, "impl": check_impl("SophiaG", impl, tuple(SOPHIA_IMPLS))})
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"] * group["bs"]
@@ -382,10 +521,13 @@ class SophiaH(_Sophia):
         eps: floor of the denominator ``max(rho * h, eps)``; Hutchinson's ``h`` can be negative,
             which the floor turns into a full-size sign step (default ``1e-12``).
         kahan_sum: Kahan-compensate the steps of bf16/fp16 parameters (default ``False``).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"`` for the step.
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
-            [0, 1).
+            [0, 1); a flag not a bool, both roundings, an unknown ``impl``.
 
     Example:
         >>> opt = SophiaH(model.parameters(), lr=6e-4)
@@ -408,13 +550,15 @@ class SophiaH(_Sophia):
         eps: float = 1e-12,
         *,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         for key, value in (("lr", lr), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps)):
             _check("SophiaH", key, value)
         betas = _check_betas("SophiaH", betas)
-        check_flag("SophiaH", "kahan_sum", kahan_sum)
         defaults = {"lr": lr, "betas": betas, "rho": rho, "weight_decay": weight_decay, "eps": eps}
-        super().__init__(params, {**defaults, "kahan_sum": kahan_sum})
+        rounding = check_rounding("SophiaH", kahan_sum, stochastic_rounding)
+        super().__init__(params, {**defaults, **rounding, "impl": check_impl("SophiaH", impl, tuple(SOPHIA_IMPLS))})
 
     def _scale(self, group: dict[str, Any]) -> float:
         return group["rho"]

@@ -16,7 +16,22 @@ import torch
 from torch import nn
 
 from lightning_opt import build_optimizer, get_optimizer_info
-from lightning_opt.optim.muon import Muon, zeropower_via_newtonschulz
+from lightning_opt.optim import muon as muon_module
+from lightning_opt.optim.muon import (
+    POLAR_EXPRESS,
+    Muon,
+    default_ns_dtype,
+    fast_bf16_matmul,
+    muon_apply_,
+    muon_direction,
+    muon_momentum_,
+    muon_update_,
+    newton_schulz_error,
+    newton_schulz_flops,
+    ns_schedule,
+    orthogonality_error,
+    zeropower_via_newtonschulz,
+)
 
 SHAPES = {
     "embed.weight": (10, 16),  # AdamW: embedding
@@ -175,8 +190,17 @@ def test_newton_schulz_against_singular_value_iteration(shape: tuple[int, int]) 
     assert G.dtype == torch.float64 and zeropower_via_newtonschulz(G.float(), 5, torch.bfloat16).dtype == torch.bfloat16
 
 
+@pytest.fixture
+def slow_bf16_cpu(monkeypatch: pytest.MonkeyPatch):
+    """Pretend the CPU lacks fast bf16 matmuls (the detection is cached: clear it around the test)."""
+    monkeypatch.setattr(muon_module, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    muon_module.fast_bf16_matmul.cache_clear()
+    yield
+    muon_module.fast_bf16_matmul.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_default_ns_dtype_is_full_precision_on_cpu(dtype: torch.dtype) -> None:
+def test_default_ns_dtype_is_full_precision_on_cpu(dtype: torch.dtype, slow_bf16_cpu) -> None:
     # one step from zero momentum: p1 = p0 - lr * sqrt(max(1, A/B)) * NS(g) (NS is scale-invariant)
     p0 = torch.randn(48, 16, generator=torch.Generator().manual_seed(0), dtype=dtype)
     g = torch.randn(48, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
@@ -375,6 +399,9 @@ def test_rejects_sharded_dtensor_parameters(tmp_path) -> None:
         ({"momentum": 1.0}, "momentum=1.0"),
         ({"ns_steps": 0}, "ns_steps=0"),
         ({"ns_coefficients": (1.0, 2.0)}, "ns_coefficients"),
+        ({"ns_coefficients": "polar"}, "ns_coefficients='polar'.*polar_express"),
+        ({"ns_coefficients": [(3.0, -3.2, 1.2)] * 4}, "4 per-step triples but ns_steps=5"),
+        ({"impl": "fused"}, "impl='fused'.*for_loop.*foreach"),
         ({"ns_dtype": "int8"}, "ns_dtype='int8'"),
         ({"adjust_lr_fn": "moonlight"}, "adjust_lr_fn='moonlight'.*match_rms_adamw"),
         ({"adamw_lr": 1e-3, "adamw_lr_ratio": 0.1}, "exclusive"),
@@ -452,3 +479,203 @@ def test_default_ns_dtype_on_cuda_is_bfloat16_like_torch() -> None:
         opt.step(), ref_muon.step(), ref_adamw.step()
     for n in SHAPES:
         torch.testing.assert_close(ours[n], ref[n], msg=lambda m, n=n: f"{n}: {m}")
+
+
+# ---- the engine: batched Newton-Schulz, impls, Polar Express, the ns_dtype detection ----
+
+NS_SHAPES = [(33, 65), (65, 33), (7, 3), (16, 16)]
+
+
+@pytest.mark.parametrize("coefficients", [(3.4445, -4.7750, 2.0315), "polar_express"])
+@pytest.mark.parametrize("shape", NS_SHAPES)
+def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape: tuple[int, int], coefficients) -> None:
+    g = torch.Generator().manual_seed(0)
+    # very different scales: each matrix is normalized by its own norm
+    stack = torch.randn((4, *shape), generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 10.0, 1e3]).view(4, 1, 1).double()
+    for dtype, tol in ((torch.float64, {"rtol": 1e-12, "atol": 1e-12}), (torch.float32, {})):
+        batched = zeropower_via_newtonschulz(stack.to(dtype), 5, dtype, coefficients=coefficients)
+        assert batched.shape == stack.shape and batched.dtype == dtype
+        for k in range(4):
+            one = zeropower_via_newtonschulz(stack[k].to(dtype), 5, dtype, coefficients=coefficients)
+            torch.testing.assert_close(batched[k], one, **tol)
+
+
+def test_phases_compose_to_muon_update() -> None:
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(6, 2, 2, generator=g, dtype=torch.float64)  # a conv-like weight, viewed as (6, 4)
+    grads = [torch.randn(6, 2, 2, generator=g, dtype=torch.float64) for _ in range(3)]
+    hp = {"ns_steps": 5, "ns_coefficients": (3.4445, -4.7750, 2.0315), "eps": 1e-7, "ns_dtype": torch.float64}
+    a, buf_a = p0.clone(), torch.zeros_like(p0)
+    b, buf_b = p0.clone(), torch.zeros_like(p0)
+    for grad in grads:
+        muon_update_(a, grad, buf_a, lr=0.1, weight_decay=0.1, momentum=0.9, nesterov=True, adjust_lr_fn="original", **hp)
+        u = muon_momentum_(grad, buf_b, momentum=0.9, nesterov=True)
+        assert u.shape == (6, 4)
+        muon_apply_(b, muon_direction(u, **hp), lr=0.1, weight_decay=0.1, adjust_lr_fn="original")
+    assert torch.equal(a, b) and torch.equal(buf_a, buf_b)
+
+
+# repeated shapes (batched together), odd shapes, tall and wide, and biases on the AdamW side
+IMPL_SHAPES = {
+    "blocks.0.attn.weight": (33, 65),
+    "blocks.1.attn.weight": (33, 65),
+    "blocks.0.mlp.weight": (65, 33),
+    "blocks.0.gate.weight": (7, 3),
+    "blocks.1.gate.weight": (7, 3),
+    "blocks.0.mlp.bias": (65,),
+    "blocks.0.gate.bias": (7,),
+    "norm.weight": (1,),
+}
+
+
+def _run_impl(impl: str, dtype: torch.dtype, wd: float, steps: int = 20, **kw) -> tuple[dict, Muon]:
+    params = {n: t.clone().requires_grad_() for n, t in _tensors(dtype, IMPL_SHAPES).items()}
+    opt = Muon(list(params.items()), lr=0.05, weight_decay=wd, adamw_lr_ratio=0.5, impl=impl, **kw)
+    for s in range(steps):
+        for n, gr in _grads(params, s).items():
+            params[n].grad = gr
+        opt.step()
+    return params, opt
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == ref.dtype
+    if ref.dtype is torch.bfloat16:
+        step = torch.finfo(ref.dtype).eps * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=max(step, 1e-5))
+    else:
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["foreach", "auto"])
+def test_impl_equals_for_loop_over_20_steps(impl: str, dtype: torch.dtype, wd: float) -> None:
+    ref, ref_opt = _run_impl("for_loop", dtype, wd, ns_dtype="float32")
+    got, got_opt = _run_impl(impl, dtype, wd, ns_dtype="float32")
+    assert ref_opt.param_groups[0]["muon_mask"] == [n.endswith("weight") and n != "norm.weight" for n in IMPL_SHAPES]
+    for n in IMPL_SHAPES:
+        _close(got[n].detach(), ref[n].detach())
+        for key, value in ref_opt.state[ref[n]].items():
+            if isinstance(value, torch.Tensor):
+                _close(got_opt.state[got[n]][key], value)
+            else:
+                assert got_opt.state[got[n]][key] == value
+
+
+def test_impl_foreach_resumes_exactly_from_a_checkpoint() -> None:
+    straight, _ = _run_impl("foreach", torch.float32, 0.1, steps=8)
+    first, opt = _run_impl("foreach", torch.float32, 0.1, steps=4)
+    saved = copy.deepcopy(opt.state_dict())
+    resumed = {n: t.detach().clone().requires_grad_() for n, t in first.items()}
+    opt2 = Muon(list(resumed.items()), lr=0.05, weight_decay=0.1, adamw_lr_ratio=0.5, impl="foreach")
+    opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["impl"] == "foreach"
+    for s in range(4, 8):
+        for n, gr in _grads(resumed, s).items():
+            resumed[n].grad = gr
+        opt2.step()
+    for n in IMPL_SHAPES:
+        assert torch.equal(resumed[n], straight[n]), n
+
+
+def test_old_checkpoint_without_impl_loads_as_auto() -> None:
+    p = torch.zeros(3, 3, requires_grad=True)
+    opt = Muon([p], impl="for_loop")
+    state = opt.state_dict()
+    for group in state["param_groups"]:
+        del group["impl"]
+    opt2 = Muon([p])
+    opt2.load_state_dict(state)
+    assert opt2.param_groups[0]["impl"] == "auto"
+    opt3 = Muon([p])
+    opt3.__setstate__({"state": {}, "param_groups": [{k: v for k, v in opt.param_groups[0].items() if k != "impl"}]})
+    assert opt3.param_groups[0]["impl"] == "auto"
+
+
+def test_polar_express_schedule_is_the_published_one_with_its_safety_factor() -> None:
+    schedule, factor = ns_schedule("polar_express", 10)
+    assert factor == 1.01 and len(schedule) == 10
+    a, b, c = schedule[0]
+    assert a * 1.01 == pytest.approx(8.28721201814563) and b * 1.01**3 == pytest.approx(-23.595886519098837)
+    assert c * 1.01**5 == pytest.approx(17.300387312530933)
+    # past the published list the last (unscaled) polynomial repeats
+    assert schedule[7:] == ((1.875, -1.25, 0.375),) * 3 and schedule[:7] == POLAR_EXPRESS[:7]
+    assert ns_schedule((1.0, 2.0, 3.0), 3) == (((1.0, 2.0, 3.0),) * 3, 1.0)
+    per_step = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
+    assert ns_schedule(per_step, 2) == (tuple(per_step), 1.0)
+    with pytest.raises(ValueError, match="per-step triples but ns_steps=3"):
+        ns_schedule(per_step, 3)
+
+
+def test_polar_express_matches_its_singular_value_iteration() -> None:
+    G = torch.randn(24, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    U, s, Vh = torch.linalg.svd(G, full_matrices=False)
+    x = s / (s.square().sum().sqrt() * 1.01)
+    for a, b, c in ns_schedule("polar_express", 5)[0]:
+        x = a * x + b * x**3 + c * x**5
+    expected = U @ torch.diag(x) @ Vh
+    got = zeropower_via_newtonschulz(G, 5, torch.float64, coefficients="polar_express")
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # a per-step list runs each triple once: Keller's triple listed 5 times is the default
+    keller = zeropower_via_newtonschulz(G, 5, torch.float64)
+    listed = zeropower_via_newtonschulz(G, 5, torch.float64, coefficients=[(3.4445, -4.7750, 2.0315)] * 5)
+    assert torch.equal(keller, listed)
+
+
+def test_polar_express_is_closer_to_orthogonal_at_the_same_flops() -> None:
+    # the number the benchmark prints next to the time: max |sigma - 1| on a gradient-like matrix
+    keller = newton_schulz_error((64, 256), steps=5)
+    polar = newton_schulz_error((64, 256), steps=5, coefficients="polar_express")
+    assert 0.25 < keller < 0.35  # Keller's quintic plateaus near 0.3 by design
+    assert polar < 0.5 * keller
+    assert newton_schulz_error((64, 256), steps=6, coefficients="polar_express") < 0.01
+    # one cost per step whatever the coefficients: 4 r^2 k + 2 r^3 multiply-add flops
+    assert newton_schulz_flops(64, 256, 5) == newton_schulz_flops(256, 64, 5) == 5 * (4 * 64 * 64 * 256 + 2 * 64**3)
+    assert orthogonality_error(torch.eye(5, 7)) == 0.0
+
+
+def test_muon_takes_polar_express_and_per_step_coefficients() -> None:
+    base, _ = _run_impl("foreach", torch.float64, 0.0, steps=3)
+    polar, opt = _run_impl("foreach", torch.float64, 0.0, steps=3, ns_coefficients="polar_express")
+    assert opt.param_groups[0]["ns_coefficients"] == "polar_express"
+    assert any((polar[n] - base[n]).abs().max() > 1e-4 for n in IMPL_SHAPES)
+    listed, opt = _run_impl("foreach", torch.float64, 0.0, steps=3, ns_coefficients=[[3.4445, -4.7750, 2.0315]] * 5)
+    assert opt.param_groups[0]["ns_coefficients"] == ((3.4445, -4.7750, 2.0315),) * 5
+    for n in IMPL_SHAPES:
+        assert torch.equal(listed[n], base[n]), n
+
+
+@pytest.mark.parametrize(
+    ("flags", "capability", "fast"),
+    [
+        ({"avx2", "fma"}, "AVX2", False),
+        ({"avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", True),
+        ({"avx512f", "amx_bf16"}, "AVX2", False),  # ATEN_CPU_CAPABILITY=avx2 forces the slow kernels
+        ({"fp", "asimd", "bf16"}, "DEFAULT", False),
+        ({"fp", "asimd", "bf16"}, "SVE256", True),
+        (set(), "AVX512", False),
+    ],
+)
+def test_ns_dtype_follows_detected_bf16_matmul_speed(monkeypatch, flags, capability, fast) -> None:
+    monkeypatch.setattr(muon_module, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    fast_bf16_matmul.cache_clear()
+    try:
+        assert fast_bf16_matmul("cpu") is fast
+        assert fast_bf16_matmul("cuda") is True and fast_bf16_matmul("meta") is False
+        p = torch.zeros(2, 2)
+        assert default_ns_dtype(p) is (torch.bfloat16 if fast else torch.float32)
+        assert default_ns_dtype(p.bfloat16()) is (torch.bfloat16 if fast else torch.float32)
+        assert default_ns_dtype(p.double()) is torch.float64  # asked-for precision off CUDA
+    finally:
+        fast_bf16_matmul.cache_clear()
+
+
+def test_detection_on_this_machine_reads_the_cpu_flags() -> None:
+    fast_bf16_matmul.cache_clear()
+    flags = muon_module._cpu_flags()
+    fast = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if not fast:  # an AVX2-only CPU: bf16 matmul is ~100x slower there, float32 it is
+        assert default_ns_dtype(torch.zeros(2, 2)) is torch.float32
+    assert fast_bf16_matmul("cpu") is (fast and not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "DEFAULT", "NO AVX")))

@@ -371,3 +371,85 @@ def test_paper_convention_matches_algorithm_1_float64(scale_type: str) -> None:
 
 def test_paper_is_the_default() -> None:
     assert APOLLO([nn.Parameter(torch.zeros(4, 4))]).param_groups[0]["convention"] == "paper"
+
+
+# ---- the engine: phases, the shared AdamW side, impls ----
+
+IMPL_SHAPES = {"tall": (33, 7), "wide": (7, 33), "bias": (33,), "square": (7, 7), "gain": (1,)}
+
+
+def _run_impl(impl: str, dtype: torch.dtype, wd: float, convention: str, steps: int = 20):
+    g = torch.Generator().manual_seed(0)
+    params = {k: nn.Parameter(torch.randn(s, generator=g).to(dtype)) for k, s in IMPL_SHAPES.items()}
+    groups = [
+        {"params": [params["tall"], params["wide"]], "param_names": ["tall", "wide"], "use_apollo": True},
+        {"params": [params[k] for k in ("bias", "square", "gain")], "param_names": ["bias", "square", "gain"]},
+    ]
+    opt = APOLLO(groups, lr=1e-2, weight_decay=wd, rank=3, update_proj_gap=7, convention=convention, impl=impl)
+    gg = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=gg).to(dtype)
+        opt.step()
+    return params, opt
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == ref.dtype
+    if ref.dtype is torch.bfloat16:
+        step = torch.finfo(ref.dtype).eps * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=max(step, 1e-5))
+    else:
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("convention", ["paper", "reference"])
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["foreach", "auto"])
+def test_impl_equals_for_loop_over_20_steps(impl: str, dtype: torch.dtype, wd: float, convention: str) -> None:
+    ref, ref_opt = _run_impl("for_loop", dtype, wd, convention)
+    got, got_opt = _run_impl(impl, dtype, wd, convention)
+    for k in IMPL_SHAPES:
+        _close(got[k].detach(), ref[k].detach())
+        for key, value in ref_opt.state[ref[k]].items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                _close(got_opt.state[got[k]][key], value)
+            else:
+                assert got_opt.state[got[k]][key] == value
+
+
+def test_impl_is_checked_and_backfilled() -> None:
+    w = nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"APOLLO\(impl='fused'\)"):
+        APOLLO([w], impl="fused")
+    with pytest.raises(ValueError, match=r"APOLLOMini\(impl='fast'\)"):
+        APOLLOMini([w], impl="fast")
+    opt = APOLLO([w], impl="foreach")
+    state = opt.state_dict()
+    del state["param_groups"][0]["impl"]
+    opt2 = APOLLO([w])
+    opt2.load_state_dict(state)
+    assert opt2.param_groups[0]["impl"] == "auto"
+
+
+def test_phases_compose_to_apollo_update() -> None:
+    from lightning_opt.optim.apollo import apollo_apply_, apollo_direction, apollo_update_
+
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    proj = random_projection((12, 8), 3, 5, dtype=torch.float64)
+    kw = {"beta1": 0.9, "beta2": 0.99, "eps": 1e-6, "scale": 2.0, "scale_type": "channel"}
+    for convention in ("paper", "reference"):
+        a, b = w0.clone(), w0.clone()
+        ma, va = torch.zeros(12, 3, dtype=torch.float64), torch.zeros(12, 3, dtype=torch.float64)
+        mb, vb = ma.clone(), va.clone()
+        na = nb = None
+        for step in range(1, 4):
+            grad = torch.randn(12, 8, generator=g, dtype=torch.float64)
+            na = apollo_update_(
+                a, grad, ma, va, proj, step=step, lr=0.1, weight_decay=0.1, prev_norm=na, convention=convention, **kw
+            )
+            update, nb = apollo_direction(grad, mb, vb, proj, step=step, prev_norm=nb, convention=convention, **kw)
+            apollo_apply_(b, update, step=step, lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.1, convention=convention)
+        assert torch.equal(a, b) and torch.equal(ma, mb) and torch.equal(na, nb)

@@ -223,3 +223,29 @@ def test_registry_entry() -> None:
     assert get_optimizer_info("soap").cls is SOAP
     opt = build_optimizer(torch.nn.Linear(4, 3), "soap", lr=1e-3, weight_decay=0.1, precondition_frequency=5)
     assert isinstance(opt, SOAP) and opt.param_groups[0]["precondition_frequency"] == 5
+
+
+def test_phases_compose_to_the_step() -> None:
+    """soap_direction, soap_apply_ and soap_precondition_ called one by one equal SOAP's steps."""
+    from lightning_opt.optim.soap import soap_apply_, soap_direction, soap_precondition_
+
+    init = _init(torch.float64, [(12, 20), (8, 4, 3, 3)])
+    ref = _run(lambda ps: SOAP(ps, precondition_frequency=3, weight_decay=0.1), init, steps=8)
+    params = [t.clone().requires_grad_() for t in init]
+    opt = SOAP(params, precondition_frequency=3, weight_decay=0.1)
+    group = opt.param_groups[0]
+    for s in range(8):
+        grads = _grads(init, s)
+        for p, g in zip(params, grads):
+            state = opt.state[p]
+            if "Q" not in state:
+                SOAP._init_state(p, g, group, state)
+                continue
+            with torch.no_grad():
+                update = soap_direction(g, state, beta1=0.95, beta2=0.95, eps=1e-8, normalize_grads=False)
+                soap_apply_(
+                    p, update, step=state["step"], lr=3e-3, beta1=0.95, beta2=0.95, weight_decay=0.1, correct_bias=True
+                )
+                soap_precondition_(g, state, shampoo_beta=0.95, precondition_frequency=3)
+    for a, b in zip(params, ref):
+        assert torch.equal(a.detach(), b)

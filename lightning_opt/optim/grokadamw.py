@@ -18,25 +18,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import apply_update_, compute_dtype
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
-    check_flag,
     check_lr_wd,
+    check_rounding,
     init_state,
     reject_sparse_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register
 
-__all__ = ["GrokAdamW", "grokadamw_update_", "grokking_signal_from_losses"]
+__all__ = ["GROKADAMW_IMPLS", "GrokAdamW", "grokadamw", "grokadamw_update_", "grokking_signal_from_losses"]
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); the reference clips with it
 _CLIP_EPS = 1e-6
@@ -68,14 +69,16 @@ def grokadamw_update_(
     lamb: float,
     gradient_clipping: float,
     kahan_comp: Tensor | None = None,
+    stochastic: bool = False,
 ) -> None:
-    """One GrokAdamW step for one tensor, in place on ``param`` and the three state tensors.
+    """One GrokAdamW step for one tensor, in place on ``param`` and the three state tensors (the reference).
 
     ``g`` is clipped to norm ``gradient_clipping`` per tensor (if > 0; on a copy);
     ``e <- alpha e + (1-alpha) g``; ``h = g + lamb e``; ``m <- b m + (1-b) h`` with
     ``b = layer_beta1``; ``v <- beta2 v + (1-beta2) h^2``; ``p *= 1 - lr wd``;
     ``p -= lr sqrt(1-beta2^t) / (1-bias_beta1^t) m / (sqrt(v) + eps)``. The bias correction uses the
-    group's beta1 (``bias_beta1``), not the layer's, as the reference does.
+    group's beta1 (``bias_beta1``), not the layer's, as the reference does. ``kahan_comp`` /
+    ``stochastic`` select the rounding of a bf16/fp16 parameter's store (see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt, copy=True)
@@ -87,7 +90,7 @@ def grokadamw_update_(
     h = g.add_(e, alpha=lamb)
     m.mul_(layer_beta1).add_(h, alpha=1 - layer_beta1)
     v.mul_(beta2).addcmul_(h, h, value=1 - beta2)
-    step_size = lr * math.sqrt(1 - beta2**step) / (1 - bias_beta1**step)
+    step_size = _step_size(lr, bias_beta1, beta2, step)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     delta = (m / v.sqrt().add_(eps)).mul_(-step_size)
@@ -95,7 +98,171 @@ def grokadamw_update_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         grok_ema.copy_(e)
-    apply_update_(param, delta, kahan_comp)
+    apply_update_(param, delta, kahan_comp, stochastic=stochastic)
+
+
+def _step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
+    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+
+def _grok_for_loop(params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps, steps, layer_beta1s, *, beta1, **hp):
+    for p, g, m, v, e, c, s, b in zip(params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps, steps, layer_beta1s):
+        grokadamw_update_(p, g, m, v, e, step=s, layer_beta1=b, bias_beta1=beta1, kahan_comp=c, **hp)
+
+
+def _grok_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grok_emas: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    layer_beta1s: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha: float,
+    lamb: float,
+    gradient_clipping: float,
+    stochastic: bool = False,
+) -> None:
+    dt = compute_dtype(params[0])
+    low = params[0].dtype in LOW_PRECISION
+    g = [x.to(dt, copy=True) for x in grads]
+    if gradient_clipping > 0:
+        norms = torch.stack(torch._foreach_norm(g))
+        torch._foreach_mul_(g, list((gradient_clipping / (norms + _CLIP_EPS)).clamp(max=1.0).unbind(0)))
+    m, v, e = ([x.to(dt) for x in xs] for xs in (exp_avgs, exp_avg_sqs, grok_emas))
+    torch._foreach_mul_(e, alpha)
+    torch._foreach_add_(e, g, alpha=1 - alpha)
+    torch._foreach_add_(g, e, alpha=lamb)  # h
+    torch._foreach_mul_(m, layer_beta1s)
+    # a per-tensor alpha: no foreach op takes a list of them
+    for mi, hi, b in zip(m, g, layer_beta1s):
+        mi.add_(hi, alpha=1 - b)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    if weight_decay != 0:
+        if low:
+            # torch's CPU foreach ops round a scalar to bf16/fp16 first: decay in float32, round once
+            wide = [p.float() for p in params]
+            torch._foreach_mul_(wide, 1 - lr * weight_decay)
+            torch._foreach_copy_(params, wide)
+        else:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, eps)
+    delta = torch._foreach_div(m, denom)
+    torch._foreach_mul_(delta, [-_step_size(lr, beta1, beta2, s) for s in steps])
+    if low:
+        torch._foreach_copy_(exp_avgs, m)
+        torch._foreach_copy_(exp_avg_sqs, v)
+        torch._foreach_copy_(grok_emas, e)
+    apply_updates_(params, delta, kahan_comps, stochastic=stochastic)
+
+
+def _grok_fused(
+    params,
+    grads,
+    exp_avgs,
+    exp_avg_sqs,
+    grok_emas,
+    kahan_comps,
+    steps,
+    layer_beta1s,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    alpha,
+    lamb,
+    gradient_clipping,
+    stochastic=False,
+) -> None:
+    from lightning_opt.kernels import cpu
+
+    for p, g in zip(params, grads):
+        if g.dtype != p.dtype:  # the kernel reads a gradient as the parameter's type
+            raise TypeError(
+                f"GrokAdamW(impl='fused') needs gradients in the parameters' dtype, got a {g.dtype} gradient for "
+                f"a {p.dtype} parameter; use impl='for_loop'"
+            )
+    per = [x for b, s in zip(layer_beta1s, steps) for x in (b, _step_size(lr, beta1, beta2, s))]
+    cpu.launch(
+        "grokadamw",
+        "grokadamw",
+        [params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps],
+        [lr, beta2, eps, weight_decay, alpha, lamb, gradient_clipping, *per],
+        [int(stochastic)],
+        state_dtype=exp_avgs[0].dtype,
+    )
+
+
+#: GrokAdamW's implementations, by ``impl`` name (``for_loop`` is the reference)
+GROKADAMW_IMPLS: dict[str, Callable[..., Any]] = {
+    "for_loop": _grok_for_loop,
+    "foreach": _grok_foreach,
+    "fused": _grok_fused,
+}
+
+
+def grokadamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grok_emas: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    steps: list[int],
+    layer_beta1s: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    alpha: float,
+    lamb: float,
+    gradient_clipping: float,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """GrokAdamW over tensor lists (the functional API): :func:`grokadamw_update_` per tensor, by ``impl``.
+
+    ``steps`` are the tensors' 1-based step counts and ``layer_beta1s`` their ``beta1 (1 - gamma)**i``;
+    ``beta1`` is the group's (the bias correction's); ``alpha`` the group's EMA weight this step.
+    """
+    dispatch(
+        "GrokAdamW",
+        "grokadamw",
+        impl,
+        GROKADAMW_IMPLS,
+        {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "exp_avg_sqs": exp_avg_sqs,
+            "grok_emas": grok_emas,
+            "kahan_comps": kahan_comps,
+            "steps": steps,
+            "layer_beta1s": layer_beta1s,
+        },
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        alpha=alpha,
+        lamb=lamb,
+        gradient_clipping=gradient_clipping,
+        stochastic=stochastic,
+    )
 
 
 class GrokAdamW(Optimizer):
@@ -122,10 +289,14 @@ class GrokAdamW(Optimizer):
         grokking_signal_decay_rate: how fast ``alpha`` falls with the signal (default ``0.1``).
         gradient_clipping: per-tensor gradient-norm cap, ``0`` disables it (default ``1.0``).
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
+        stochastic_rounding: round the updated bf16 parameters stochastically instead (default
+            ``False``; no extra memory; exclusive with ``kahan_sum``).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
+            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: invalid lr, weight_decay, eps, betas, alpha_init, gamma or gradient_clipping;
-            ``kahan_sum`` not a bool.
+            a flag not a bool, both roundings, an unknown ``impl``.
         TypeError: ``grokking_signal_fns`` is not a sequence of callables.
 
     Example:
@@ -134,6 +305,9 @@ class GrokAdamW(Optimizer):
 
     Source: cognitivecomputations/grokadamw (no paper); Grokfast: Lee et al., arXiv:2405.20233.
     """
+
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(GROKADAMW_IMPLS)
 
     def __init__(
         self,
@@ -150,6 +324,8 @@ class GrokAdamW(Optimizer):
         grokking_signal_decay_rate: float = 0.1,
         gradient_clipping: float = 1.0,
         kahan_sum: bool = False,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         check_lr_wd("GrokAdamW", lr, weight_decay)
         betas = check_betas("GrokAdamW", betas)
@@ -185,7 +361,8 @@ class GrokAdamW(Optimizer):
             "gamma": gamma,
             "grokking_signal_decay_rate": grokking_signal_decay_rate,
             "gradient_clipping": gradient_clipping,
-            "kahan_sum": check_flag("GrokAdamW", "kahan_sum", kahan_sum),
+            **check_rounding("GrokAdamW", kahan_sum, stochastic_rounding),
+            "impl": check_impl("GrokAdamW", impl, tuple(GROKADAMW_IMPLS)),
         }
         super().__init__(params, defaults)
 
@@ -196,7 +373,14 @@ class GrokAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("grokking_signal_fns", None)
-        backfill_group_defaults(self, kahan_sum=False)
+        backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        # a param group may set its own impl/rounding: checked when it is added
+        check_impl("GrokAdamW", group["impl"], self.impls)
+        check_rounding("GrokAdamW", group["kahan_sum"], group["stochastic_rounding"])
 
     def _signal(self, group: dict[str, Any]) -> float | None:
         if self.grokking_signal_fns is None:
@@ -217,33 +401,42 @@ class GrokAdamW(Optimizer):
                 alpha = alpha * math.exp(-group["grokking_signal_decay_rate"] * signal)
             beta1, beta2 = group["betas"]
             # the layer index counts only tensors with a grad this step, as the reference does
-            i = -1
+            params, grads, exp_avgs, exp_avg_sqs, emas, comps, steps, layer_beta1s = ([] for _ in range(8))
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                i += 1
                 reject_sparse_grad(p, "GrokAdamW")
                 state = self.state[p]
                 init_state(state, p, "exp_avg", "exp_avg_sq", "grok_ema", kahan_sum=group["kahan_sum"])
                 state["step"] += 1
-                grokadamw_update_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    state["grok_ema"],
-                    step=state["step"],
-                    lr=group["lr"],
-                    layer_beta1=beta1 * (1 - group["gamma"]) ** i,
-                    bias_beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    alpha=alpha,
-                    lamb=group["lamb"],
-                    gradient_clipping=group["gradient_clipping"],
-                    kahan_comp=state.get("kahan_comp") if group["kahan_sum"] else None,
-                )
+                layer_beta1s.append(beta1 * (1 - group["gamma"]) ** len(params))
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                emas.append(state["grok_ema"])
+                comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+                steps.append(state["step"])
+            grokadamw(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                emas,
+                comps,
+                steps,
+                layer_beta1s,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                alpha=alpha,
+                lamb=group["lamb"],
+                gradient_clipping=group["gradient_clipping"],
+                stochastic=group["stochastic_rounding"],
+                impl=group["impl"],
+            )
         return loss
 
 

@@ -1,0 +1,74 @@
+/* GrokAdamW (lightning_opt.optim.grokadamw): lists params, grads, exp_avgs, exp_avg_sqs, grok_emas,
+ * kahan_comps; hp = lr, beta2, eps, weight_decay, alpha, lamb, gradient_clipping, then per tensor t:
+ * hp[7 + 2t] = its layer beta1, hp[8 + 2t] = its step size lr sqrt(1 - beta2^t) / (1 - beta1^t);
+ * ip = stochastic rounding (0/1). Equals grokadamw_update_: with gradient_clipping > 0, pass 1 sums
+ * ||g||^2 per tensor (LO_TENSOR_SUMS: deterministic), pass 2 is the update. */
+#include "common.h"
+
+/* Mirror torch's CPU rounding: add_(x, alpha=a) is one FMA in its vectorized kernels; addcmul_ and
+ * every other product and sum round on their own. */
+#pragma GCC optimize("fp-contract=off")
+#define LO_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
+#define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
+
+/* torch.nn.utils.clip_grad_norm_'s 1e-6, as the reference */
+#define GROK_CLIP_EPS 1e-6
+
+#define GROK_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                             \
+  LO_SIGNATURE(grokadamw, SUFFIX) {                                             \
+    const CT b2 = (CT)hp[1], a2 = (CT)(1.0 - hp[1]), eps = (CT)hp[2];           \
+    const CT decay = (CT)(1.0 - hp[0] * hp[3]);                                 \
+    const CT alpha = (CT)hp[4], a_e = (CT)(1.0 - hp[4]), lamb = (CT)hp[5];      \
+    const CT clipv = (CT)hp[6];                                                 \
+    const int wd = hp[3] != 0.0, clip = hp[6] > 0.0, sr = (int)ip[0];           \
+    const double *per = hp + 7;                                                 \
+    CT *factor = (CT *)malloc(sizeof(CT) * (size_t)(n > 0 ? n : 1));            \
+    for (int64_t t = 0; t < n; t++) factor[t] = (CT)1;                          \
+    (void)out;                                                                  \
+    if (clip) {                                                                 \
+      double *sums = (double *)malloc(sizeof(double) * (size_t)(n > 0 ? n : 1)); \
+      LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                             \
+        const PT *G = (const PT *)ptrs[n + t];                                  \
+        double sg = 0.0;                                                        \
+        for (int64_t i = lo; i < hi; i++) {                                     \
+          const double g = (double)LD_##PTAG(G[i]);                             \
+          sg += g * g;                                                          \
+        }                                                                       \
+        acc[0] += sg;                                                           \
+      });                                                                       \
+      for (int64_t t = 0; t < n; t++) {                                         \
+        /* clip / (norm + 1e-6) is torch's reciprocal(norm + 1e-6) * clip */    \
+        const CT norm = (CT)sqrt(sums[t]);                                      \
+        CT f = ((CT)1 / (norm + (CT)GROK_CLIP_EPS)) * clipv;                    \
+        factor[t] = f > (CT)1 ? (CT)1 : f;                                      \
+      }                                                                         \
+      free(sums);                                                               \
+    }                                                                           \
+    LO_FOR_CHUNKS(n, sizes, nthreads, {                                         \
+      PT *P = (PT *)ptrs[t];                                                    \
+      const PT *G = (const PT *)ptrs[n + t];                                    \
+      ST *M = (ST *)ptrs[2 * n + t];                                            \
+      ST *V = (ST *)ptrs[3 * n + t];                                            \
+      ST *E = (ST *)ptrs[4 * n + t];                                            \
+      PT *C = (PT *)ptrs[5 * n + t];                                            \
+      const CT b1 = (CT)per[2 * t], a1 = (CT)(1.0 - per[2 * t]);                \
+      const CT step = (CT)per[2 * t + 1], f = factor[t];                        \
+      for (int64_t i = lo; i < hi; i++) {                                       \
+        CT g = LD_##PTAG(G[i]);                                                 \
+        if (clip) g = g * f;                                                    \
+        const CT e = LO_FMA(g, a_e, LD_##STAG(E[i]) * alpha);                   \
+        const CT h = LO_FMA(e, lamb, g);                                        \
+        const CT m = LO_FMA(h, a1, LD_##STAG(M[i]) * b1);                       \
+        const CT v = LD_##STAG(V[i]) * b2 + a2 * h * h;                         \
+        CT p = LD_##PTAG(P[i]);                                                 \
+        if (wd) p = R_##PTAG(p * decay);                                        \
+        M[i] = ST_##STAG(m);                                                    \
+        V[i] = ST_##STAG(v);                                                    \
+        E[i] = ST_##STAG(e);                                                    \
+        lo_update_##PTAG(P, C, i, p, (m / (LO_SQRT(v) + eps)) * (-step), sr);   \
+      }                                                                         \
+    });                                                                         \
+    free(factor);                                                               \
+  }
+
+LO_INSTANTIATE(GROK_KERNEL)

@@ -8,7 +8,8 @@ Infrastructure (registers nothing; the leading underscore keeps the family auto-
 - :func:`adamw_side` steps the AdamW side of a group over tensor lists, by ``impl``: ``for_loop``
   (:func:`~lightning_opt.optim.base.adamw_update_` per tensor, the reference), ``foreach``
   (``torch._foreach_*`` ops), ``fused`` (one call of the C kernel ``kernels/csrc/adamw.c`` per
-  bucket) and, when :mod:`lightning_opt.kernels.triton_adamw` is importable, ``triton``.
+  bucket) and ``triton`` (:mod:`lightning_opt.kernels.triton_adamw`, imported when first used;
+  CUDA, or the CPU under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -153,8 +154,21 @@ def _adamw_fused(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
     )
 
 
+def _adamw_triton(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    from lightning_opt.kernels.triton_adamw import adamw_triton_
+
+    adamw_triton_(
+        params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay
+    )
+
+
 #: the AdamW side's implementations, by ``impl`` name (``for_loop`` is the reference)
-ADAMW_SIDE_IMPLS = {"for_loop": _adamw_for_loop, "foreach": _adamw_foreach, "fused": _adamw_fused}
+ADAMW_SIDE_IMPLS = {
+    "for_loop": _adamw_for_loop,
+    "foreach": _adamw_foreach,
+    "fused": _adamw_fused,
+    "triton": _adamw_triton,
+}
 
 
 def adamw_side(
@@ -180,9 +194,10 @@ def adamw_side(
         steps: the 1-based count of this update, per tensor (already incremented).
         lr, beta1, beta2, eps, weight_decay: torch's AdamW (``p *= 1 - lr wd``; eps added to
             ``sqrt(v / bc2)``).
-        impl: ``"auto"`` (the fused C kernel on the CPU; ``foreach`` on CUDA), ``"for_loop"``,
-            ``"foreach"`` or ``"fused"``; tensors are bucketed by (device, dtype) and each bucket
-            runs the chosen impl (:func:`lightning_opt.optim.engine.dispatch`).
+        impl: ``"auto"`` (the fused C kernel on the CPU; Triton on CUDA where it works, else
+            ``foreach``), ``"for_loop"``, ``"foreach"``, ``"fused"`` or ``"triton"``; tensors are
+            bucketed by (device, dtype) and each bucket runs the chosen impl
+            (:func:`lightning_opt.optim.engine.dispatch`).
         cls: the optimizer's name, for errors.
 
     The fused kernel takes the per-tensor step counts as two doubles per tensor appended to its

@@ -405,8 +405,9 @@ class APOLLO(Optimizer):
         convention: ``"paper"`` (default; torch's AdamW on the other parameters) or
             ``"reference"`` (``apollo_torch``'s eps placement and decay order, see the module docstring).
         impl: how the AdamW side runs (the APOLLO side is one matrix at a time whatever it is):
-            ``"auto"`` (default: the fused C kernel on the CPU with ``convention="paper"``, else
-            ``for_loop``; ``foreach`` on CUDA), ``"for_loop"`` or ``"foreach"``.
+            ``"auto"`` (default: with ``convention="paper"`` the fused C kernel on the CPU and Triton
+            on CUDA; with ``"reference"`` ``for_loop`` on the CPU and ``foreach`` on CUDA),
+            ``"for_loop"`` or ``"foreach"``.
 
     Raises:
         ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,

@@ -547,7 +547,7 @@ class Muon(Optimizer):
             at a time with ``"for_loop"`` (the reference), and with ``"foreach"`` or ``"auto"``
             orthogonalizes all matrices of one shape in one batched Newton-Schulz chain. The AdamW
             side runs :func:`~lightning_opt.optim._hybrid.adamw_side` with the same impl
-            (``"auto"``: the fused C kernel on the CPU, ``foreach`` on CUDA).
+            (``"auto"``: the fused C kernel on the CPU, Triton on CUDA).
 
     Raises:
         ValueError: invalid lr, weight decay, momentum, betas, eps, ns_steps, coefficients,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["address", "block_of", "device", "first_block", "hp", "load", "round_to", "segment_sums", "store", "update"]
+__all__ = ["address", "block_of", "device", "div", "first_block", "hp", "sqrt", "load", "round_to", "segment_sums", "store", "update"]
 
 
 def device(fn):
@@ -76,6 +76,37 @@ def hp(x, KIND: tl.constexpr):
         y = x
     else:
         y = tl.cast(x, tl.float32)
+    return y
+
+
+if triton.knobs.runtime.interpret:
+    _hp_compiled = hp
+
+    def hp(x, KIND):  # noqa: F811 - the interpreter's version
+        # the interpreter passes float arguments as Python floats, and Triton types a Python float as
+        # float32 (a float64 kernel would see it rounded): make the constant in the compute dtype
+        if isinstance(x, float):
+            return tl.full((), x, tl.float64 if KIND == 1 else tl.float32)
+        return _hp_compiled(x, KIND)
+
+
+@device
+def div(a, b, KIND: tl.constexpr):
+    """``a / b`` correctly rounded (as torch's division; Triton's float32 ``/`` is approximate on GPUs)."""
+    if KIND == 1:
+        y = a / b
+    else:
+        y = tl.div_rn(a, b)
+    return y
+
+
+@device
+def sqrt(x, KIND: tl.constexpr):
+    """``sqrt(x)`` correctly rounded (as torch's; Triton's float32 ``tl.sqrt`` is approximate on GPUs)."""
+    if KIND == 1:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
     return y
 
 

@@ -182,7 +182,9 @@ def soap_apply_(
         param.copy_(p)
 
 
-def soap_precondition_(grad: Tensor, state: dict[str, Any], *, shampoo_beta: float, precondition_frequency: int) -> None:
+def soap_precondition_(
+    grad: Tensor, state: dict[str, Any], *, shampoo_beta: float, precondition_frequency: int
+) -> None:
     """The preconditioner phase of a SOAP step (whole matrix), after :func:`soap_direction`.
 
     ``L_i <- lerp(L_i, G G^T along dim i, 1 - shampoo_beta)``; every ``precondition_frequency``

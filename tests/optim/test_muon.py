@@ -491,7 +491,8 @@ NS_SHAPES = [(33, 65), (65, 33), (7, 3), (16, 16)]
 def test_batched_newton_schulz_equals_one_matrix_at_a_time(shape: tuple[int, int], coefficients) -> None:
     g = torch.Generator().manual_seed(0)
     # very different scales: each matrix is normalized by its own norm
-    stack = torch.randn((4, *shape), generator=g, dtype=torch.float64) * torch.tensor([1e-3, 1.0, 10.0, 1e3]).view(4, 1, 1).double()
+    scales = torch.tensor([1e-3, 1.0, 10.0, 1e3], dtype=torch.float64).view(4, 1, 1)
+    stack = torch.randn((4, *shape), generator=g, dtype=torch.float64) * scales
     for dtype, tol in ((torch.float64, {"rtol": 1e-12, "atol": 1e-12}), (torch.float32, {})):
         batched = zeropower_via_newtonschulz(stack.to(dtype), 5, dtype, coefficients=coefficients)
         assert batched.shape == stack.shape and batched.dtype == dtype
@@ -508,10 +509,11 @@ def test_phases_compose_to_muon_update() -> None:
     a, buf_a = p0.clone(), torch.zeros_like(p0)
     b, buf_b = p0.clone(), torch.zeros_like(p0)
     for grad in grads:
-        muon_update_(a, grad, buf_a, lr=0.1, weight_decay=0.1, momentum=0.9, nesterov=True, adjust_lr_fn="original", **hp)
+        kw = {"lr": 0.1, "weight_decay": 0.1, "adjust_lr_fn": "original"}
+        muon_update_(a, grad, buf_a, momentum=0.9, nesterov=True, **kw, **hp)
         u = muon_momentum_(grad, buf_b, momentum=0.9, nesterov=True)
         assert u.shape == (6, 4)
-        muon_apply_(b, muon_direction(u, **hp), lr=0.1, weight_decay=0.1, adjust_lr_fn="original")
+        muon_apply_(b, muon_direction(u, **hp), **kw)
     assert torch.equal(a, b) and torch.equal(buf_a, buf_b)
 
 
@@ -678,4 +680,5 @@ def test_detection_on_this_machine_reads_the_cpu_flags() -> None:
     fast = bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     if not fast:  # an AVX2-only CPU: bf16 matmul is ~100x slower there, float32 it is
         assert default_ns_dtype(torch.zeros(2, 2)) is torch.float32
-    assert fast_bf16_matmul("cpu") is (fast and not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "DEFAULT", "NO AVX")))
+    capable = not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "DEFAULT", "NO AVX"))
+    assert fast_bf16_matmul("cpu") is (fast and capable)

@@ -25,7 +25,7 @@
     const CT b2 = (CT)hp[2], eps = (CT)hp[3];                                   \
     const CT w1 = (CT)(1.0 - hp[1]), a2 = (CT)(1.0 - hp[2]);                    \
     const CT decay = (CT)(1.0 - hp[0] * hp[4]);                                 \
-    const int wd = hp[4] != 0.0, small = fabs(1.0 - hp[1]) < 0.5;              \
+    const int wd = hp[4] != 0.0, small = fabs(1.0 - hp[1]) < 0.5;               \
     const CT coeff = small ? w1 : w1 - (CT)1;                                   \
     (void)ip;                                                                   \
     (void)out;                                                                  \
@@ -44,7 +44,7 @@
         V[i] = ST_##STAG(v);                                                    \
         m = LD_##STAG(M[i]);                                                    \
         v = LD_##STAG(V[i]);                                                    \
-        CT d = LO_SQRT_##PTAG(v) / sb2 + eps;                                       \
+        CT d = LO_SQRT_##PTAG(v) / sb2 + eps;                                   \
         CT p = LD_##PTAG(P[i]);                                                 \
         if (wd) p = p * decay;                                                  \
         p = p + step * (m / d);                                                 \

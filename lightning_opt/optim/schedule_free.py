@@ -20,15 +20,23 @@ checkpoint saving and back to train after, and is added automatically by ``Optim
 The group-level state ``k`` (steps taken), ``weight_sum``, ``lr_max``, ``train_mode`` and
 ``scheduled_lr`` lives in ``param_groups`` and is saved with ``state_dict()``.
 
+The step has one per-tensor reference (:func:`schedule_free_step_`, ``impl="for_loop"``) and
+list-level implementations that equal it (``"foreach"``, and ``"fused"``: one C kernel pass over
+``y``, the gradient, ``z`` and ``v`` per bucket, the default on the CPU; see
+:mod:`lightning_opt.optim.engine`); :func:`schedule_free_adamw`, :func:`schedule_free_sgd` and
+:func:`schedule_free_radam` are the functional APIs. The mode switches are per tensor.
+
 Differences from ``schedulefree`` 1.4.1 (same math otherwise): the gradient is not modified in
-place; bf16/fp16 parameters get float32 ``z``/``exp_avg_sq`` and float32 math.
+place; bf16/fp16 parameters get float32 ``z``/``exp_avg_sq`` and float32 math, and their ``y`` may be
+stored with stochastic rounding (``stochastic_rounding=True``; ``z`` is a float32 master copy, so
+there is no Kahan option).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -36,26 +44,39 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     LOW_PRECISION,
+    backfill_group_defaults,
     check_flag,
+    keep_state_dtype_on_load,
     params_with_grad,
     run_closure,
-    keep_state_dtype_on_load,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import store_
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
+    "SCHEDULE_FREE_IMPLS",
     "AdamWScheduleFree",
+    "Direction",
     "RAdamScheduleFree",
     "SGDScheduleFree",
     "ScheduleFreeBase",
     "adam_direction",
     "average_weight",
     "radam_rectification",
+    "schedule_free_adamw",
+    "schedule_free_radam",
+    "schedule_free_sgd",
+    "schedule_free_step_",
     "schedule_free_update_",
     "to_eval_",
     "to_train_",
 ]
 
+#: The base optimizer's direction: the raw gradient (``"sgd"``), Adam's normalised gradient
+#: (``"adam"``), or the raw gradient while the squared-gradient EMA accumulates (``"ema"``: RAdam's
+#: SGD phase).
+Direction = Literal["sgd", "adam", "ema"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,10 +113,24 @@ def radam_rectification(step: int, beta2: float) -> float | None:
     return math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
 
 
+def _sqrt_(x: Tensor) -> Tensor:
+    """``x.sqrt_()``, correctly rounded for float32 on the CPU as in the fused kernel (and on CUDA).
+
+    torch's CPU sqrt goes through MKL's vector math, which is one ulp off for about a fifth of
+    float32 elements; the stochastic rounding of bf16 parameters would turn that last bit into a
+    different draw, so every impl takes the correctly rounded root. The float64 root rounded to
+    float32 is it: a float32 input's root lies at least 2^-50 (relative) from a float32 rounding
+    midpoint, far more than the float64 root's error.
+    """
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return x.copy_(x.double().sqrt_())
+    return x.sqrt_()
+
+
 def adam_direction(grad: Tensor, exp_avg_sq: Tensor, *, beta2: float, bias_correction2: float, eps: float) -> Tensor:
     """Update ``exp_avg_sq`` in place (EMA of ``grad**2``) and return ``grad / (sqrt(v / bc2) + eps)``."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = exp_avg_sq.div(bias_correction2).sqrt_().add_(eps)
+    denom = _sqrt_(exp_avg_sq.div(bias_correction2)).add_(eps)
     return grad.div(denom)
 
 
@@ -110,6 +145,45 @@ def schedule_free_update_(y: Tensor, z: Tensor, direction: Tensor, *, lr: float,
     z.sub_(direction, alpha=lr)
 
 
+def schedule_free_step_(
+    param: Tensor,
+    grad: Tensor,
+    z: Tensor,
+    exp_avg_sq: Tensor | None,
+    *,
+    direction: Direction,
+    lr: float,
+    beta: float,
+    beta2: float,
+    eps: float,
+    bias_correction2: float,
+    weight_decay: float,
+    c: float,
+    stochastic: bool = False,
+) -> None:
+    """One schedule-free step for one tensor (the reference), in place on ``param`` (``y``), ``z``, ``exp_avg_sq``.
+
+    The direction ``d`` is the gradient (``"sgd"``, ``"ema"``: ``exp_avg_sq`` still accumulates
+    ``g**2``) or :func:`adam_direction` (``"adam"``), plus ``weight_decay * y`` (decay computed at
+    ``y``, schedulefree >= 1.3); then :func:`schedule_free_update_`. The math runs in ``z``'s dtype
+    (float32 for bf16/fp16 parameters), and ``stochastic`` rounds a bf16 ``y`` stochastically when
+    it is stored. ``grad`` is not modified. ``exp_avg_sq`` is unused (may be ``None``) for ``"sgd"``.
+    """
+    y = param if param.dtype == z.dtype else param.to(z.dtype)
+    g = grad.to(z.dtype)
+    if direction == "adam":
+        d = adam_direction(g, exp_avg_sq, beta2=beta2, bias_correction2=bias_correction2, eps=eps)
+    else:
+        if direction == "ema":
+            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        d = g
+    if weight_decay != 0:
+        d = d.add(y, alpha=weight_decay) if d is grad else d.add_(y, alpha=weight_decay)
+    schedule_free_update_(y, z, d, lr=lr, beta=beta, c=c)
+    if y is not param:
+        store_(param, y, stochastic=stochastic)
+
+
 def to_eval_(y: Tensor, z: Tensor, beta: float) -> None:
     """Turn the train point ``y`` into the average ``x = y + (1 - 1/beta)(z - y)``, in place."""
     y.lerp_(z, 1.0 - 1.0 / beta)
@@ -118,6 +192,230 @@ def to_eval_(y: Tensor, z: Tensor, beta: float) -> None:
 def to_train_(x: Tensor, z: Tensor, beta: float) -> None:
     """Turn the average ``x`` into the train point ``y = x + (1 - beta)(z - x)``, in place."""
     x.lerp_(z, 1.0 - beta)
+
+
+# --------------------------------------------------------------------------------------------------
+# the implementations: one signature, per (device, dtype) bucket (lightning_opt.optim.engine)
+
+
+def _schedule_free_for_loop(params, grads, zs, exp_avg_sqs, **hp: Any) -> None:
+    for p, g, z, v in zip(params, grads, zs, exp_avg_sqs):
+        schedule_free_step_(p, g, z, v, **hp)
+
+
+def _schedule_free_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor | None],
+    *,
+    direction: Direction,
+    lr: float,
+    beta: float,
+    beta2: float,
+    eps: float,
+    bias_correction2: float,
+    weight_decay: float,
+    c: float,
+    stochastic: bool = False,
+) -> None:
+    zs = list(zs)
+    low = params[0].dtype != zs[0].dtype
+    ys = [p.to(z.dtype) for p, z in zip(params, zs)] if low else list(params)
+    gs = [g.to(z.dtype) for g, z in zip(grads, zs)] if low else list(grads)
+    if direction != "sgd":
+        vs = list(exp_avg_sqs)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+    if direction == "adam":
+        denom = torch._foreach_div(vs, bias_correction2)
+        if denom[0].dtype == torch.float32 and denom[0].device.type == "cpu":
+            for x in denom:
+                _sqrt_(x)
+        else:
+            torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        d = torch._foreach_div(gs, denom)
+    else:
+        d = gs
+    if weight_decay != 0:
+        if d is gs and not low:  # d would be the gradients themselves
+            d = torch._foreach_add(gs, ys, alpha=weight_decay)
+        else:
+            torch._foreach_add_(d, ys, alpha=weight_decay)
+    torch._foreach_lerp_(ys, zs, c)
+    torch._foreach_add_(ys, d, alpha=lr * (beta * (1.0 - c) - 1.0))
+    torch._foreach_sub_(zs, d, alpha=lr)
+    if low:
+        if stochastic and params[0].dtype == torch.bfloat16:
+            for p, y in zip(params, ys):
+                store_(p, y, stochastic=True)
+        else:
+            torch._foreach_copy_(params, ys)
+
+
+_MODES = {"sgd": 0, "adam": 1, "ema": 2}
+
+
+def _schedule_free_fused(
+    params,
+    grads,
+    zs,
+    exp_avg_sqs,
+    *,
+    direction,
+    lr,
+    beta,
+    beta2,
+    eps,
+    bias_correction2,
+    weight_decay,
+    c,
+    stochastic=False,
+) -> None:
+    from lightning_opt.kernels import cpu
+
+    cpu.launch(
+        "schedule_free",
+        "schedule_free",
+        [params, grads, zs, exp_avg_sqs],
+        [lr * (beta * (1.0 - c) - 1.0), lr, beta2, eps, bias_correction2, weight_decay, c],
+        [_MODES[direction], int(stochastic)],
+        state_dtype=zs[0].dtype,
+    )
+
+
+#: the schedule-free implementations, by ``impl`` name (``for_loop`` is the reference), shared by
+#: the three variants (they differ in the direction only)
+SCHEDULE_FREE_IMPLS = {
+    "for_loop": _schedule_free_for_loop,
+    "foreach": _schedule_free_foreach,
+    "fused": _schedule_free_fused,
+}
+
+
+def _schedule_free(cls: str, params, grads, zs, exp_avg_sqs, impl: str, **hp: Any) -> None:
+    dispatch(
+        cls,
+        "schedule_free",
+        impl,
+        SCHEDULE_FREE_IMPLS,
+        {"params": params, "grads": grads, "zs": zs, "exp_avg_sqs": exp_avg_sqs},
+        **hp,
+    )
+
+
+def schedule_free_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c: float,
+    step: int,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """Schedule-Free AdamW over tensor lists (the functional API), by ``impl``.
+
+    ``lr`` is the step's (warmed-up) lr, ``c`` the averaging coefficient (:func:`average_weight`),
+    ``step`` the 1-based step (for the bias correction ``1 - beta2**step``).
+    """
+    _schedule_free(
+        "AdamWScheduleFree",
+        params,
+        grads,
+        zs,
+        exp_avg_sqs,
+        impl,
+        direction="adam",
+        lr=lr,
+        beta=beta,
+        beta2=beta2,
+        eps=eps,
+        bias_correction2=1.0 - beta2**step,
+        weight_decay=weight_decay,
+        c=c,
+        stochastic=stochastic,
+    )
+
+
+def schedule_free_sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    weight_decay: float,
+    c: float,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """Schedule-Free SGD over tensor lists (the functional API), by ``impl``; ``beta`` is the momentum."""
+    _schedule_free(
+        "SGDScheduleFree",
+        params,
+        grads,
+        zs,
+        [None] * len(params),
+        impl,
+        direction="sgd",
+        lr=lr,
+        beta=beta,
+        beta2=0.0,
+        eps=0.0,
+        bias_correction2=1.0,
+        weight_decay=weight_decay,
+        c=c,
+        stochastic=stochastic,
+    )
+
+
+def schedule_free_radam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    c: float,
+    step: int,
+    stochastic: bool = False,
+    impl: str = "auto",
+) -> None:
+    """Schedule-Free RAdam over tensor lists (the functional API), by ``impl``.
+
+    ``lr`` already includes the rectification (:func:`radam_rectification`, 0 or 1 in the SGD
+    phase); while the rectification is undefined at the 1-based ``step`` the direction is the raw
+    gradient and the squared-gradient EMA still accumulates.
+    """
+    _schedule_free(
+        "RAdamScheduleFree",
+        params,
+        grads,
+        zs,
+        exp_avg_sqs,
+        impl,
+        direction="ema" if radam_rectification(step, beta2) is None else "adam",
+        lr=lr,
+        beta=beta,
+        beta2=beta2,
+        eps=eps,
+        bias_correction2=1.0 - beta2**step,
+        weight_decay=weight_decay,
+        c=c,
+        stochastic=stochastic,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,19 +452,44 @@ def _check_betas(cls: str, betas: Any) -> tuple[float, float]:
 
 
 class ScheduleFreeBase(Optimizer):
-    """Shared train/eval switching, state layout and the step loop of the schedule-free optimizers.
+    """Shared train/eval switching, state layout, options and the step loop of the schedule-free optimizers.
 
     Subclasses define ``_beta(group)`` (the interpolation ``beta``), ``_lr(group, k)`` (the step's
-    lr, e.g. warmed up) and ``_direction(group, k, grad, state)`` (the base optimizer's direction
-    without weight decay, or ``None`` for the raw gradient).
+    lr, e.g. warmed up) and ``_update(group, k, lr, c, params, grads, zs, exp_avg_sqs)`` (calls the
+    variant's list-level function); ``_has_exp_avg_sq`` says whether the state has ``exp_avg_sq``.
     """
 
-    _state_keys: tuple[str, ...] = ("z",)
+    #: the ``impl`` values the schedule-free optimizers take besides ``"auto"``
+    impls: ClassVar[tuple[str, ...]] = tuple(SCHEDULE_FREE_IMPLS)
+    _has_exp_avg_sq: ClassVar[bool] = False
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        defaults = {**defaults, "k": 0, "train_mode": True, "weight_sum": 0.0, "lr_max": -1.0, "scheduled_lr": 0.0}
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], *, stochastic_rounding: bool = False, impl: str = "auto"
+    ) -> None:
+        name = type(self).__name__
+        defaults = {
+            **defaults,
+            "stochastic_rounding": check_flag(name, "stochastic_rounding", stochastic_rounding),
+            "impl": check_impl(name, impl, self.impls),
+            "k": 0,
+            "train_mode": True,
+            "weight_sum": 0.0,
+            "lr_max": -1.0,
+            "scheduled_lr": 0.0,
+        }
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its own ``stochastic_rounding`` and ``impl`` are checked as the constructor's."""
+        super().add_param_group(param_group)
+        group, name = self.param_groups[-1], type(self).__name__
+        check_flag(name, "stochastic_rounding", group["stochastic_rounding"])
+        check_impl(name, group["impl"], self.impls)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        backfill_group_defaults(self, stochastic_rounding=False, impl="auto")
 
     # -- hooks for subclasses
     def _beta(self, group: dict[str, Any]) -> float:
@@ -175,12 +498,24 @@ class ScheduleFreeBase(Optimizer):
     def _lr(self, group: dict[str, Any], k: int) -> float:
         return group["lr"]
 
-    def _direction(self, group: dict[str, Any], k: int, grad: Tensor, state: dict[str, Any]) -> Tensor:
+    def _update(
+        self,
+        group: dict[str, Any],
+        k: int,
+        lr: float,
+        c: float,
+        params: list[Tensor],
+        grads: list[Tensor],
+        zs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+    ) -> None:
         raise NotImplementedError
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         dt = torch.float32 if p.dtype in LOW_PRECISION else p.dtype
         state["z"] = p.detach().to(dt, copy=True)
+        if self._has_exp_avg_sq:
+            state["exp_avg_sq"] = torch.zeros_like(state["z"], memory_format=torch.preserve_format)
 
     # -- mode switching
     @torch.no_grad()
@@ -232,23 +567,17 @@ class ScheduleFreeBase(Optimizer):
             c, group["lr_max"], group["weight_sum"] = average_weight(
                 k, lr, group["lr_max"], group["weight_sum"], r=group["r"], weight_lr_power=group["weight_lr_power"]
             )
-            beta = self._beta(group)
-            wd = group["weight_decay"]
+            params, grads, zs, exp_avg_sqs = [], [], [], []
             for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "z" not in state:
                     self._init_state(p, state)
-                z = state["z"]
-                y = p if p.dtype == z.dtype else p.to(z.dtype)
-                grad = p.grad.to(z.dtype)
-                d = self._direction(group, k, grad, state)
-                if d is grad:
-                    d = grad.clone() if grad is p.grad else grad
-                if wd != 0:
-                    d.add_(y, alpha=wd)  # decay computed at y (schedulefree >= 1.3)
-                schedule_free_update_(y, z, d, lr=lr, beta=beta, c=c)
-                if y is not p:
-                    p.copy_(y)
+                params.append(p)
+                grads.append(p.grad)
+                zs.append(state["z"])
+                exp_avg_sqs.append(state.get("exp_avg_sq"))
+            if params:
+                self._update(group, k, lr, c, params, grads, zs, exp_avg_sqs)
             group["k"] = k + 1
         return loss
 
@@ -277,11 +606,15 @@ class AdamWScheduleFree(ScheduleFreeBase):
         r: power of the step count in the averaging weight ``w_t = t**r * lr_max**weight_lr_power``
             (default ``0.0``).
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
+        stochastic_rounding: store the updated ``y`` of bf16 parameters with stochastic rounding
+            (default ``False``: round to nearest; ``z`` is float32 either way).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, ``foreach`` on CUDA),
+            ``"for_loop"``, ``"foreach"`` or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: negative or non-finite ``lr``/``eps``/``weight_decay``/``r``/``weight_lr_power``,
             ``beta1`` outside (0, 1), ``beta2`` outside [0, 1), a negative or non-integer
-            ``warmup_steps``.
+            ``warmup_steps``, ``stochastic_rounding`` not a bool, an unknown ``impl``.
         RuntimeError: ``step()`` in eval mode.
 
     Example:
@@ -293,6 +626,8 @@ class AdamWScheduleFree(ScheduleFreeBase):
     Scheduled", arXiv:2405.15682.
     """
 
+    _has_exp_avg_sq = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -303,6 +638,9 @@ class AdamWScheduleFree(ScheduleFreeBase):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
+        *,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         name = type(self).__name__
         _check_number(name, "lr", lr)
@@ -321,7 +659,7 @@ class AdamWScheduleFree(ScheduleFreeBase):
             "r": r,
             "weight_lr_power": weight_lr_power,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, stochastic_rounding=stochastic_rounding, impl=impl)
 
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
@@ -330,14 +668,22 @@ class AdamWScheduleFree(ScheduleFreeBase):
         warmup = group["warmup_steps"]
         return group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
 
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(p, state)
-        state["exp_avg_sq"] = torch.zeros_like(state["z"], memory_format=torch.preserve_format)
-
-    def _direction(self, group: dict[str, Any], k: int, grad: Tensor, state: dict[str, Any]) -> Tensor:
-        beta2 = group["betas"][1]
-        return adam_direction(
-            grad, state["exp_avg_sq"], beta2=beta2, bias_correction2=1.0 - beta2 ** (k + 1), eps=group["eps"]
+    def _update(self, group, k, lr, c, params, grads, zs, exp_avg_sqs) -> None:
+        beta, beta2 = group["betas"]
+        schedule_free_adamw(
+            params,
+            grads,
+            zs,
+            exp_avg_sqs,
+            lr=lr,
+            beta=beta,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            c=c,
+            step=k + 1,
+            stochastic=group["stochastic_rounding"],
+            impl=group["impl"],
         )
 
 
@@ -357,6 +703,8 @@ class RAdamScheduleFree(ScheduleFreeBase):
         r: power of the step count in the averaging weight (default ``0.0``).
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
         silent_sgd_phase: take no step while ``rho_t <= 4`` (default ``True``).
+        stochastic_rounding: store bf16 parameters' ``y`` with stochastic rounding (default ``False``).
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
 
     Raises:
         ValueError: as :class:`AdamWScheduleFree` (there is no ``warmup_steps``).
@@ -369,6 +717,8 @@ class RAdamScheduleFree(ScheduleFreeBase):
     arXiv:1908.03265.
     """
 
+    _has_exp_avg_sq = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -379,6 +729,9 @@ class RAdamScheduleFree(ScheduleFreeBase):
         r: float = 0.0,
         weight_lr_power: float = 2.0,
         silent_sgd_phase: bool = True,
+        *,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         name = type(self).__name__
         _check_number(name, "lr", lr)
@@ -397,7 +750,7 @@ class RAdamScheduleFree(ScheduleFreeBase):
             "weight_lr_power": weight_lr_power,
             "silent_sgd_phase": silent_sgd_phase,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, stochastic_rounding=stochastic_rounding, impl=impl)
 
     def _beta(self, group: dict[str, Any]) -> float:
         return group["betas"][0]
@@ -408,17 +761,23 @@ class RAdamScheduleFree(ScheduleFreeBase):
             rect = 0.0 if group["silent_sgd_phase"] else 1.0
         return group["lr"] * rect
 
-    def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        super()._init_state(p, state)
-        state["exp_avg_sq"] = torch.zeros_like(state["z"], memory_format=torch.preserve_format)
-
-    def _direction(self, group: dict[str, Any], k: int, grad: Tensor, state: dict[str, Any]) -> Tensor:
-        beta2 = group["betas"][1]
-        bc2 = 1.0 - beta2 ** (k + 1)
-        if radam_rectification(k + 1, beta2) is None:
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            return grad
-        return adam_direction(grad, state["exp_avg_sq"], beta2=beta2, bias_correction2=bc2, eps=group["eps"])
+    def _update(self, group, k, lr, c, params, grads, zs, exp_avg_sqs) -> None:
+        beta, beta2 = group["betas"]
+        schedule_free_radam(
+            params,
+            grads,
+            zs,
+            exp_avg_sqs,
+            lr=lr,
+            beta=beta,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            c=c,
+            step=k + 1,
+            stochastic=group["stochastic_rounding"],
+            impl=group["impl"],
+        )
 
 
 class SGDScheduleFree(ScheduleFreeBase):
@@ -432,10 +791,12 @@ class SGDScheduleFree(ScheduleFreeBase):
         warmup_steps: linear warmup of the lr (default ``0``).
         r: power of the step count in the averaging weight (default ``0.0``).
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
+        stochastic_rounding: store bf16 parameters' ``y`` with stochastic rounding (default ``False``).
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
 
     Raises:
         ValueError: ``momentum`` outside (0, 1), negative or non-finite numbers, a negative or
-            non-integer ``warmup_steps``.
+            non-integer ``warmup_steps``, ``stochastic_rounding`` not a bool, an unknown ``impl``.
         RuntimeError: ``step()`` in eval mode.
 
     Example:
@@ -453,6 +814,9 @@ class SGDScheduleFree(ScheduleFreeBase):
         warmup_steps: int = 0,
         r: float = 0.0,
         weight_lr_power: float = 2.0,
+        *,
+        stochastic_rounding: bool = False,
+        impl: Impl = "auto",
     ) -> None:
         name = type(self).__name__
         _check_number(name, "lr", lr)
@@ -469,7 +833,7 @@ class SGDScheduleFree(ScheduleFreeBase):
             "r": r,
             "weight_lr_power": weight_lr_power,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, stochastic_rounding=stochastic_rounding, impl=impl)
 
     def _beta(self, group: dict[str, Any]) -> float:
         return group["momentum"]
@@ -478,8 +842,18 @@ class SGDScheduleFree(ScheduleFreeBase):
         warmup = group["warmup_steps"]
         return group["lr"] * ((k + 1) / warmup if k < warmup else 1.0)
 
-    def _direction(self, group: dict[str, Any], k: int, grad: Tensor, state: dict[str, Any]) -> Tensor:
-        return grad
+    def _update(self, group, k, lr, c, params, grads, zs, exp_avg_sqs) -> None:
+        schedule_free_sgd(
+            params,
+            grads,
+            zs,
+            lr=lr,
+            beta=group["momentum"],
+            weight_decay=group["weight_decay"],
+            c=c,
+            stochastic=group["stochastic_rounding"],
+            impl=group["impl"],
+        )
 
 
 def _schedule_free_mode() -> Any:

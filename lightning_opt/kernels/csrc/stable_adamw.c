@@ -11,7 +11,8 @@
 #include "common.h"
 
 #define SA_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
-/* torch's add(x, y, alpha) is fmadd(y, alpha, x) in its vectorized CPU kernels */
+/* torch's vectorized CPU kernels fuse: add(x, y, alpha) is fma(y, alpha, x) and addcmul(x, a, b,
+ * value) is fma(value * a, b, x); the kernel spells the same fmas out */
 #define SA_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
 #define SADAMW_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                                       \
@@ -30,12 +31,12 @@
       for (; i + 8 <= hi; i += 8)                                                            \
         for (int j = 0; j < 8; j++) {                                                        \
           CT g = LD_##PTAG(G[i + j]);                                                        \
-          CT v = LD_##STAG(V[i + j]) * b2 + a2 * g * g;                                      \
+          CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                \
           s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                 \
         }                                                                                    \
       for (; i < hi; i++) {                                                                  \
         CT g = LD_##PTAG(G[i]);                                                              \
-        CT v = LD_##STAG(V[i]) * b2 + a2 * g * g;                                            \
+        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                      \
         s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                   \
       }                                                                                      \
       acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));            \
@@ -60,7 +61,7 @@
       for (int64_t i = lo; i < hi; i++) {                                                    \
         CT g = LD_##PTAG(G[i]), p = LD_##PTAG(P[i]);                                         \
         CT m = SA_FMA(g, a1, LD_##STAG(M[i]) * b1);                                          \
-        CT v = LD_##STAG(V[i]) * b2 + a2 * g * g;                                            \
+        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                      \
         M[i] = ST_##STAG(m);                                                                 \
         V[i] = ST_##STAG(v);                                                                 \
         if (wd) p = R_##PTAG(p * dec);                                                       \

@@ -21,9 +21,9 @@ The group-level state ``k`` (steps taken), ``weight_sum``, ``lr_max``, ``train_m
 ``scheduled_lr`` lives in ``param_groups`` and is saved with ``state_dict()``.
 
 The step has one per-tensor reference (:func:`schedule_free_step_`, ``impl="for_loop"``) and
-list-level implementations that equal it (``"foreach"``, and ``"fused"``: one C kernel pass over
-``y``, the gradient, ``z`` and ``v`` per bucket, the default on the CPU; see
-:mod:`lightning_opt.optim.engine`); :func:`schedule_free_adamw`, :func:`schedule_free_sgd` and
+list-level implementations that equal it (``"foreach"``; ``"fused"``: one C kernel pass over
+``y``, the gradient, ``z`` and ``v`` per bucket, the default on the CPU; ``"triton"``: one launch per
+bucket, the default on CUDA; see :mod:`lightning_opt.optim.engine`); :func:`schedule_free_adamw`, :func:`schedule_free_sgd` and
 :func:`schedule_free_radam` are the functional APIs. The mode switches are per tensor.
 
 Differences from ``schedulefree`` 1.4.1 (same math otherwise): the gradient is not modified in
@@ -285,12 +285,19 @@ def _schedule_free_fused(
     )
 
 
+def _schedule_free_triton(params, grads, zs, exp_avg_sqs, **hp: Any) -> None:
+    from lightning_opt.kernels.triton_schedule_free import schedule_free_triton_
+
+    schedule_free_triton_(params, grads, zs, exp_avg_sqs, **hp)
+
+
 #: the schedule-free implementations, by ``impl`` name (``for_loop`` is the reference), shared by
 #: the three variants (they differ in the direction only)
 SCHEDULE_FREE_IMPLS = {
     "for_loop": _schedule_free_for_loop,
     "foreach": _schedule_free_foreach,
     "fused": _schedule_free_fused,
+    "triton": _schedule_free_triton,
 }
 
 
@@ -608,8 +615,9 @@ class AdamWScheduleFree(ScheduleFreeBase):
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
         stochastic_rounding: store the updated ``y`` of bf16 parameters with stochastic rounding
             (default ``False``: round to nearest; ``z`` is float32 either way).
-        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, ``foreach`` on CUDA),
-            ``"for_loop"``, ``"foreach"`` or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA),
+            ``"for_loop"``, ``"foreach"``, ``"fused"`` or ``"triton"`` (see
+            :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: negative or non-finite ``lr``/``eps``/``weight_decay``/``r``/``weight_lr_power``,
@@ -704,7 +712,7 @@ class RAdamScheduleFree(ScheduleFreeBase):
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
         silent_sgd_phase: take no step while ``rho_t <= 4`` (default ``True``).
         stochastic_rounding: store bf16 parameters' ``y`` with stochastic rounding (default ``False``).
-        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"fused"`` or ``"triton"``.
 
     Raises:
         ValueError: as :class:`AdamWScheduleFree` (there is no ``warmup_steps``).
@@ -792,7 +800,7 @@ class SGDScheduleFree(ScheduleFreeBase):
         r: power of the step count in the averaging weight (default ``0.0``).
         weight_lr_power: power of the largest lr so far in the averaging weight (default ``2.0``).
         stochastic_rounding: store bf16 parameters' ``y`` with stochastic rounding (default ``False``).
-        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"``.
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"fused"`` or ``"triton"``.
 
     Raises:
         ValueError: ``momentum`` outside (0, 1), negative or non-finite numbers, a negative or

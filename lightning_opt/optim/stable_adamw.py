@@ -178,11 +178,18 @@ def _stable_adamw_fused(
     return [o[0] for o in out]
 
 
+def _stable_adamw_triton(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps, **hp: Any) -> list[Tensor]:
+    from lightning_opt.kernels.triton_stable_adamw import stable_adamw_triton_
+
+    return stable_adamw_triton_(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps, **hp)
+
+
 #: StableAdamW's implementations, by ``impl`` name (``for_loop`` is the reference)
 STABLE_ADAMW_IMPLS = {
     "for_loop": _stable_adamw_for_loop,
     "foreach": _stable_adamw_foreach,
     "fused": _stable_adamw_fused,
+    "triton": _stable_adamw_triton,
 }
 
 
@@ -207,8 +214,8 @@ def stable_adamw(
     """StableAdamW over tensor lists (the functional API): :func:`stable_adamw_update_` for every tensor.
 
     ``steps`` holds each tensor's 1-based step (already incremented). Returns each tensor's clipped
-    lr: a 0-d tensor (``for_loop``, ``foreach``: no host sync) or a float (``fused``, computed on
-    the host anyway).
+    lr: a 0-d tensor (``for_loop``, ``foreach``, ``triton``: no host sync) or a float (``fused``,
+    computed on the host anyway).
 
     Raises:
         ValueError: ``decouple_lr`` without ``max_lr``.
@@ -262,9 +269,10 @@ class StableAdamW(Optimizer):
             torch-optimi it is never switched on automatically).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
             ``False``; no extra memory; exclusive with ``kahan_sum``).
-        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
-            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`). The fused kernel computes each
-            tensor's RMS deterministically (the same sums in the same order for any thread count).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
+            ``"foreach"``, ``"fused"`` or ``"triton"`` (see :mod:`lightning_opt.optim.engine`). The
+            fused and Triton kernels compute each tensor's RMS deterministically (the same partial
+            sums added in the same order whatever the thread or block count).
 
     Raises:
         ValueError: invalid ``lr``, ``weight_decay``, ``eps``, betas or ``max_lr`` (also in

@@ -34,6 +34,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.lamb_lars import exact_sqrt
 from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
 from lightning_opt.optim.registry import OptimInfo, register
 
@@ -83,7 +84,8 @@ def grokadamw_update_(
     dt = compute_dtype(param)
     g = grad.to(dt, copy=True)
     if gradient_clipping > 0:
-        norm = torch.linalg.vector_norm(g)
+        # accumulated in float64 as every impl does (the fused kernel sums in double), see tensor_norm
+        norm = torch.linalg.vector_norm(g, dtype=torch.float64).to(dt)
         g.mul_((gradient_clipping / (norm + _CLIP_EPS)).clamp(max=1.0))
     m, v, e = exp_avg.to(dt), exp_avg_sq.to(dt), grok_ema.to(dt)
     e.mul_(alpha).add_(g, alpha=1 - alpha)
@@ -93,7 +95,8 @@ def grokadamw_update_(
     step_size = _step_size(lr, bias_beta1, beta2, step)
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
-    delta = (m / v.sqrt().add_(eps)).mul_(-step_size)
+    # a correctly rounded root, as every impl takes (torch's CPU float32 sqrt is not: see exact_sqrt)
+    delta = (m / exact_sqrt(v).add_(eps)).mul_(-step_size)
     if m is not exp_avg:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
@@ -134,7 +137,7 @@ def _grok_foreach(
     low = params[0].dtype in LOW_PRECISION
     g = [x.to(dt, copy=True) for x in grads]
     if gradient_clipping > 0:
-        norms = torch.stack(torch._foreach_norm(g))
+        norms = torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).to(dt)
         torch._foreach_mul_(g, list((gradient_clipping / (norms + _CLIP_EPS)).clamp(max=1.0).unbind(0)))
     m, v, e = ([x.to(dt) for x in xs] for xs in (exp_avgs, exp_avg_sqs, grok_emas))
     torch._foreach_mul_(e, alpha)
@@ -154,7 +157,7 @@ def _grok_foreach(
             torch._foreach_copy_(params, wide)
         else:
             torch._foreach_mul_(params, 1 - lr * weight_decay)
-    denom = torch._foreach_sqrt(v)
+    denom = [exact_sqrt(x) for x in v]
     torch._foreach_add_(denom, eps)
     delta = torch._foreach_div(m, denom)
     torch._foreach_mul_(delta, [-_step_size(lr, beta1, beta2, s) for s in steps])

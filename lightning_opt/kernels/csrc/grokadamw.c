@@ -3,11 +3,12 @@
  * hp[7 + 2t] = its layer beta1, hp[8 + 2t] = its step size lr sqrt(1 - beta2^t) / (1 - beta1^t);
  * ip = stochastic rounding (0/1). Equals grokadamw_update_: with gradient_clipping > 0, pass 1 sums
  * ||g||^2 per tensor (LO_TENSOR_SUMS: deterministic), pass 2 is the update. */
+/* Mirror torch's CPU rounding: in its vectorized kernels add_(x, alpha=a) is fma(x, a, self) and
+ * addcmul_(a, b, value=c) is fma(c * a, b, self); every other product and sum rounds on its own.
+ * Set before common.h, so its inline stores (p + d) are not contracted either. */
+#pragma GCC optimize("fp-contract=off")
 #include "common.h"
 
-/* Mirror torch's CPU rounding: add_(x, alpha=a) is one FMA in its vectorized kernels; addcmul_ and
- * every other product and sum round on their own. */
-#pragma GCC optimize("fp-contract=off")
 #define LO_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
 #define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
@@ -59,7 +60,7 @@
         const CT e = LO_FMA(g, a_e, LD_##STAG(E[i]) * alpha);                   \
         const CT h = LO_FMA(e, lamb, g);                                        \
         const CT m = LO_FMA(h, a1, LD_##STAG(M[i]) * b1);                       \
-        const CT v = LD_##STAG(V[i]) * b2 + a2 * h * h;                         \
+        const CT v = LO_FMA(a2 * h, h, LD_##STAG(V[i]) * b2);                   \
         CT p = LD_##PTAG(P[i]);                                                 \
         if (wd) p = R_##PTAG(p * decay);                                        \
         M[i] = ST_##STAG(m);                                                    \

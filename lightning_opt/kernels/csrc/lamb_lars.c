@@ -13,18 +13,20 @@
  *   hp = lr, momentum, dampening, weight_decay, trust_coeff, eps;
  *   ip = adapt, trust_clip, nesterov, stochastic, then per tensor t: ip[4 + t] = 1 if its momentum
  *   buffer is new (buf = d, as torch SGD's first step). Equals lars_update_. */
+/* Mirror torch's CPU rounding: no contraction of a*b+c into an FMA except where torch's vectorized
+ * kernels use one: add_(x, alpha=a) is fma(x, a, self), addcmul_(a, b, value=c) is
+ * fma(c * a, b, self); mul-then-add rounds twice.
+ * Set before common.h, so its inline stores (p + d) are not contracted either. */
+#pragma GCC optimize("fp-contract=off")
 #include "common.h"
 
-/* Mirror torch's CPU rounding: no contraction of a*b+c into an FMA except where torch's vectorized
- * kernels use one (add_(x, alpha=a) is fmadd(x, a, self)); addcmul_ and mul-then-add round twice. */
-#pragma GCC optimize("fp-contract=off")
 #define LO_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
 #define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
 #define LAMB_MOMENTS(PTAG, STAG, CT)                                                \
   CT g = LD_##PTAG(G[i]) * scale;                                               \
   CT m = LO_FMA(g, ga, LD_##STAG(M[i]) * b1);                                   \
-  CT v = LD_##STAG(V[i]) * b2 + a2 * g * g;                                     \
+  CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                               \
   CT p = LD_##PTAG(P[i]);                                                       \
   CT u = (m / bc1) / (LO_SQRT(v) / sbc2 + eps);                                 \
   if (wd) u = LO_FMA(p, wdc, u);

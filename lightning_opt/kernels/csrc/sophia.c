@@ -1,11 +1,12 @@
 /* Sophia's step (lightning_opt.optim.sophia): lists params, grads, exp_avgs, hessians, kahan_comps;
  * hp = lr, beta1, scale (rho * bs for SophiaG, rho for SophiaH), eps, weight_decay; ip = stochastic
  * rounding (0/1). Equals sophia_update_ (the Hessian EMA refresh stays in torch, per tensor). */
+/* Mirror torch's CPU rounding: add_(x, alpha=a) is one FMA in its vectorized kernels, every other
+ * product and sum rounds on its own.
+ * Set before common.h, so its inline stores (p + d) are not contracted either. */
+#pragma GCC optimize("fp-contract=off")
 #include "common.h"
 
-/* Mirror torch's CPU rounding: add_(x, alpha=a) is one FMA in its vectorized kernels, every other
- * product and sum rounds on its own. */
-#pragma GCC optimize("fp-contract=off")
 #define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 #define LO_ABS(x) _Generic((x), float: fabsf, default: fabs)(x)
 

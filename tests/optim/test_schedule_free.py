@@ -1,4 +1,7 @@
-"""Schedule-free AdamW/SGD/RAdam against the ``schedulefree`` package (1.4.1), float64, 20 steps."""
+"""Schedule-free AdamW/SGD/RAdam against the ``schedulefree`` package (1.4.1), float64, 20 steps.
+
+The tests without an explicit ``impl`` run the default (``"auto"``: the fused kernel on the CPU).
+"""
 
 from __future__ import annotations
 
@@ -56,11 +59,13 @@ def _groups(params: list[torch.Tensor]) -> list[dict]:
     return [{"params": [params[0]]}, {"params": [params[1]], "lr": 0.003, "weight_decay": 0.0}]
 
 
+@pytest.mark.parametrize("impl", AdamWScheduleFree.impls)
 @pytest.mark.parametrize(("ours", "ref", "kw"), CASES, ids=lambda v: getattr(v, "__name__", None) or str(v))
-def test_matches_schedulefree_with_eval_switches(ours, ref, kw) -> None:
+def test_matches_schedulefree_with_eval_switches(ours, ref, kw, impl) -> None:
+    """Every impl (the default on the CPU is the fused kernel) against the package, float64, 20 steps."""
     pa = [p.clone().requires_grad_() for p in _params()]
     pb = [p.clone().requires_grad_() for p in _params()]
-    oa, ob = ours(_groups(pa), **kw), ref(_groups(pb), **kw)
+    oa, ob = ours(_groups(pa), impl=impl, **kw), ref(_groups(pb), **kw)
     ob.train()  # schedulefree starts in eval mode; ours starts in train mode
     g = torch.Generator().manual_seed(1)
     for t in range(20):

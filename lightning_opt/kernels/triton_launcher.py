@@ -230,8 +230,12 @@ def launch(kernel: Any, grid: int, *args: Any, **kwargs: Any) -> None:
 
 def contiguous_lists(
     lists: Sequence[Sequence[Tensor | None]],
+    read_only: Sequence[int] = (1,),
 ) -> tuple[list[list[Tensor | None]], list[tuple[Tensor, Tensor]]]:
     """``lists`` with every tensor contiguous, and the (original, copy) pairs to write back after.
+
+    Lists in ``read_only`` (the gradients, list 1 of every kernel) are not written back (an
+    expanded gradient could not take the copy).
 
     Raises:
         ValueError: lists of different lengths, or a tensor whose size differs from its parameter's.
@@ -249,7 +253,8 @@ def contiguous_lists(
                     raise ValueError(f"tensor {t} of list {j} has {x.numel()} elements, expected {lists[0][t].numel()}")
                 if not x.is_contiguous():
                     c = x.contiguous()
-                    write_back.append((x, c))
+                    if j not in read_only:
+                        write_back.append((x, c))
                     x = c
             row.append(x)
         out.append(row)
@@ -264,8 +269,9 @@ def elementwise(
 ) -> None:
     """One launch of an elementwise ``kernel`` over every tensor of ``lists`` (one bucket).
 
-    The kernel's arguments are ``(PTRS, SIZES, BLOCKS, *scalars, L=len(lists), BLOCK=..., **constexprs)``.
-    Tensors that are not contiguous are stepped through contiguous copies that are written back.
+    The kernel's arguments are ``(PTRS, SIZES, BLOCKS, *scalars, L=len(lists), BLOCK=..., **constexprs)``
+    (a scalar may be a tensor, passed as a pointer). Tensors that are not contiguous are stepped
+    through contiguous copies that are written back (except the gradients, list 1).
     """
     if not lists[0]:
         return
@@ -306,18 +312,15 @@ def reduce_then_apply(
     device = lists[0][0].device
     part = torch.empty(max(1, tab.n_blocks * k), dtype=torch.float64, device=device)
     sums = torch.zeros(tab.n_tensors * k, dtype=torch.float64, device=device)
-    out = torch.empty(tab.n_tensors, dtype=out_dtype, device=device) if out_dtype is not None else sums
+    # an empty tensor has no block to write its value: NaN, as the mean over no elements
+    out = torch.full((tab.n_tensors,), float("nan"), dtype=out_dtype, device=device) if out_dtype is not None else sums
     common = {"L": len(lists), "BLOCK": tab.block, **constexprs}
     launch(partial_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, part, *scalars, K=k, **common)
     launch(segment_sums, tab.n_tensors, tab.first, part, sums, K=k, RBLOCK=1024)
     launch(apply_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, sums, out, *scalars, K=k, **common)
     for orig, copy in write_back:
         orig.copy_(copy)
-    if out_dtype is None:
-        return None
-    if tab.n_blocks == 0:
-        out.zero_()
-    return out
+    return out if out_dtype is not None else None
 
 
 def by_value(values: Sequence[Any]) -> list[tuple[Any, list[int]]]:

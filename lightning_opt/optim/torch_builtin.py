@@ -66,23 +66,34 @@ def _group_tensors(params: Any) -> list[Any] | None:
     return [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p for p in params]
 
 
-def _fallback_unfusable(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+class _FusedFallback:
     """Step pre-hook of an optimizer whose fused kernel ``impl="auto"`` picked.
 
     A group that the fused kernel cannot step (a sparse gradient, a group added later with complex
     or DTensor parameters) moves to torch's default path (``fused=None``), where torch's default
-    would have worked, instead of failing.
+    would have worked, instead of failing. Each parameter's type is checked once (about 1 us).
     """
-    cls = type(optimizer)
-    devices = _fused_devices()
-    sparse = isinstance(optimizer, _TAKES_SPARSE)
-    for group in optimizer.param_groups:
-        if not group.get("fused"):
-            continue
-        for p in group["params"]:
-            if not _fusable(cls, p, devices) or (sparse and p.grad is not None and p.grad.is_sparse):
-                group["fused"] = None
-                break
+
+    def __init__(self, checked: set[int]) -> None:
+        self.checked = checked  # ids of parameters known to be fusable (the optimizer holds them)
+
+    def __call__(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        cls = type(optimizer)
+        sparse = isinstance(optimizer, _TAKES_SPARSE)
+        devices: list[str] | None = None
+        for group in optimizer.param_groups:
+            if not group.get("fused"):
+                continue
+            for p in group["params"]:
+                if id(p) not in self.checked:
+                    devices = devices or _fused_devices()
+                    if not _fusable(cls, p, devices):
+                        group["fused"] = None
+                        break
+                    self.checked.add(id(p))
+                if sparse and p.grad is not None and p.grad.is_sparse:
+                    group["fused"] = None
+                    break
 
 
 def _as_groups(params: Any) -> list[dict[str, Any]] | None:
@@ -113,6 +124,7 @@ def _auto_fused(cls: type[Optimizer], groups: list[dict[str, Any]], hp: dict[str
     """Build ``cls`` with its fused kernel for every group it steps correctly, torch's default elsewhere."""
     devices = _fused_devices()
     any_fused = False
+    checked: set[int] = set()
     for group in groups:
         if "fused" in group or "foreach" in group:
             continue  # the group chose its implementation itself
@@ -120,6 +132,7 @@ def _auto_fused(cls: type[Optimizer], groups: list[dict[str, Any]], hp: dict[str
         if tensors and not group.get("differentiable", False) and all(_fusable(cls, t, devices) for t in tensors):
             group["fused"] = True
             any_fused = True
+            checked.update(id(t) for t in tensors)
         else:
             group["fused"] = None  # torch's default, not the fused default below
     if not any_fused:
@@ -128,7 +141,7 @@ def _auto_fused(cls: type[Optimizer], groups: list[dict[str, Any]], hp: dict[str
     # GradScaler unscales the gradients before step() as for torch's default path (so gradient
     # clipping and gradient callbacks see true gradients), instead of leaving it to the kernel
     opt._step_supports_amp_scaling = False
-    opt.register_step_pre_hook(_fallback_unfusable)
+    opt.register_step_pre_hook(_FusedFallback(checked))
     return opt
 
 

@@ -6,6 +6,8 @@ Per-name exceptions live in ``tests/contract_overrides.py`` (``OVERRIDES[name]``
 - ``steps``: optimizer steps of the convergence test (default 300).
 - ``loss_threshold``: final/initial loss ratio the convergence test must reach (default 0.3).
 - ``bf16``: ``False`` to skip the bfloat16 dtype check, with a ``why``.
+- ``refuses``: ``{(impl, dtype name): regex}``: that impl must refuse parameters of that dtype with
+  an error matching the regex (instead of stepping them) in the dtype test.
 - ``why``: the reason for the override (required, shown in skip messages).
 
 Every test runs once per implementation a name offers (its class's or factory's ``impls``:
@@ -117,8 +119,13 @@ def test_keeps_parameter_dtype(name: str, impl: str | None, dtype: torch.dtype) 
         pytest.skip(f"{name}: no bfloat16 parameters: {spec.get('why')}")
     torch.manual_seed(0)
     model = Net().to(dtype)
-    opt = _build(model, name, impl, weight_decay=0.01)
     x, y = _data()
+    refused = spec.get("refuses", {}).get((impl, str(dtype).removeprefix("torch.")))
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            _step(model, _build(model, name, impl, weight_decay=0.01), x.to(dtype), y)
+        return
+    opt = _build(model, name, impl, weight_decay=0.01)
     for _ in range(3):
         _step(model, opt, x.to(dtype), y)
     for n, p in model.named_parameters():

@@ -8,9 +8,37 @@
  * Set before common.h, so its inline stores (p + d) are not contracted either. */
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
-#define LO_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
 #define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
+
+/* In-place correctly rounded square roots of a block. The C library's sqrt may set errno, which
+ * keeps gcc from vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD
+ * instructions give the same roots. */
+static inline void ga_sqrt_f32(float *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrtf(x[i]);
+}
+static inline void ga_sqrt_f64(double *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrt(x[i]);
+}
+#define GA_SQRT_ARRAY(x, n) _Generic((x), float *: ga_sqrt_f32, default: ga_sqrt_f64)(x, n)
+
+/* elements per block: the moments of a block are kept, its roots taken in one SIMD loop */
+#define GA_BLOCK 256
 
 /* torch.nn.utils.clip_grad_norm_'s 1e-6, as the reference */
 #define GROK_CLIP_EPS 1e-6
@@ -30,12 +58,19 @@
       double *sums = (double *)malloc(sizeof(double) * (size_t)(n > 0 ? n : 1)); \
       LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                             \
         const PT *G = (const PT *)ptrs[n + t];                                  \
-        double sg = 0.0;                                                        \
-        for (int64_t i = lo; i < hi; i++) {                                     \
+        /* 8 fixed lanes: vectorizable, and the same sums whatever the threads */ \
+        double sg[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                \
+        int64_t i = lo;                                                         \
+        for (; i + 8 <= hi; i += 8)                                             \
+          for (int j = 0; j < 8; j++) {                                         \
+            const double g = (double)LD_##PTAG(G[i + j]);                       \
+            sg[j] += g * g;                                                     \
+          }                                                                     \
+        for (; i < hi; i++) {                                                   \
           const double g = (double)LD_##PTAG(G[i]);                             \
-          sg += g * g;                                                          \
+          sg[0] += g * g;                                                       \
         }                                                                       \
-        acc[0] += sg;                                                           \
+        acc[0] = ((sg[0] + sg[1]) + (sg[2] + sg[3])) + ((sg[4] + sg[5]) + (sg[6] + sg[7])); \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
         /* clip / (norm + 1e-6) is torch's reciprocal(norm + 1e-6) * clip */    \
@@ -54,19 +89,30 @@
       PT *C = (PT *)ptrs[5 * n + t];                                            \
       const CT b1 = (CT)per[2 * t], a1 = (CT)(1.0 - per[2 * t]);                \
       const CT step = (CT)per[2 * t + 1], f = factor[t];                        \
-      for (int64_t i = lo; i < hi; i++) {                                       \
-        CT g = LD_##PTAG(G[i]);                                                 \
-        if (clip) g = g * f;                                                    \
-        const CT e = LO_FMA(g, a_e, LD_##STAG(E[i]) * alpha);                   \
-        const CT h = LO_FMA(e, lamb, g);                                        \
-        const CT m = LO_FMA(h, a1, LD_##STAG(M[i]) * b1);                       \
-        const CT v = LO_FMA(a2 * h, h, LD_##STAG(V[i]) * b2);                   \
-        CT p = LD_##PTAG(P[i]);                                                 \
-        if (wd) p = R_##PTAG(p * decay);                                        \
-        M[i] = ST_##STAG(m);                                                    \
-        V[i] = ST_##STAG(v);                                                    \
-        E[i] = ST_##STAG(e);                                                    \
-        lo_update_##PTAG(P, C, i, p, (m / (LO_SQRT(v) + eps)) * (-step), sr);   \
+      CT mb[GA_BLOCK], rb[GA_BLOCK];                                            \
+      for (int64_t b0 = lo; b0 < hi; b0 += GA_BLOCK) {                          \
+        const int64_t nb = hi - b0 < GA_BLOCK ? hi - b0 : GA_BLOCK;             \
+        for (int64_t k = 0; k < nb; k++) {                                      \
+          const int64_t i = b0 + k;                                             \
+          CT g = LD_##PTAG(G[i]);                                               \
+          if (clip) g = g * f;                                                  \
+          const CT e = LO_FMA(g, a_e, LD_##STAG(E[i]) * alpha);                 \
+          const CT h = LO_FMA(e, lamb, g);                                      \
+          const CT m = LO_FMA(h, a1, LD_##STAG(M[i]) * b1);                     \
+          const CT v = LO_FMA(a2 * h, h, LD_##STAG(V[i]) * b2);                 \
+          M[i] = ST_##STAG(m);                                                  \
+          V[i] = ST_##STAG(v);                                                  \
+          E[i] = ST_##STAG(e);                                                  \
+          mb[k] = m;                                                            \
+          rb[k] = v;                                                            \
+        }                                                                       \
+        GA_SQRT_ARRAY(rb, nb);                                                  \
+        for (int64_t k = 0; k < nb; k++) {                                      \
+          const int64_t i = b0 + k;                                             \
+          CT p = LD_##PTAG(P[i]);                                               \
+          if (wd) p = R_##PTAG(p * decay);                                      \
+          lo_update_##PTAG(P, C, i, p, (mb[k] / (rb[k] + eps)) * (-step), sr);  \
+        }                                                                       \
       }                                                                         \
     });                                                                         \
     free(factor);                                                               \

@@ -15,20 +15,55 @@
  *   buffer is new (buf = d, as torch SGD's first step). Equals lars_update_. */
 /* Mirror torch's CPU rounding: no contraction of a*b+c into an FMA except where torch's vectorized
  * kernels use one: add_(x, alpha=a) is fma(x, a, self), addcmul_(a, b, value=c) is
- * fma(c * a, b, self); mul-then-add rounds twice.
- * Set before common.h, so its inline stores (p + d) are not contracted either. */
+ * fma(c * a, b, self); mul-then-add rounds twice. Set before common.h, so its inline stores
+ * (p + d) are not contracted either. */
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
-#define LO_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
 #define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
-#define LAMB_MOMENTS(PTAG, STAG, CT)                                                \
-  CT g = LD_##PTAG(G[i]) * scale;                                               \
-  CT m = LO_FMA(g, ga, LD_##STAG(M[i]) * b1);                                   \
-  CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                               \
-  CT p = LD_##PTAG(P[i]);                                                       \
-  CT u = (m / bc1) / (LO_SQRT(v) / sbc2 + eps);                                 \
+/* In-place correctly rounded square roots of a block. The C library's sqrt may set errno, which
+ * keeps gcc from vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD
+ * instructions give the same roots. */
+static inline void ll_sqrt_f32(float *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrtf(x[i]);
+}
+static inline void ll_sqrt_f64(double *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrt(x[i]);
+}
+#define LL_SQRT_ARRAY(x, n) _Generic((x), float *: ll_sqrt_f32, default: ll_sqrt_f64)(x, n)
+
+/* elements per block: the moments of a block are kept, its roots taken in one SIMD loop */
+#define LL_BLOCK 256
+
+/* m' and v' of elements b0 .. b0 + nb into mb and rb (rb then holds sqrt(v')) */
+#define LAMB_MOMENTS(PTAG, STAG, CT)                                            \
+  for (int64_t k = 0; k < nb; k++) {                                            \
+    const int64_t i = b0 + k;                                                   \
+    const CT g = LD_##PTAG(G[i]) * scale;                                       \
+    mb[k] = LO_FMA(g, ga, LD_##STAG(M[i]) * b1);                                \
+    rb[k] = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                            \
+  }
+
+/* the update u of element i = b0 + K of the block (p loaded) */
+#define LAMB_U(PTAG, CT, K)                                                     \
+  const CT p = LD_##PTAG(P[i]);                                                 \
+  CT u = (mb[K] / bc1) / (rb[K] / sbc2 + eps);                                  \
   if (wd) u = LO_FMA(p, wdc, u);
 
 #define LAMB_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                             \
@@ -50,14 +85,30 @@
         const ST *M = (const ST *)ptrs[2 * n + t];                              \
         const ST *V = (const ST *)ptrs[3 * n + t];                              \
         const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];               \
-        double sp = 0.0, su = 0.0;                                              \
-        for (int64_t i = lo; i < hi; i++) {                                     \
+        /* 8 fixed lanes: vectorizable, and the same sums whatever the threads */ \
+        double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+        CT mb[LL_BLOCK], rb[LL_BLOCK];                                          \
+        for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                        \
+          const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;           \
           LAMB_MOMENTS(PTAG, STAG, CT)                                          \
-          sp += (double)p * (double)p;                                          \
-          su += (double)u * (double)u;                                          \
+          LL_SQRT_ARRAY(rb, nb);                                                \
+          int64_t k = 0;                                                        \
+          for (; k + 8 <= nb; k += 8)                                           \
+            for (int j = 0; j < 8; j++) {                                       \
+              const int64_t i = b0 + k + j;                                     \
+              LAMB_U(PTAG, CT, k + j)                                           \
+              sp[j] += (double)p * (double)p;                                   \
+              su[j] += (double)u * (double)u;                                   \
+            }                                                                   \
+          for (; k < nb; k++) {                                                 \
+            const int64_t i = b0 + k;                                           \
+            LAMB_U(PTAG, CT, k)                                                 \
+            sp[0] += (double)p * (double)p;                                     \
+            su[0] += (double)u * (double)u;                                     \
+          }                                                                     \
         }                                                                       \
-        acc[0] += sp;                                                           \
-        acc[1] += su;                                                           \
+        acc[0] = ((sp[0] + sp[1]) + (sp[2] + sp[3])) + ((sp[4] + sp[5]) + (sp[6] + sp[7])); \
+        acc[1] = ((su[0] + su[1]) + (su[2] + su[3])) + ((su[4] + su[5]) + (su[6] + su[7])); \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
         const CT w = (CT)sqrt(sums[2 * t]), un = (CT)sqrt(sums[2 * t + 1]);    \
@@ -75,12 +126,21 @@
       PT *C = (PT *)ptrs[4 * n + t];                                            \
       const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];                 \
       const CT r = ratio[t];                                                    \
-      for (int64_t i = lo; i < hi; i++) {                                       \
+      CT mb[LL_BLOCK], rb[LL_BLOCK];                                            \
+      for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                          \
+        const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;             \
         LAMB_MOMENTS(PTAG, STAG, CT)                                            \
-        M[i] = ST_##STAG(m);                                                    \
-        V[i] = ST_##STAG(v);                                                    \
-        if (adapt) u = u * r;                                                   \
-        lo_update_##PTAG(P, C, i, p, u * (-lr), sr);                            \
+        for (int64_t k = 0; k < nb; k++) {                                      \
+          M[b0 + k] = ST_##STAG(mb[k]);                                         \
+          V[b0 + k] = ST_##STAG(rb[k]);                                         \
+        }                                                                       \
+        LL_SQRT_ARRAY(rb, nb);                                                  \
+        for (int64_t k = 0; k < nb; k++) {                                      \
+          const int64_t i = b0 + k;                                             \
+          LAMB_U(PTAG, CT, k)                                                   \
+          if (adapt) u = u * r;                                                 \
+          lo_update_##PTAG(P, C, i, p, u * (-lr), sr);                          \
+        }                                                                       \
       }                                                                         \
     });                                                                         \
     free(ratio);                                                                \
@@ -104,14 +164,22 @@ LO_INSTANTIATE(LAMB_KERNEL)
       LO_TENSOR_SUMS(n, sizes, nthreads, 2, sums, {                             \
         const PT *P = (const PT *)ptrs[t];                                      \
         const PT *G = (const PT *)ptrs[n + t];                                  \
-        double sp = 0.0, sg = 0.0;                                              \
-        for (int64_t i = lo; i < hi; i++) {                                     \
+        /* 8 fixed lanes: vectorizable, and the same sums whatever the threads */ \
+        double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sg[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
+        int64_t i = lo;                                                         \
+        for (; i + 8 <= hi; i += 8)                                             \
+          for (int j = 0; j < 8; j++) {                                         \
+            const double p = (double)LD_##PTAG(P[i + j]), g = (double)LD_##PTAG(G[i + j]); \
+            sp[j] += p * p;                                                     \
+            sg[j] += g * g;                                                     \
+          }                                                                     \
+        for (; i < hi; i++) {                                                   \
           const double p = (double)LD_##PTAG(P[i]), g = (double)LD_##PTAG(G[i]); \
-          sp += p * p;                                                          \
-          sg += g * g;                                                          \
+          sp[0] += p * p;                                                       \
+          sg[0] += g * g;                                                       \
         }                                                                       \
-        acc[0] += sp;                                                           \
-        acc[1] += sg;                                                           \
+        acc[0] = ((sp[0] + sp[1]) + (sp[2] + sp[3])) + ((sp[4] + sp[5]) + (sp[6] + sp[7])); \
+        acc[1] = ((sg[0] + sg[1]) + (sg[2] + sg[3])) + ((sg[4] + sg[5]) + (sg[6] + sg[7])); \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
         const CT w = (CT)sqrt(sums[2 * t]), gn = (CT)sqrt(sums[2 * t + 1]);    \

@@ -6,8 +6,9 @@ Kahan on (bf16, where the family has it) and stochastic rounding (bf16, where th
 ``stochastic``). Launches are counted on every step (one per bucket, three with a per-tensor
 reduction). The interpreter runs 27-750x slower than eager, so the steps are cut from 20 to
 ``STEPS`` (the kernels are bit-exact with the reference in most cases, and differ by float32
-rounding of a reduction or of torch's approximate CPU sqrt otherwise). A GPU-marked test runs the
-compiled kernels on CUDA against the same references, in a subprocess without ``TRITON_INTERPRET``.
+rounding of a reduction or of torch's approximate CPU sqrt otherwise). Without a GPU, every kernel
+variant is still compiled for sm_90 (Triton's frontend, LLVM, ptxas) in a fresh process; a
+GPU-marked test runs the compiled kernels on CUDA against the same references (20 steps).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch  # noqa: E402
 pytestmark = pytest.mark.triton
 
 SHAPES = [(1,), (5,), (1025,), (7, 3), (33, 65)]
-STEPS = 8  # not 20: the interpreter's cost (see the module docstring)
+STEPS = 6  # not 20: the interpreter's cost (see the module docstring)
 BF16 = torch.bfloat16
 
 
@@ -445,6 +446,87 @@ def test_usable_and_require_name_what_is_missing(monkeypatch: pytest.MonkeyPatch
             triton_launcher.require("cuda")
 
 
+# ---- without a GPU: every kernel variant still compiles for one (sm_90), through ptxas
+
+
+def _compile_jobs():
+    from lightning_opt.kernels import (
+        triton_adamw,
+        triton_common,
+        triton_grokadamw,
+        triton_lamb_lars,
+        triton_lion,
+        triton_schedule_free,
+        triton_sophia,
+        triton_stable_adamw,
+    )
+
+    jobs = [(triton_common.segment_sums, {"K": 2, "RBLOCK": 1024})]
+    for pk in (0, 1, 2):  # float32, float64, bfloat16 (with every rounding switch on)
+        low = pk == 2
+        sk = 0 if low else pk  # float32 state for bf16 parameters where the family keeps it
+        on = {"WD": True, "KAHAN": low, "SR": low}
+        b = {"BLOCK": 1024, "PK": pk}
+        jobs += [
+            (triton_lion._lion_kernel, {**b, "L": 4, "SK": pk, **on}),
+            (triton_adamw._adamw_kernel, {**b, "L": 4, "GK": pk, "SK": sk, "WD": True}),
+            (triton_schedule_free._schedule_free_kernel, {**b, "L": 4, "GK": pk, "SK": sk, "DIRECTION": 1, "WD": True, "SR": low}),
+            (triton_sophia._sophia_kernel, {**b, "L": 5, "GK": pk, "SK": sk, **on}),
+        ]
+        for fn in (triton_stable_adamw._stable_partial, triton_stable_adamw._stable_apply):
+            jobs.append((fn, {**b, "L": 5, "K": 1, "GK": pk, "SK": pk, "DECOUPLE": True, **on}))
+        for fn in (triton_lamb_lars._lamb_partial, triton_lamb_lars._lamb_apply):
+            jobs.append((fn, {**b, "L": 5, "K": 2, "SK": sk, "SCALE_PTR": True, "ADAPT": True, "TRUST_CLIP": True, **on}))
+        for fn in (triton_lamb_lars._lars_partial, triton_lamb_lars._lars_apply):
+            for fresh in (True, False):
+                jobs.append((fn, {**b, "L": 4, "K": 2, "ADAPT": True, "TRUST_CLIP": True, "MOMENTUM": True,
+                                  "FRESH": fresh, "NESTEROV": True, **on}))
+        for fn in (triton_grokadamw._grok_partial, triton_grokadamw._grok_apply):
+            jobs.append((fn, {**b, "L": 6, "K": 1, "SK": pk, "CLIP": True, **on}))
+    return jobs
+
+
+def compile_check() -> None:
+    """Compile every kernel variant for sm_90 (no GPU needed: Triton's frontend, LLVM and ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"PTRS": "*i64", "SIZES": "*i64", "BLOCKS": "*i64", "FIRST": "*i64", "PART": "*fp64",
+                "SUMS": "*fp64", "BETAS": "*fp64"}
+    for fn, cx in _compile_jobs():
+        wide = "*fp64" if cx.get("PK") == 1 else "*fp32"
+        sig = {}
+        for p in fn.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+            elif p.name in ("OUT", "SCALE"):
+                sig[p.name] = wide
+            else:
+                sig[p.name] = pointers.get(p.name, p.annotation)
+        src = ASTSource(fn, sig, constexprs=cx)
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False})
+        ptx = kernel.asm["ptx"]
+        # correctly rounded division and square root only (torch's), no approximations
+        assert "sqrt.approx.f32" not in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx, fn.__name__
+    print("compiled", flush=True)
+
+
+def _fresh_python(code: str, timeout: int) -> subprocess.CompletedProcess:
+    # a fresh process with compiled kernels: this one may run the interpreter (read at import);
+    # "0", not unset, so the setdefault at the top of this module keeps it off
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_a_gpu() -> None:
+    proc = _fresh_python("from tests.kernels.test_triton import compile_check; compile_check()", 600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
 # ---- on a GPU: the compiled kernels against the same references
 
 
@@ -463,15 +545,5 @@ def gpu_check() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled Triton kernels)")
 def test_compiled_kernels_on_cuda_equal_the_references() -> None:
-    # a fresh process: this one may run the interpreter (TRITON_INTERPRET=1 is read at import)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run(
-        [sys.executable, "-c", "from tests.kernels.test_triton import gpu_check; gpu_check()"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    proc = _fresh_python("from tests.kernels.test_triton import gpu_check; gpu_check()", 1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -9,68 +9,116 @@
  * recomputes m' and v' the same way, stores them and applies the update: the step uses the
  * unrounded m', v' as the reference does for bf16 state. */
 #include "common.h"
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #define SA_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
 /* torch's vectorized CPU kernels fuse: add(x, y, alpha) is fma(y, alpha, x) and addcmul(x, a, b,
  * value) is fma(value * a, b, x); the kernel spells the same fmas out */
 #define SA_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
-#define SADAMW_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                                       \
-  LO_SIGNATURE(stable_adamw, SUFFIX) {                                                       \
-    const CT eps = (CT)hp[1], eps2 = (CT)(hp[1] * hp[1]), wdc = (CT)hp[2], max_lr = (CT)hp[3]; \
-    const int wd = hp[2] != 0.0, sr = (int)ip[0], decouple = (int)ip[1];                     \
-    const size_t nn = (size_t)(n > 0 ? n : 1);                                               \
-    double *sums = (double *)malloc(sizeof(double) * nn);                                    \
-    CT *lr_t = (CT *)malloc(sizeof(CT) * nn), *decay = (CT *)malloc(sizeof(CT) * nn);        \
-    LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                                            \
-      const PT *G = (const PT *)ptrs[n + t];                                                 \
-      const ST *V = (const ST *)ptrs[3 * n + t];                                             \
-      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                       \
-      double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                \
-      int64_t i = lo;                                                                        \
-      for (; i + 8 <= hi; i += 8)                                                            \
-        for (int j = 0; j < 8; j++) {                                                        \
-          CT g = LD_##PTAG(G[i + j]);                                                        \
-          CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                \
-          s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                 \
-        }                                                                                    \
-      for (; i < hi; i++) {                                                                  \
-        CT g = LD_##PTAG(G[i]);                                                              \
-        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                      \
-        s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                   \
-      }                                                                                      \
-      acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));            \
-    });                                                                                      \
-    for (int64_t t = 0; t < n; t++) {                                                        \
-      CT rms = SA_SQRT((CT)(sums[t] / (double)sizes[t]));                                    \
-      if (rms < (CT)1) rms = (CT)1; /* clamp(min=1): NaN stays NaN */                        \
-      lr_t[t] = ((CT)1 / rms) * (CT)hp[0]; /* lr / rms is reciprocal(rms) * lr in torch */    \
-      const CT scale = decouple ? lr_t[t] / max_lr : lr_t[t];                                \
-      decay[t] = (CT)1 - scale * wdc;                                                        \
-      out[t] = (double)lr_t[t];                                                              \
-    }                                                                                        \
-    LO_FOR_CHUNKS(n, sizes, nthreads, {                                                      \
-      PT *P = (PT *)ptrs[t];                                                                 \
-      const PT *G = (const PT *)ptrs[n + t];                                                 \
-      ST *M = (ST *)ptrs[2 * n + t];                                                         \
-      ST *V = (ST *)ptrs[3 * n + t];                                                         \
-      PT *C = (PT *)ptrs[4 * n + t];                                                         \
-      const CT b1 = (CT)hp[4 + 2 * t], a1 = (CT)(1.0 - hp[4 + 2 * t]);                       \
-      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                       \
-      const CT neg_lr = -lr_t[t], dec = decay[t];                                            \
-      for (int64_t i = lo; i < hi; i++) {                                                    \
-        CT g = LD_##PTAG(G[i]), p = LD_##PTAG(P[i]);                                         \
-        CT m = SA_FMA(g, a1, LD_##STAG(M[i]) * b1);                                          \
-        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                      \
-        M[i] = ST_##STAG(m);                                                                 \
-        V[i] = ST_##STAG(v);                                                                 \
-        if (wd) p = R_##PTAG(p * dec);                                                       \
-        lo_update_##PTAG(P, C, i, p, (m / (SA_SQRT(v) + eps)) * neg_lr, sr);                 \
-      }                                                                                      \
-    });                                                                                      \
-    free(sums);                                                                              \
-    free(lr_t);                                                                              \
-    free(decay);                                                                             \
+/* In-place square roots of a small array. The C library's sqrt may set errno, which keeps gcc from
+ * vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD instructions give
+ * the same correctly rounded roots. */
+static inline void sa_sqrt_f32(float *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrtf(x[i]);
+}
+static inline void sa_sqrt_f64(double *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrt(x[i]);
+}
+#define SA_SQRT_ARRAY(x, n) _Generic((x), float *: sa_sqrt_f32, default: sa_sqrt_f64)(x, n)
+
+/* elements per sub-block of the apply pass: m' and the roots of v' wait in buffers on the stack */
+#define SA_BLOCK 1024
+
+/* the apply pass over one chunk, for a constant weight-decay switch WD (a branch inside the loop
+ * would keep it from vectorizing) */
+#define SA_APPLY(PTAG, STAG, CT, WD)                                        \
+  for (int64_t b = lo; b < hi; b += SA_BLOCK) {                             \
+    const int64_t e = b + SA_BLOCK < hi ? b + SA_BLOCK : hi;                \
+    CT mq[SA_BLOCK], rq[SA_BLOCK];                                          \
+    for (int64_t i = b; i < e; i++) {                                       \
+      CT g = LD_##PTAG(G[i]);                                               \
+      CT m = SA_FMA(g, a1, LD_##STAG(M[i]) * b1);                           \
+      CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                       \
+      M[i] = ST_##STAG(m);                                                  \
+      V[i] = ST_##STAG(v);                                                  \
+      mq[i - b] = m;                                                        \
+      rq[i - b] = v;                                                        \
+    }                                                                       \
+    SA_SQRT_ARRAY(rq, e - b);                                               \
+    for (int64_t i = b; i < e; i++) {                                       \
+      CT p = LD_##PTAG(P[i]);                                               \
+      if (WD) p = R_##PTAG(p * dec);                                        \
+      lo_update_##PTAG(P, C, i, p, (mq[i - b] / (rq[i - b] + eps)) * neg_lr, sr); \
+    }                                                                       \
+  }
+
+#define SADAMW_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                                          \
+  static void sa_apply_##SUFFIX(int wd, CT b1, CT a1, CT b2, CT a2, CT eps, CT neg_lr, CT dec,  \
+                                int sr, PT *restrict P, const PT *restrict G, ST *restrict M,   \
+                                ST *restrict V, PT *restrict C, int64_t lo, int64_t hi) {       \
+    if (wd) {                                                                                   \
+      SA_APPLY(PTAG, STAG, CT, 1)                                                               \
+    } else {                                                                                    \
+      SA_APPLY(PTAG, STAG, CT, 0)                                                               \
+    }                                                                                           \
+  }                                                                                             \
+  LO_SIGNATURE(stable_adamw, SUFFIX) {                                                          \
+    const CT eps = (CT)hp[1], eps2 = (CT)(hp[1] * hp[1]), wdc = (CT)hp[2], max_lr = (CT)hp[3];  \
+    const int wd = hp[2] != 0.0, sr = (int)ip[0], decouple = (int)ip[1];                        \
+    const size_t nn = (size_t)(n > 0 ? n : 1);                                                  \
+    double *sums = (double *)malloc(sizeof(double) * nn);                                       \
+    CT *lr_t = (CT *)malloc(sizeof(CT) * nn), *decay = (CT *)malloc(sizeof(CT) * nn);           \
+    LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                                               \
+      const PT *G = (const PT *)ptrs[n + t];                                                    \
+      const ST *V = (const ST *)ptrs[3 * n + t];                                                \
+      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                          \
+      double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                   \
+      int64_t i = lo;                                                                           \
+      for (; i + 8 <= hi; i += 8)                                                               \
+        for (int j = 0; j < 8; j++) {                                                           \
+          CT g = LD_##PTAG(G[i + j]);                                                           \
+          CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                   \
+          s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                    \
+        }                                                                                       \
+      for (; i < hi; i++) {                                                                     \
+        CT g = LD_##PTAG(G[i]);                                                                 \
+        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                         \
+        s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                      \
+      }                                                                                         \
+      acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));               \
+    });                                                                                         \
+    for (int64_t t = 0; t < n; t++) {                                                           \
+      CT rms = SA_SQRT((CT)(sums[t] / (double)sizes[t]));                                       \
+      if (rms < (CT)1) rms = (CT)1; /* clamp(min=1): NaN stays NaN */                           \
+      lr_t[t] = ((CT)1 / rms) * (CT)hp[0]; /* lr / rms is reciprocal(rms) * lr in torch */       \
+      const CT scale = decouple ? lr_t[t] / max_lr : lr_t[t];                                   \
+      decay[t] = (CT)1 - scale * wdc;                                                           \
+      out[t] = (double)lr_t[t];                                                                 \
+    }                                                                                           \
+    LO_FOR_CHUNKS(n, sizes, nthreads, {                                                         \
+      sa_apply_##SUFFIX(wd, (CT)hp[4 + 2 * t], (CT)(1.0 - hp[4 + 2 * t]), (CT)hp[5 + 2 * t],    \
+                        (CT)(1.0 - hp[5 + 2 * t]), eps, -lr_t[t], decay[t], sr, (PT *)ptrs[t],   \
+                        (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], (ST *)ptrs[3 * n + t],   \
+                        (PT *)ptrs[4 * n + t], lo, hi);                                          \
+    });                                                                                         \
+    free(sums);                                                                                 \
+    free(lr_t);                                                                                 \
+    free(decay);                                                                                \
   }
 
 LO_INSTANTIATE(SADAMW_KERNEL)

@@ -23,8 +23,9 @@ The group-level state ``k`` (steps taken), ``weight_sum``, ``lr_max``, ``train_m
 The step has one per-tensor reference (:func:`schedule_free_step_`, ``impl="for_loop"``) and
 list-level implementations that equal it (``"foreach"``; ``"fused"``: one C kernel pass over
 ``y``, the gradient, ``z`` and ``v`` per bucket, the default on the CPU; ``"triton"``: one launch per
-bucket, the default on CUDA; see :mod:`lightning_opt.optim.engine`); :func:`schedule_free_adamw`, :func:`schedule_free_sgd` and
-:func:`schedule_free_radam` are the functional APIs. The mode switches are per tensor.
+bucket, the default on CUDA; see :mod:`lightning_opt.optim.engine`). :func:`schedule_free_adamw`,
+:func:`schedule_free_sgd` and :func:`schedule_free_radam` are the functional APIs. The mode
+switches are per tensor.
 
 Differences from ``schedulefree`` 1.4.1 (same math otherwise): the gradient is not modified in
 place; bf16/fp16 parameters get float32 ``z``/``exp_avg_sq`` and float32 math, and their ``y`` may be

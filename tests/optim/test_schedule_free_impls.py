@@ -117,7 +117,10 @@ def test_gradient_is_not_modified_in_place(cls, impl: str) -> None:
         assert torch.equal(p.grad, g)
 
 
-@pytest.mark.parametrize(("variant", "dtype"), [("adamw", torch.float32), ("adamw", torch.bfloat16), ("sgd", torch.float32), ("radam", torch.float32)])
+@pytest.mark.parametrize(
+    ("variant", "dtype"),
+    [("adamw", torch.float32), ("adamw", torch.bfloat16), ("sgd", torch.float32), ("radam", torch.float32)],
+)
 def test_fused_state_dict_round_trip_across_an_eval_save(variant: str, dtype: torch.dtype) -> None:
     """N steps, eval(), save (the x weights and the state), load into a fresh model and optimizer,
     train(), N more steps == 2N straight (with the same eval/train at N), bit for bit."""

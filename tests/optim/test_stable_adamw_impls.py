@@ -187,7 +187,9 @@ def test_every_impl_matches_optimi_float64(impl: str) -> None:
         return [p.detach() for p in ps]
 
     ours = run(lambda groups: StableAdamW(groups, betas=(0.9, 0.99), eps=1e-6, impl=impl))
-    ref = run(lambda groups: optimi.StableAdamW(groups, lr=1.0, betas=(0.9, 0.99), eps=1e-6, foreach=False, triton=False))
+    ref = run(
+        lambda groups: optimi.StableAdamW(groups, lr=1.0, betas=(0.9, 0.99), eps=1e-6, foreach=False, triton=False)
+    )
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -204,7 +206,9 @@ def test_options_are_checked_at_construction_and_in_add_param_group() -> None:
     with pytest.raises(ValueError, match=r"impl='cuda'"):
         opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "impl": "cuda"})
     with pytest.raises(ValueError, match="needs max_lr"):
-        stable_adamw([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0, decouple_lr=True)
+        stable_adamw(
+            [], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.0, decouple_lr=True
+        )
 
 
 def test_old_checkpoint_without_the_new_group_keys_loads() -> None:

@@ -33,8 +33,9 @@ def _grok_partial(
     WD: tl.constexpr, CLIP: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr,
 ):
     t, offs, mask = block_of(SIZES, BLOCKS, BLOCK)
-    g = load(address(PTRS, t, 1, L), offs, mask, PK)
-    tl.store(PART + tl.program_id(0) * K, tl.sum(g * g, axis=0).to(tl.float64))
+    g = load(address(PTRS, t, 1, L), offs, mask, PK).to(tl.float64)
+    # squares accumulated in float64, as the reference's vector_norm(g, dtype=float64)
+    tl.store(PART + tl.program_id(0) * K, tl.sum(g * g, axis=0))
 
 
 @triton.jit

@@ -24,8 +24,15 @@ __all__ = ["lamb_triton_", "lars_triton_"]
 
 
 @device
+def _sum_sq(x, mask):
+    # squares accumulated in float64, as lamb_lars.tensor_norm (vector_norm(x, dtype=float64)) does
+    x = tl.where(mask, x, 0.0).to(tl.float64)
+    return tl.sum(x * x, axis=0)
+
+
+@device
 def _norm(SUMS, t, j, K: tl.constexpr, PK: tl.constexpr):
-    # sqrt of the float64 sum of squares, in the compute dtype
+    # sqrt of the float64 sum of squares, rounded once to the compute dtype
     return hp(tl.sqrt(tl.load(SUMS + t * K + j)), PK)
 
 
@@ -75,8 +82,8 @@ def _lamb_partial(
         L, PK, SK, SCALE_PTR, WD,
     )
     pid = tl.program_id(0)
-    tl.store(PART + pid * K, tl.sum(tl.where(mask, p * p, 0.0), axis=0).to(tl.float64))
-    tl.store(PART + pid * K + 1, tl.sum(tl.where(mask, u * u, 0.0), axis=0).to(tl.float64))
+    tl.store(PART + pid * K, _sum_sq(p, mask))
+    tl.store(PART + pid * K + 1, _sum_sq(u, mask))
 
 
 @triton.jit
@@ -182,8 +189,8 @@ def _lars_partial(
     p = load(address(PTRS, t, 0, L), offs, mask, PK)
     g = load(address(PTRS, t, 1, L), offs, mask, PK)
     pid = tl.program_id(0)
-    tl.store(PART + pid * K, tl.sum(p * p, axis=0).to(tl.float64))
-    tl.store(PART + pid * K + 1, tl.sum(g * g, axis=0).to(tl.float64))
+    tl.store(PART + pid * K, _sum_sq(p, mask))
+    tl.store(PART + pid * K + 1, _sum_sq(g, mask))
 
 
 @triton.jit

@@ -56,7 +56,9 @@ class Spec:
     launches: int
     kahan: bool
     stochastic: bool
-    reduction: bool = False
+    # a per-tensor reduction the reference takes in float32 (torch's order, which no kernel can
+    # follow): stochastic rounding is then compared within tolerance, not bit for bit
+    float32_reduction: bool = False
 
 
 def _zeros(params, dtype=None):
@@ -136,7 +138,7 @@ def _stable_adamw() -> Spec:
             for p, g, m, v, c in zip(ps, gs, s["m"], s["v"], s["c"])
         ]
 
-    return Spec("stable_adamw", state, kernel, reference, 3, True, sr_ok, reduction=True)
+    return Spec("stable_adamw", state, kernel, reference, 3, True, sr_ok, float32_reduction=True)
 
 
 def _schedule_free(direction: str) -> Spec:
@@ -194,7 +196,7 @@ def _lamb() -> Spec:
         for p, g, m, v, c in zip(ps, gs, s["m"], s["v"], s["c"]):
             lamb_update_(p, g, m, v, step=step, weight_decay=wd, kahan_comp=c, **hp, **extra)
 
-    return Spec("lamb", state, kernel, reference, 3, True, sr_ok, reduction=True)
+    return Spec("lamb", state, kernel, reference, 3, True, sr_ok)
 
 
 def _lars() -> Spec:
@@ -217,7 +219,7 @@ def _lars() -> Spec:
             for p, g, b, c in zip(ps, gs, s["buf"], s["c"])
         ]
 
-    return Spec("lars", state, kernel, reference, 3, True, sr_ok, reduction=True)
+    return Spec("lars", state, kernel, reference, 3, True, sr_ok)
 
 
 def _sophia() -> Spec:
@@ -265,7 +267,7 @@ def _grokadamw() -> Spec:
             grokadamw_update_(p, g, m, v, e, step=step, layer_beta1=betas[i], weight_decay=wd, kahan_comp=c,
                               **hp, **extra)
 
-    return Spec("grokadamw", state, kernel, reference, 3, True, sr_ok, reduction=True)
+    return Spec("grokadamw", state, kernel, reference, 3, True, sr_ok)
 
 
 SPECS: dict[str, Callable[[], Spec]] = {
@@ -336,8 +338,8 @@ def run_case(spec: Spec, dtype, wd, rounding, device="cpu", steps=STEPS):
 
 def _assert_equal(spec, ps, state, rps, rstate, loose=False):
     # loose: stochastic rounding hashes the float32 bits of each updated value, so where a per-tensor
-    # reduction (a norm, an RMS) differs from torch's in its last bit, every element may round the
-    # other way (one bf16 ulp a step); the elementwise kernels are compared exactly instead
+    # reduction (StableAdamW's float32 mean) differs from torch's in its last bit, every element may
+    # round the other way (one bf16 ulp a step); the norms (float64, as lamb_lars.tensor_norm) agree
     tol = {"atol": 3e-2, "rtol": 3e-2} if loose else {}
     for i, (a, b) in enumerate(zip(ps, rps)):
         torch.testing.assert_close(a, b, msg=lambda m: f"{spec.name} param {i}: {m}", **tol)
@@ -359,7 +361,7 @@ def test_kernel_equals_reference(name: str, config) -> None:
     if rounding == "stochastic" and not spec.stochastic:
         pytest.skip(f"{name}'s reference takes no stochastic argument")
     ps, state, rps, rstate = run_case(spec, dtype, wd, rounding)
-    _assert_equal(spec, ps, state, rps, rstate, loose=rounding == "stochastic" and spec.reduction)
+    _assert_equal(spec, ps, state, rps, rstate, loose=rounding == "stochastic" and spec.float32_reduction)
 
 
 @needs_interpreter

@@ -311,9 +311,12 @@ def reduce_then_apply(
     tab = tables(lists)
     device = lists[0][0].device
     part = torch.empty(max(1, tab.n_blocks * k), dtype=torch.float64, device=device)
-    sums = torch.zeros(tab.n_tensors * k, dtype=torch.float64, device=device)
-    # an empty tensor has no block to write its value: NaN, as the mean over no elements
-    out = torch.full((tab.n_tensors,), float("nan"), dtype=out_dtype, device=device) if out_dtype is not None else sums
+    sums = torch.empty(tab.n_tensors * k, dtype=torch.float64, device=device)  # segment_sums writes each
+    out = sums
+    if out_dtype is not None:
+        out = torch.empty(tab.n_tensors, dtype=out_dtype, device=device)
+        if any(x.numel() == 0 for x in lists[0]):
+            out.fill_(float("nan"))  # an empty tensor has no block to write it: the mean over nothing
     common = {"L": len(lists), "BLOCK": tab.block, **constexprs}
     launch(partial_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, part, *scalars, K=k, **common)
     launch(segment_sums, tab.n_tensors, tab.first, part, sums, K=k, RBLOCK=1024)

@@ -335,8 +335,19 @@ def _lamb_fused(
     )
 
 
+def _lamb_triton(*args: Any, **hp: Any) -> None:
+    from lightning_opt.kernels.triton_lamb_lars import lamb_triton_
+
+    lamb_triton_(*args, **hp)
+
+
 #: LAMB's implementations, by ``impl`` name (``for_loop`` is the reference)
-LAMB_IMPLS: dict[str, Callable[..., Any]] = {"for_loop": _lamb_for_loop, "foreach": _lamb_foreach, "fused": _lamb_fused}
+LAMB_IMPLS: dict[str, Callable[..., Any]] = {
+    "for_loop": _lamb_for_loop,
+    "foreach": _lamb_foreach,
+    "fused": _lamb_fused,
+    "triton": _lamb_triton,
+}
 
 
 def lamb(
@@ -488,8 +499,19 @@ def _lars_fused(
     return buffers
 
 
+def _lars_triton(*args: Any, **hp: Any) -> list[Tensor | None]:
+    from lightning_opt.kernels.triton_lamb_lars import lars_triton_
+
+    return lars_triton_(*args, **hp)
+
+
 #: LARS's implementations, by ``impl`` name (``for_loop`` is the reference)
-LARS_IMPLS: dict[str, Callable[..., Any]] = {"for_loop": _lars_for_loop, "foreach": _lars_foreach, "fused": _lars_fused}
+LARS_IMPLS: dict[str, Callable[..., Any]] = {
+    "for_loop": _lars_for_loop,
+    "foreach": _lars_foreach,
+    "fused": _lars_fused,
+    "triton": _lars_triton,
+}
 
 
 def lars(
@@ -557,8 +579,8 @@ class Lamb(Optimizer):
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
             ``False``; no extra memory; exclusive with ``kahan_sum``).
-        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
-            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
+            ``"foreach"``, ``"fused"`` or ``"triton"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: invalid lr, weight_decay, eps, betas or max_grad_norm; a flag that is not a bool;
@@ -707,8 +729,8 @@ class Lars(Optimizer):
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
             ``False``; exclusive with ``kahan_sum``).
-        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
-            or ``"fused"`` (see :mod:`lightning_opt.optim.engine`).
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
+            ``"foreach"``, ``"fused"`` or ``"triton"`` (see :mod:`lightning_opt.optim.engine`).
 
     Raises:
         ValueError: invalid lr, weight_decay, momentum, dampening, trust_coeff or eps, or

@@ -173,11 +173,18 @@ def _sophia_fused(params, grads, exp_avgs, hessians, kahan_comps, *, lr, beta1, 
         )
 
 
+def _sophia_triton(*args: Any, **hp: Any) -> None:
+    from lightning_opt.kernels.triton_sophia import sophia_triton_
+
+    sophia_triton_(*args, **hp)
+
+
 #: Sophia's step implementations, by ``impl`` name (``for_loop`` is the reference)
 SOPHIA_IMPLS: dict[str, Callable[..., Any]] = {
     "for_loop": _sophia_for_loop,
     "foreach": _sophia_foreach,
     "fused": _sophia_fused,
+    "triton": _sophia_triton,
 }
 
 
@@ -456,9 +463,9 @@ class SophiaG(_Sophia):
             resolution are not lost (default ``False``; float32 parameters need and get no buffer).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
             ``False``; no extra memory; exclusive with ``kahan_sum``).
-        impl: ``"auto"`` (default: the fused CPU kernel on the CPU), ``"for_loop"``, ``"foreach"``
-            or ``"fused"`` for the step (see :mod:`lightning_opt.optim.engine`); the Hessian EMA
-            refresh is per tensor.
+        impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
+            ``"foreach"``, ``"fused"`` or ``"triton"`` for the step (see
+            :mod:`lightning_opt.optim.engine`); the Hessian EMA refresh is per tensor.
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside
@@ -523,7 +530,8 @@ class SophiaH(_Sophia):
         kahan_sum: Kahan-compensate the steps of bf16/fp16 parameters (default ``False``).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
             ``False``; exclusive with ``kahan_sum``).
-        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"`` or ``"fused"`` for the step.
+        impl: ``"auto"`` (default), ``"for_loop"``, ``"foreach"``, ``"fused"`` or ``"triton"`` for
+            the step.
 
     Raises:
         ValueError: negative or non-finite ``lr``/``rho``/``weight_decay``/``eps``, betas outside

@@ -20,7 +20,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["address", "block_of", "device", "div", "first_block", "hp", "sqrt", "load", "round_to", "segment_sums", "store", "update"]
+__all__ = [
+    "address",
+    "block_of",
+    "device",
+    "div",
+    "first_block",
+    "hp",
+    "load",
+    "round_to",
+    "segment_sums",
+    "sqrt",
+    "store",
+    "update",
+]
 
 
 def device(fn):
@@ -44,12 +57,6 @@ def device(fn):
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
     return call
-
-
-F32: tl.constexpr = tl.constexpr(0)
-F64: tl.constexpr = tl.constexpr(1)
-BF16: tl.constexpr = tl.constexpr(2)
-F16: tl.constexpr = tl.constexpr(3)
 
 
 @device

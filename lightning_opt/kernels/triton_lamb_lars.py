@@ -264,7 +264,10 @@ def lars_triton_(
     adapt = bool(adapt) and not (trust_clip and lr <= 0)
     fresh = [momentum != 0 and b is None for b in buffers]
     if momentum != 0:
-        buffers = [torch.empty_like(p, memory_format=torch.contiguous_format) if b is None else b for p, b in zip(params, buffers)]
+        buffers = [
+            torch.empty_like(p, memory_format=torch.contiguous_format) if b is None else b
+            for p, b in zip(params, buffers)
+        ]
     for is_fresh, idx in launcher.by_value(fresh):
         lists = [launcher.pick(x, idx) for x in (params, grads, buffers, comps)]
         scalars = (lr, momentum, 1 - dampening, weight_decay, trust_coeff, eps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -100,7 +99,9 @@ def schedule_free_triton_(
     if not params:
         return
     if direction not in _DIRECTIONS:
-        raise ValueError(f"schedule_free_triton_(direction={direction!r}) is invalid; expected one of {tuple(_DIRECTIONS)}")
+        raise ValueError(
+            f"schedule_free_triton_(direction={direction!r}) is invalid; expected one of {tuple(_DIRECTIONS)}"
+        )
     pk = launcher.kind(params[0].dtype)
     sk = launcher.kind(zs[0].dtype)
     grads = launcher.same_dtype(grads, grads[0].dtype)

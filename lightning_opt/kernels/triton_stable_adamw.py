@@ -33,7 +33,10 @@ __all__ = ["stable_adamw_triton_"]
 
 
 @device
-def _moments(PTRS, t, offs, mask, beta1, om_beta1, beta2, om_beta2, L: tl.constexpr, PK: tl.constexpr, GK: tl.constexpr, SK: tl.constexpr):
+def _moments(
+    PTRS, t, offs, mask, beta1, om_beta1, beta2, om_beta2,
+    L: tl.constexpr, PK: tl.constexpr, GK: tl.constexpr, SK: tl.constexpr,
+):
     g = load(address(PTRS, t, 1, L), offs, mask, GK)
     m = load(address(PTRS, t, 2, L), offs, mask, SK)
     v = load(address(PTRS, t, 3, L), offs, mask, SK)

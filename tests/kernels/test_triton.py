@@ -472,13 +472,17 @@ def _compile_jobs():
         jobs += [
             (triton_lion._lion_kernel, {**b, "L": 4, "SK": pk, **on}),
             (triton_adamw._adamw_kernel, {**b, "L": 4, "GK": pk, "SK": sk, "WD": True}),
-            (triton_schedule_free._schedule_free_kernel, {**b, "L": 4, "GK": pk, "SK": sk, "DIRECTION": 1, "WD": True, "SR": low}),
+            (
+                triton_schedule_free._schedule_free_kernel,
+                {**b, "L": 4, "GK": pk, "SK": sk, "DIRECTION": 1, "WD": True, "SR": low},
+            ),
             (triton_sophia._sophia_kernel, {**b, "L": 5, "GK": pk, "SK": sk, **on}),
         ]
         for fn in (triton_stable_adamw._stable_partial, triton_stable_adamw._stable_apply):
             jobs.append((fn, {**b, "L": 5, "K": 1, "GK": pk, "SK": pk, "DECOUPLE": True, **on}))
         for fn in (triton_lamb_lars._lamb_partial, triton_lamb_lars._lamb_apply):
-            jobs.append((fn, {**b, "L": 5, "K": 2, "SK": sk, "SCALE_PTR": True, "ADAPT": True, "TRUST_CLIP": True, **on}))
+            cx = {**b, "L": 5, "K": 2, "SK": sk, "SCALE_PTR": True, "ADAPT": True, "TRUST_CLIP": True, **on}
+            jobs.append((fn, cx))
         for fn in (triton_lamb_lars._lars_partial, triton_lamb_lars._lars_apply):
             for fresh in (True, False):
                 jobs.append((fn, {**b, "L": 4, "K": 2, "ADAPT": True, "TRUST_CLIP": True, "MOMENTUM": True,

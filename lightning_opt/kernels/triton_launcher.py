@@ -210,6 +210,11 @@ def scalar_table(values: Sequence[float], device: torch.device, dtype: torch.dty
     return _remember(_scalars, key, lambda: torch.tensor(list(values), dtype=dtype).to(device))
 
 
+def _scalars(values: Sequence[Any]) -> list[Any]:
+    # the kernels declare hyperparameters float64: an int (lr=1) is passed as a float
+    return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
+
+
 def launch(kernel: Any, grid: int, *args: Any, **kwargs: Any) -> None:
     """Start ``kernel`` once on ``grid`` programs (counted by :func:`launch_count`); nothing for 0."""
     global _launches
@@ -277,7 +282,8 @@ def elementwise(
         return
     lists, write_back = contiguous_lists(lists)
     tab = tables(lists)
-    launch(kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, *scalars, L=len(lists), BLOCK=tab.block, **constexprs)
+    args = _scalars(scalars)
+    launch(kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, *args, L=len(lists), BLOCK=tab.block, **constexprs)
     for orig, copy in write_back:
         orig.copy_(copy)
 
@@ -318,6 +324,7 @@ def reduce_then_apply(
         if any(x.numel() == 0 for x in lists[0]):
             out.fill_(float("nan"))  # an empty tensor has no block to write it: the mean over nothing
     common = {"L": len(lists), "BLOCK": tab.block, **constexprs}
+    scalars = _scalars(scalars)
     launch(partial_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, part, *scalars, K=k, **common)
     launch(segment_sums, tab.n_tensors, tab.first, part, sums, K=k, RBLOCK=1024)
     launch(apply_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, sums, out, *scalars, K=k, **common)

@@ -83,7 +83,7 @@ def grokadamw_triton_(
     layer_beta1s: Sequence[float],
     *,
     lr: float,
-    bias_beta1: float,
+    beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
@@ -92,7 +92,10 @@ def grokadamw_triton_(
     gradient_clipping: float,
     stochastic: bool = False,
 ) -> None:
-    """GrokAdamW over one bucket; equals ``grokadamw_update_`` per tensor.
+    """GrokAdamW over one bucket; equals ``grokadamw_update_`` per tensor (``GROKADAMW_IMPLS``' signature).
+
+    ``beta1`` is the group's beta1, the bias correction's (``grokadamw_update_``'s ``bias_beta1``);
+    each tensor's EMA uses its entry of ``layer_beta1s``.
 
     ``steps`` (1-based) and ``layer_beta1s`` (``beta1 (1 - gamma)**i``) are per tensor, so they are
     lists (the engine slices lists per bucket, not keyword arguments); one pass per distinct step
@@ -108,7 +111,7 @@ def grokadamw_triton_(
     for step, idx in launcher.by_value(list(steps)):
         betas = [x for i in idx for x in (layer_beta1s[i], 1.0 - layer_beta1s[i])]
         table = launcher.scalar_table(betas, device)
-        step_size = lr * math.sqrt(1 - beta2**step) / (1 - bias_beta1**step)
+        step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         lists = [launcher.pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, grok_emas, comps)]
         scalars = (
             table, lr, beta2, 1 - beta2, eps, 1 - lr * weight_decay, alpha, 1 - alpha, lamb,

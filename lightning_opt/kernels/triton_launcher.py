@@ -59,7 +59,7 @@ _driver_ok: bool | None = None
 _driver_error = ""
 _CACHE_SIZE = 64
 _tables: OrderedDict[tuple[Any, ...], Tables] = OrderedDict()
-_scalars: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
+_scalar_tables: OrderedDict[tuple[Any, ...], Tensor] = OrderedDict()
 
 
 def interpreting() -> bool:
@@ -207,10 +207,10 @@ def tables(lists: Sequence[Sequence[Tensor | None]], block: int | None = None) -
 def scalar_table(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float64) -> Tensor:
     """A (cached) device tensor of per-tensor hyperparameters (e.g. GrokAdamW's layer-wise beta1)."""
     key = (device, dtype, tuple(float(v) for v in values))
-    return _remember(_scalars, key, lambda: torch.tensor(list(values), dtype=dtype).to(device))
+    return _remember(_scalar_tables, key, lambda: torch.tensor(list(values), dtype=dtype).to(device))
 
 
-def _scalars(values: Sequence[Any]) -> list[Any]:
+def _as_floats(values: Sequence[Any]) -> list[Any]:
     # the kernels declare hyperparameters float64: an int (lr=1) is passed as a float
     return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in values]
 
@@ -282,7 +282,7 @@ def elementwise(
         return
     lists, write_back = contiguous_lists(lists)
     tab = tables(lists)
-    args = _scalars(scalars)
+    args = _as_floats(scalars)
     launch(kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, *args, L=len(lists), BLOCK=tab.block, **constexprs)
     for orig, copy in write_back:
         orig.copy_(copy)
@@ -324,7 +324,7 @@ def reduce_then_apply(
         if any(x.numel() == 0 for x in lists[0]):
             out.fill_(float("nan"))  # an empty tensor has no block to write it: the mean over nothing
     common = {"L": len(lists), "BLOCK": tab.block, **constexprs}
-    scalars = _scalars(scalars)
+    scalars = _as_floats(scalars)
     launch(partial_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, part, *scalars, K=k, **common)
     launch(segment_sums, tab.n_tensors, tab.first, part, sums, K=k, RBLOCK=1024)
     launch(apply_kernel, tab.n_blocks, tab.ptrs, tab.sizes, tab.blocks, sums, out, *scalars, K=k, **common)

@@ -251,21 +251,21 @@ def _grokadamw() -> Spec:
     from lightning_opt.optim.grokadamw import grokadamw_update_
 
     sr_ok = _takes_stochastic(grokadamw_update_)
-    hp = dict(lr=1e-2, bias_beta1=0.9, beta2=0.99, eps=1e-8, alpha=0.98, lamb=2.0, gradient_clipping=1.0)
+    hp = dict(lr=1e-2, beta2=0.99, eps=1e-8, alpha=0.98, lamb=2.0, gradient_clipping=1.0)
     betas = [0.9 * (1 - 0.1) ** i for i in range(len(SHAPES))]
 
     def state(ps, kahan):
         return {"m": _zeros(ps), "v": _zeros(ps), "e": _zeros(ps), "c": _comps(ps, kahan)}
 
     def kernel(ps, gs, s, step, wd, sr):
-        grokadamw_triton_(ps, gs, s["m"], s["v"], s["e"], s["c"], [step] * len(ps), betas,
+        grokadamw_triton_(ps, gs, s["m"], s["v"], s["e"], s["c"], [step] * len(ps), betas, beta1=0.9,
                           weight_decay=wd, stochastic=sr, **hp)
 
     def reference(ps, gs, s, step, wd, sr):
         extra = {"stochastic": sr} if sr_ok else {}
         for i, (p, g, m, v, e, c) in enumerate(zip(ps, gs, s["m"], s["v"], s["e"], s["c"])):
-            grokadamw_update_(p, g, m, v, e, step=step, layer_beta1=betas[i], weight_decay=wd, kahan_comp=c,
-                              **hp, **extra)
+            grokadamw_update_(p, g, m, v, e, step=step, layer_beta1=betas[i], bias_beta1=0.9, weight_decay=wd,
+                              kahan_comp=c, **hp, **extra)
 
     return Spec("grokadamw", state, kernel, reference, 3, True, sr_ok)
 

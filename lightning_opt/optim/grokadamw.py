@@ -109,7 +109,8 @@ def _step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
 
 
 def _grok_for_loop(params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps, steps, layer_beta1s, *, beta1, **hp):
-    for p, g, m, v, e, c, s, b in zip(params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps, steps, layer_beta1s):
+    lists = (params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps, steps, layer_beta1s)
+    for p, g, m, v, e, c, s, b in zip(*lists):
         grokadamw_update_(p, g, m, v, e, step=s, layer_beta1=b, bias_beta1=beta1, kahan_comp=c, **hp)
 
 

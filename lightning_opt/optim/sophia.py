@@ -150,7 +150,9 @@ def _sophia_foreach(
     apply_updates_(params, ratio, kahan_comps, stochastic=stochastic)
 
 
-def _sophia_fused(params, grads, exp_avgs, hessians, kahan_comps, *, lr, beta1, scale, eps, weight_decay, stochastic=False) -> None:
+def _sophia_fused(
+    params, grads, exp_avgs, hessians, kahan_comps, *, lr, beta1, scale, eps, weight_decay, stochastic=False
+) -> None:
     from lightning_opt.kernels import cpu
 
     # one launch per state dtype (float32 state for bf16/fp16 parameters; a checkpoint may differ)

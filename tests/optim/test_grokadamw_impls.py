@@ -124,7 +124,9 @@ def test_stochastic_rounding_one_step(kw: dict, impl: str) -> None:
     assert (b != c).float().mean() > 0.05  # rounding to nearest would differ on many elements
 
 
-@pytest.mark.parametrize("dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")])
+@pytest.mark.parametrize(
+    "dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")]
+)
 def test_fused_resume_equals_straight_run(dtype: torch.dtype, rounding: str) -> None:
     """N steps, save, load into a fresh optimizer, N steps == 2N steps (bit for bit)."""
     n = 6

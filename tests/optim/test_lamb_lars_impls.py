@@ -138,7 +138,9 @@ def test_lars_impls_equal_for_loop(impl: str, dtype: torch.dtype, rounding: str,
         (Lars, {"lr": 0.5, "weight_decay": 1e-2, "nesterov": True}),
     ],
 )
-@pytest.mark.parametrize("dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")])
+@pytest.mark.parametrize(
+    "dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")]
+)
 def test_fused_resume_equals_straight_run(cls, kw: dict, dtype: torch.dtype, rounding: str) -> None:
     """N steps, save, load into a fresh optimizer, N steps == 2N steps (bit for bit)."""
     n = 6

@@ -136,7 +136,9 @@ def test_stochastic_rounding_one_step(cls, kw: dict, impl: str) -> None:
 
 
 @pytest.mark.parametrize("cls, kw", [CASES[1], CASES[3]])
-@pytest.mark.parametrize("dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")])
+@pytest.mark.parametrize(
+    "dtype, rounding", [(torch.float32, "nearest"), (torch.bfloat16, "kahan"), (torch.bfloat16, "stochastic")]
+)
 def test_fused_resume_equals_straight_run(cls, kw: dict, dtype: torch.dtype, rounding: str) -> None:
     """N steps, save, load into a fresh optimizer, N steps == 2N steps (bit for bit); float32 state stays float32."""
     n = 7  # the refresh at step 10 falls after the resume

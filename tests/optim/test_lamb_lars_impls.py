@@ -51,14 +51,16 @@ def _rounding(rounding: str) -> dict:
     return {"kahan_sum": rounding == "kahan", "stochastic_rounding": rounding == "stochastic"}
 
 
-def _run(cls, impl: str, dtype: torch.dtype, grads, **kw):
+def _run(cls, impl: str, dtype: torch.dtype, grads, late: int | None = None, **kw):
+    """``late``: that tensor gets no gradient for the first 3 steps (its step count and momentum
+    buffer start later than the others')."""
     params = _params(dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no param group is adapted" for the wd=0 cases, on purpose
         opt = cls(params, impl=impl, **kw)
-    for step in grads:
-        for p, g in zip(params, step):
-            p.grad = g.clone()
+    for t, step in enumerate(grads):
+        for i, (p, g) in enumerate(zip(params, step)):
+            p.grad = None if i == late and t < 3 else g.clone()
         opt.step()
     return params, opt
 
@@ -96,7 +98,7 @@ def _assert_same(a_params, a_opt, b_params, b_opt) -> None:
 
 
 LAMB_CASES = [
-    {"weight_decay": 0.0},  # not adapted (NVLAMB: wd=0 groups get plain Adam)
+    {"weight_decay": 0.0, "late": 2},  # not adapted (NVLAMB: wd=0 groups get plain Adam)
     {"weight_decay": 0.0, "always_adapt": True, "trust_clip": True},
     {"weight_decay": 0.1, "grad_averaging": False},
     {"weight_decay": 0.1, "bias_correction": False, "max_grad_norm": 0.0},
@@ -114,10 +116,10 @@ def test_lamb_impls_equal_for_loop(impl: str, dtype: torch.dtype, rounding: str,
 
 
 LARS_CASES = [
-    {"weight_decay": 0.0},  # not adapted: torch SGD with momentum
+    {"weight_decay": 0.0, "late": 2},  # not adapted: torch SGD with momentum
     {"weight_decay": 0.0, "always_adapt": True, "momentum": 0.0},
     {"weight_decay": 1e-2, "nesterov": True},
-    {"weight_decay": 1e-2, "dampening": 0.1, "trust_clip": True},
+    {"weight_decay": 1e-2, "dampening": 0.1, "trust_clip": True, "late": 4},
 ]
 
 

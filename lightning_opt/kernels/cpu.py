@@ -73,7 +73,7 @@ def library_path(family: str, cc: str) -> Path:
 
 def _compile(cc: str, src: Path, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = [cc, "-O3", "-march=native", "-shared", "-fPIC", "-std=gnu11", "-I", str(_CSRC)]
+    base = [cc, "-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11", "-I", str(_CSRC)]
     # build into a temporary file and rename: concurrent processes (DDP ranks) never see half a file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)

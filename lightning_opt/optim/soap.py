@@ -6,6 +6,11 @@ or a sharded wrapper can call it. A step is three phases, composed in :func:`soa
 :func:`soap_direction` (rotate into the eigenbasis, Adam's moments there, rotate back: whole
 matrix), :func:`soap_apply_` (elementwise) and :func:`soap_precondition_` (the preconditioner EMAs
 and the periodic eigenbasis refresh: whole matrix).
+
+:func:`soap` steps tensor lists by ``impl``: ``for_loop`` (:func:`soap_update_` per tensor, the
+reference) or ``foreach`` (the direction phase for all tensors of one moment shape at once: the
+rotations as batched matmuls over stacked bases, Adam's moments and the apply as
+``torch._foreach_*`` ops; the preconditioner phase stays per tensor, see :func:`soap`).
 """
 
 from __future__ import annotations
@@ -13,13 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
+    backfill_group_defaults,
     check_flag,
     compute_dtype,
     is_int,
@@ -29,10 +35,14 @@ from lightning_opt.optim.base import (
     reject_dtensor,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
     "SOAP",
+    "SOAP_IMPLS",
+    "soap",
     "soap_apply_",
     "soap_direction",
     "soap_eigenbasis",
@@ -237,6 +247,166 @@ def soap_update_(
     soap_precondition_(grad, state, shampoo_beta=shampoo_beta, precondition_frequency=precondition_frequency)
 
 
+def _soap_for_loop(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], **hp: Any) -> None:
+    for p, g, state in zip(params, grads, states):
+        soap_update_(p, g, state, **hp)
+
+
+def _project_stacked(x: Tensor, Q: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
+    """:func:`soap_project` of each ``x[j]`` by its own bases ``Q[i][j]`` (``x`` and the bases stacked).
+
+    The same contraction order as :func:`soap_project`: each dim in turn is contracted (one
+    ``bmm`` over the stack) and moved to the end.
+    """
+    k = x.size(0)
+    for q in Q:
+        x = x.movedim(1, -1)
+        if q is not None:
+            rest = x.shape[1:-1]
+            x = torch.bmm(x.reshape(k, -1, q.size(-1)), q.mT if back else q).view(k, *rest, q.size(-1))
+    return x
+
+
+def _soap_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+    precondition_frequency: int,
+    normalize_grads: bool,
+    correct_bias: bool,
+) -> None:
+    # one bucket: one device and parameter dtype, so one math dtype
+    dt = states[0]["exp_avg"].dtype
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    # tensors whose moments have one shape and the same rotated dims share one batched rotation
+    by_shape: dict[tuple[Any, ...], list[int]] = {}
+    for i, s in enumerate(states):
+        key = (tuple(s["exp_avg"].shape), tuple(q is None for q in s["Q"]))
+        by_shape.setdefault(key, []).append(i)
+    rotated: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    bases: dict[tuple[Any, ...], list[Tensor | None]] = {}
+    for key, idx in by_shape.items():
+        shape, unrotated = key
+        g = [grads[i].to(dt).reshape(shape) for i in idx]
+        if all(unrotated):
+            # no dim is preconditioned: the rotation is the identity (soap_project only moves dims)
+            for i, x in zip(idx, g):
+                rotated[i] = x
+            continue
+        Q = [None if none else torch.stack([states[i]["Q"][d] for i in idx]) for d, none in enumerate(unrotated)]
+        bases[key] = Q
+        for i, x in zip(idx, _project_stacked(torch.stack(g), Q).unbind(0)):
+            rotated[i] = x
+    for s in states:
+        s["step"] += 1
+    torch._foreach_lerp_(exp_avgs, rotated, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, rotated, rotated, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    ratios = torch._foreach_div(exp_avgs, denom)
+    updates: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for key, idx in by_shape.items():
+        if key not in bases:
+            for i in idx:
+                updates[i] = ratios[i]
+            continue
+        stacked = _project_stacked(torch.stack([ratios[i] for i in idx]), bases[key], back=True)
+        for i, u in zip(idx, stacked.unbind(0)):
+            updates[i] = u
+    if normalize_grads:
+        norms = torch._foreach_norm(updates)
+        # RMS = ||u|| / sqrt(n), as soap_direction's sqrt(mean(u^2)) up to rounding
+        torch._foreach_div_(norms, [math.sqrt(u.numel()) for u in updates])
+        torch._foreach_add_(norms, 1e-30)
+        torch._foreach_div_(updates, norms)
+    low = params[0].dtype in LOW_PRECISION
+    p32 = [p.to(dt) for p in params] if low else params
+    # the step size depends on each tensor's own update count: one foreach call per distinct count
+    by_step: dict[int, list[int]] = {}
+    for i, s in enumerate(states):
+        by_step.setdefault(s["step"], []).append(i)
+    for step, idx in by_step.items():
+        step_size = lr
+        if correct_bias:
+            step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+        torch._foreach_add_(
+            [p32[i] for i in idx], [updates[i].reshape(params[i].shape) for i in idx], alpha=-step_size
+        )
+    if weight_decay != 0:
+        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    if low:
+        torch._foreach_copy_(params, p32)
+    # the preconditioner phase stays per tensor (the reference's code): the bases are a function of the
+    # gradients alone, so they stay identical to for_loop's, including the arbitrary basis eigh and QR
+    # pick for a singular preconditioner's null space (rounding differences there are not small)
+    for g, s in zip(grads, states):
+        soap_precondition_(g, s, shampoo_beta=shampoo_beta, precondition_frequency=precondition_frequency)
+
+
+#: SOAP's implementations, by ``impl`` name (``for_loop`` is the reference)
+SOAP_IMPLS = {"for_loop": _soap_for_loop, "foreach": _soap_foreach}
+
+
+def soap(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    shampoo_beta: float,
+    eps: float,
+    weight_decay: float,
+    precondition_frequency: int,
+    normalize_grads: bool,
+    correct_bias: bool,
+    impl: str = "auto",
+) -> None:
+    """SOAP over tensor lists (the functional API): :func:`soap_update_` for every tensor.
+
+    ``states`` are the tensors' state dicts, made by :meth:`SOAP._init_state` (the first step).
+
+    ``impl``: ``"for_loop"`` (one tensor at a time, the reference); ``"foreach"``: the direction
+    phase batched: the tensors whose moments share a shape (and rotated dims) are stacked and rotated
+    into and out of the eigenbasis by one ``bmm`` per dim, Adam's moments, the weight decay and the
+    step are ``torch._foreach_*`` ops over the bucket; the preconditioner EMAs and the refresh
+    (:func:`soap_precondition_`) run per tensor as in ``for_loop``, so the bases are bitwise the
+    same (a batched ``eigh``/``qr`` may pick other eigenvector signs or another basis of a singular
+    preconditioner's null space, which changes the trajectory by more than rounding). ``foreach``
+    stacks the bases of same-shaped tensors every step (a transient copy of them). ``"auto"``:
+    ``foreach`` on CUDA, ``for_loop`` on the CPU: there ``foreach`` saves Python and launch
+    overhead on small matrices (~1.3x on 8 x (64, 64), ~1.6x on 32 x (32, 32) on a loaded 2-core
+    AVX2 machine) but nothing measurable on 8 x (256, 256), where the matmuls dominate, and the
+    stacked bases cost memory. Buckets by (device, dtype): :func:`lightning_opt.optim.engine.dispatch`.
+    """
+    dispatch(
+        "SOAP",
+        "soap",
+        impl,
+        SOAP_IMPLS,
+        {"params": params, "grads": grads, "states": states},
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        shampoo_beta=shampoo_beta,
+        eps=eps,
+        weight_decay=weight_decay,
+        precondition_frequency=precondition_frequency,
+        normalize_grads=normalize_grads,
+        correct_bias=correct_bias,
+    )
+
+
 def _check(key: str, value: Any, ok: bool, hint: str) -> None:
     if not ok:
         raise ValueError(f"SOAP({key}={value!r}) is invalid; {hint}")
@@ -265,10 +435,14 @@ class SOAP(Optimizer):
         precondition_1d: also rotate 1-D parameters (default ``False``: plain Adam for them).
         normalize_grads: divide the rotated-back update by its RMS (default ``False``).
         correct_bias: Adam bias correction ``sqrt(1-b2^t)/(1-b1^t)`` (default ``True``).
+        impl: ``"auto"`` (default: ``foreach`` on CUDA, ``for_loop`` on the CPU), ``"for_loop"``
+            (one tensor at a time, the reference) or ``"foreach"`` (the rotations of same-shaped
+            tensors batched, the elementwise part as ``torch._foreach_*`` ops; equal to
+            ``for_loop`` up to rounding, see :func:`soap`). Keyword-only.
 
     Raises:
-        ValueError: invalid lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency or
-            max_precond_dim; a flag that is not a bool.
+        ValueError: invalid lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency,
+            max_precond_dim or impl; a flag that is not a bool.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter.
 
     Example:
@@ -286,6 +460,9 @@ class SOAP(Optimizer):
     using Adam", arXiv:2409.11321.
     """
 
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(SOAP_IMPLS)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -300,6 +477,8 @@ class SOAP(Optimizer):
         precondition_1d: bool = False,
         normalize_grads: bool = False,
         correct_bias: bool = True,
+        *,
+        impl: Impl = "auto",
     ) -> None:
         _check("lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
         _check(
@@ -324,12 +503,19 @@ class SOAP(Optimizer):
             "precondition_1d": check_flag("SOAP", "precondition_1d", precondition_1d),
             "normalize_grads": check_flag("SOAP", "normalize_grads", normalize_grads),
             "correct_bias": check_flag("SOAP", "correct_bias", correct_bias),
+            "impl": check_impl("SOAP", impl, tuple(SOAP_IMPLS)),
         }
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        backfill_group_defaults(self, impl="auto")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; DTensor (sharded) parameters are refused here, before any step."""
+        """Add a group; an invalid ``impl`` and DTensor (sharded) parameters are refused here, before any step."""
+        if "impl" in param_group:  # before adding: a refused group must not stay in param_groups
+            check_impl("SOAP", param_group["impl"], tuple(SOAP_IMPLS))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
@@ -362,26 +548,31 @@ class SOAP(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
+            params, grads, states = [], [], []
             for p in params_with_grad(group, "SOAP"):
                 state = self.state[p]
                 if "Q" not in state:
                     # the first step only builds the preconditioners (no update), as in the paper's code
                     self._init_state(p, p.grad, group, state)
                     continue
-                soap_update_(
-                    p,
-                    p.grad,
-                    state,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    shampoo_beta=shampoo_beta,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    precondition_frequency=group["precondition_frequency"],
-                    normalize_grads=group["normalize_grads"],
-                    correct_bias=group["correct_bias"],
-                )
+                params.append(p)
+                grads.append(p.grad)
+                states.append(state)
+            soap(
+                params,
+                grads,
+                states,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                shampoo_beta=shampoo_beta,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                precondition_frequency=group["precondition_frequency"],
+                normalize_grads=group["normalize_grads"],
+                correct_bias=group["correct_bias"],
+                impl=group["impl"],
+            )
         return loss
 
 

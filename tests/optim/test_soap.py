@@ -16,7 +16,7 @@ import torch
 from pytorch_optimizer import SOAP as RefSOAP
 
 from lightning_opt import build_optimizer, get_optimizer_info
-from lightning_opt.optim.soap import SOAP, soap_merge_shape, soap_project
+from lightning_opt.optim.soap import SOAP, _project_stacked, soap_merge_shape, soap_project
 
 SHAPES = [(16, 16), (12, 20), (20, 12), (7,), (8, 4, 3, 3)]
 
@@ -143,9 +143,10 @@ def test_merge_shape_and_projection() -> None:
     assert [L.shape for L in opt.state[w]["GG"]] == [(72, 72)]
 
 
+@pytest.mark.parametrize("impl", ["for_loop", "foreach"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_save_load_resume_is_exact_across_a_refresh(dtype: torch.dtype) -> None:
-    init = _init(dtype)
+def test_save_load_resume_is_exact_across_a_refresh(dtype: torch.dtype, impl: str) -> None:
+    init = _init(dtype, [*SHAPES, (16, 16), (7,)])  # repeated shapes: foreach batches them
 
     def steps(params, opt, start, count):
         for s in range(start, start + count):
@@ -153,7 +154,7 @@ def test_save_load_resume_is_exact_across_a_refresh(dtype: torch.dtype) -> None:
                 p.grad = g
             opt.step()
 
-    kw = {"precondition_frequency": 3, "precondition_1d": True}
+    kw = {"precondition_frequency": 3, "precondition_1d": True, "impl": impl}
     straight = [t.clone().requires_grad_() for t in init]
     opt = SOAP(straight, **kw)
     steps(straight, opt, 0, 8)
@@ -161,6 +162,7 @@ def test_save_load_resume_is_exact_across_a_refresh(dtype: torch.dtype) -> None:
     opt1 = SOAP(first, **kw)
     steps(first, opt1, 0, 4)  # 3 updates after the init step: the bases were refreshed once
     saved = copy.deepcopy(opt1.state_dict())
+    assert saved["param_groups"][0]["impl"] == impl
     opt2 = SOAP(first, **kw)
     opt2.load_state_dict(saved)
     state = opt2.state[first[0]]
@@ -249,3 +251,88 @@ def test_phases_compose_to_the_step() -> None:
                 soap_precondition_(g, state, shampoo_beta=0.95, precondition_frequency=3)
     for a, b in zip(params, ref):
         assert torch.equal(a.detach(), b)
+
+
+# repeated shapes (batched by foreach), odd ones, 1-D ones, a conv kernel twice
+IMPL_SHAPES = [(16, 16), (16, 16), (16, 16), (12, 20), (7, 3), (7, 3), (33, 65), (5,), (5,), (1,), (1025,)]
+IMPL_SHAPES += [(8, 4, 3, 3), (8, 4, 3, 3)]
+IMPL_CONFIGS = {
+    "defaults": {},
+    "precondition_1d": {"precondition_1d": True},
+    "normalize_grads": {"normalize_grads": True},
+    "merge_dims": {"merge_dims": True, "max_precond_dim": 40},
+    "max_precond_dim": {"max_precond_dim": 16},
+    "no_bias_correction": {"correct_bias": False},
+}
+
+
+def _run_impl(impl: str, dtype: torch.dtype, **kwargs) -> tuple[list[torch.Tensor], SOAP]:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in IMPL_SHAPES]
+    # refreshes every 3 updates, so the bases change (and exp_avg is rotated along) several times
+    opt = SOAP(params, impl=impl, precondition_frequency=3, **kwargs)
+    for s in range(20):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            if i == 1 and s % 3 == 1:
+                p.grad = None  # this one falls behind: its group mates have other step counts
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert got.dtype == ref.dtype, what
+    if ref.dtype is torch.bfloat16:
+        step = torch.finfo(ref.dtype).eps * float(ref.abs().max())
+        torch.testing.assert_close(got, ref, rtol=1.6e-2, atol=max(step, 1e-5), msg=lambda m: f"{what}: {m}")
+    else:
+        torch.testing.assert_close(got, ref, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", sorted(IMPL_CONFIGS))
+def test_foreach_equals_for_loop(config: str, dtype: torch.dtype, wd: float) -> None:
+    ref, ref_opt = _run_impl("for_loop", dtype, weight_decay=wd, **IMPL_CONFIGS[config])
+    got, got_opt = _run_impl("foreach", dtype, weight_decay=wd, **IMPL_CONFIGS[config])
+    for i, (a, b) in enumerate(zip(ref, got)):
+        _close(b, a, f"param {i} {tuple(a.shape)}")
+        sa = ref_opt.state[ref_opt.param_groups[0]["params"][i]]
+        sb = got_opt.state[got_opt.param_groups[0]["params"][i]]
+        assert sa["step"] == sb["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            _close(sb[key], sa[key], f"param {i} {key}")
+        for key in ("Q", "GG"):
+            # the preconditioner phase is per tensor in both impls: the bases are bitwise equal
+            assert all(
+                (x is None and y is None) or torch.equal(x, y) for x, y in zip(sa[key], sb[key])
+            ), f"param {i} {key}"
+
+
+def test_stacked_projection_equals_one_at_a_time() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    Q = [torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=torch.float64))[0] for n in (4, 5, 6)]
+    Q[1] = None  # an unrotated dim in the middle
+    for back in (False, True):
+        stacked = _project_stacked(x, Q, back=back)
+        for j in range(3):
+            one = soap_project(x[j], [None if q is None else q[j] for q in Q], back=back)
+            torch.testing.assert_close(stacked[j], one)
+
+
+def test_impl_is_checked_at_construction_and_backfilled() -> None:
+    w = torch.zeros(2, 2, requires_grad=True)
+    assert SOAP.impls == ("for_loop", "foreach")
+    with pytest.raises(ValueError, match=r"SOAP\(impl='fused'\) is invalid; expected one of \('auto', 'for_loop', 'foreach'\)"):
+        SOAP([w], impl="fused")
+    opt = SOAP([w])
+    with pytest.raises(ValueError, match=r"SOAP\(impl='vectorized'\)"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "impl": "vectorized"})
+    assert len(opt.param_groups) == 1
+    # a checkpoint from before the option loads with impl="auto"
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["impl"]
+    fresh = SOAP([w], impl="foreach")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["impl"] == "auto"

@@ -204,6 +204,7 @@ def _lookahead_over(base: str) -> Callable[..., Lookahead]:
     make.__name__ = make.__qualname__ = f"lookahead_{base}"
     # the base's implementations (impl= reaches the base through hparams)
     make.impls = tuple(getattr(get_optimizer_info(base).cls, "impls", ()))
+    make.base = base
     make.__doc__ = f"Lookahead over {base!r}: takes {base}'s hyperparameters plus k and alpha."
     return make
 

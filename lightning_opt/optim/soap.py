@@ -486,11 +486,31 @@ class SOAP(Optimizer):
             isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
             "expected two floats in [0, 1)",
         )
-        _check("shampoo_beta", shampoo_beta, shampoo_beta is None or (is_number(shampoo_beta) and 0 <= shampoo_beta < 1), "expected None (use beta2) or a float in [0, 1)")
+        _check(
+            "shampoo_beta",
+            shampoo_beta,
+            shampoo_beta is None or (is_number(shampoo_beta) and 0 <= shampoo_beta < 1),
+            "expected None (use beta2) or a float in [0, 1)",
+        )
         _check("eps", eps, is_number(eps) and eps >= 0, "it must be a finite number >= 0")
-        _check("weight_decay", weight_decay, is_number(weight_decay) and weight_decay >= 0, "it must be a finite number >= 0")
-        _check("precondition_frequency", precondition_frequency, is_int(precondition_frequency) and precondition_frequency >= 1, "it must be an int >= 1")
-        _check("max_precond_dim", max_precond_dim, is_int(max_precond_dim) and max_precond_dim >= 1, "it must be an int >= 1")
+        _check(
+            "weight_decay",
+            weight_decay,
+            is_number(weight_decay) and weight_decay >= 0,
+            "it must be a finite number >= 0",
+        )
+        _check(
+            "precondition_frequency",
+            precondition_frequency,
+            is_int(precondition_frequency) and precondition_frequency >= 1,
+            "it must be an int >= 1",
+        )
+        _check(
+            "max_precond_dim",
+            max_precond_dim,
+            is_int(max_precond_dim) and max_precond_dim >= 1,
+            "it must be an int >= 1",
+        )
         defaults = {
             "lr": lr,
             "betas": tuple(float(b) for b in betas),

@@ -27,9 +27,15 @@ CONFIGS = {
     "betas": ({"betas": (0.9, 0.99), "precondition_frequency": 4}, {"betas": (0.9, 0.99), "precondition_frequency": 4}),
     "eps": ({"eps": 1e-2}, {"eps": 1e-2}),
     "weight_decay": ({"weight_decay": 0.5}, {"weight_decay": 0.5}),
-    "shampoo_beta": ({"shampoo_beta": 0.5, "precondition_frequency": 3}, {"shampoo_beta": 0.5, "precondition_frequency": 3}),
+    "shampoo_beta": (
+        {"shampoo_beta": 0.5, "precondition_frequency": 3},
+        {"shampoo_beta": 0.5, "precondition_frequency": 3},
+    ),
     # 20 > 16: the second dim of (12, 20) and the first of (20, 12) stay unrotated
-    "max_precond_dim": ({"max_precond_dim": 16, "precondition_frequency": 3}, {"max_precondition_dim": 16, "precondition_frequency": 3}),
+    "max_precond_dim": (
+        {"max_precond_dim": 16, "precondition_frequency": 3},
+        {"max_precondition_dim": 16, "precondition_frequency": 3},
+    ),
     # (8, 4, 3, 3) -> (32, 9) and (12, 20) stays (12, 20) with a limit of 40; the 1-D parameter is
     # left out because the reference's merge_small_dims turns shape (7,) into (1,) and fails
     "merge_dims": (
@@ -324,7 +330,8 @@ def test_stacked_projection_equals_one_at_a_time() -> None:
 def test_impl_is_checked_at_construction_and_backfilled() -> None:
     w = torch.zeros(2, 2, requires_grad=True)
     assert SOAP.impls == ("for_loop", "foreach")
-    with pytest.raises(ValueError, match=r"SOAP\(impl='fused'\) is invalid; expected one of \('auto', 'for_loop', 'foreach'\)"):
+    expected = r"SOAP\(impl='fused'\) is invalid; expected one of \('auto', 'for_loop', 'foreach'\)"
+    with pytest.raises(ValueError, match=expected):
         SOAP([w], impl="fused")
     opt = SOAP([w])
     with pytest.raises(ValueError, match=r"SOAP\(impl='vectorized'\)"):

@@ -18,6 +18,12 @@ survive until then), so the fused form cannot run there. :class:`AdaLomo` theref
 clipping and AMP, but holds all gradients at once like any optimizer. For the memory saving use
 manual optimization and :meth:`AdaLomo.fused_backward` instead of ``self.manual_backward``.
 
+One implementation (``impl="for_loop"``, :func:`adalomo_update_` per tensor; :func:`adalomo` is the
+list-level API): every statistic is per tensor (the row and column means of its own ``g^2``, its
+update RMS, its parameter RMS) and the fused backward updates one tensor at a time, so a
+multi-tensor ``foreach`` form would batch only the cheap elementwise ops around them. ``impl`` is
+accepted for a uniform configuration.
+
 Registered as ``adalomo`` (Hugging Face's name too).
 """
 
@@ -25,22 +31,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
+    backfill_group_defaults,
     compute_dtype,
     keep_state_dtype_on_load,
     reject_sparse_grad,
     run_closure,
 )
+from lightning_opt.optim.engine import Impl, check_impl, dispatch
 from lightning_opt.optim.registry import OptimInfo, register
 
-__all__ = ["AdaLomo", "adalomo_update_"]
-
+__all__ = ["ADALOMO_IMPLS", "AdaLomo", "adalomo", "adalomo_update_"]
 
 
 def _rms(t: Tensor) -> Tensor:
@@ -98,6 +105,48 @@ def adalomo_update_(
         param.copy_(p)
 
 
+def _adalomo_for_loop(params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], **hp: Any) -> None:
+    for p, g, state in zip(params, grads, states):
+        adalomo_update_(p, g, state, step=state["step"], **hp)
+
+
+#: AdaLomo's implementations, by ``impl`` name: the per-tensor reference only (module docstring: why)
+ADALOMO_IMPLS = {"for_loop": _adalomo_for_loop}
+
+
+def adalomo(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    lr: float,
+    eps1: float,
+    eps2: float,
+    clip_threshold: float,
+    decay_rate: float,
+    weight_decay: float,
+    impl: str = "auto",
+) -> None:
+    """AdaLomo over tensor lists (the functional API): :func:`adalomo_update_` for every tensor.
+
+    ``states`` hold each tensor's second-moment tensors and its ``step``, already incremented.
+    ``impl``: ``"auto"`` or ``"for_loop"``, the single implementation (module docstring: why).
+    """
+    dispatch(
+        "AdaLomo",
+        "adalomo",
+        impl,
+        ADALOMO_IMPLS,
+        {"params": params, "grads": grads, "states": states},
+        lr=lr,
+        eps1=eps1,
+        eps2=eps2,
+        clip_threshold=clip_threshold,
+        decay_rate=decay_rate,
+        weight_decay=weight_decay,
+    )
+
+
 def _reject_dtensors(groups: list[dict[str, Any]]) -> None:
     if not torch.distributed.is_available():
         return
@@ -126,9 +175,12 @@ class AdaLomo(Optimizer):
         clip_threshold: the normalized update's RMS bound (default ``1.0``).
         decay_rate: exponent of ``beta2_t = 1 - t^decay_rate``, in [-1, 0) (default ``-0.8``).
         weight_decay: ``p *= 1 - lr_t * wd`` with the scaled ``lr_t`` (default ``0.0``).
+        impl: ``"auto"`` (default) or ``"for_loop"``: the single implementation; ``impl`` is
+            accepted for a uniform configuration (module docstring: why there is no ``foreach``).
+            Keyword-only; it applies to :meth:`step` and :meth:`fused_backward` alike.
 
     Raises:
-        ValueError: invalid lr, eps, clip_threshold, decay_rate or weight_decay.
+        ValueError: invalid lr, eps, clip_threshold, decay_rate, weight_decay or impl.
         NotImplementedError: a DTensor (FSDP2-sharded) parameter.
 
     Example:
@@ -143,6 +195,9 @@ class AdaLomo(Optimizer):
     with Adaptive Learning Rate", arXiv:2310.10195.
     """
 
+    #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
+    impls: ClassVar[tuple[str, ...]] = tuple(ADALOMO_IMPLS)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -151,6 +206,8 @@ class AdaLomo(Optimizer):
         clip_threshold: float = 1.0,
         decay_rate: float = -0.8,
         weight_decay: float = 0.0,
+        *,
+        impl: Impl = "auto",
     ) -> None:
         def number(v: Any) -> bool:
             return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
@@ -187,6 +244,7 @@ class AdaLomo(Optimizer):
             "clip_threshold": float(clip_threshold),
             "decay_rate": float(decay_rate),
             "weight_decay": weight_decay,
+            "impl": check_impl("AdaLomo", impl, tuple(ADALOMO_IMPLS)),
         }
         super().__init__(params, defaults)
         _reject_dtensors(self.param_groups)
@@ -194,8 +252,14 @@ class AdaLomo(Optimizer):
         self._hooked: list[Tensor] = []  # parameters carrying our post-accumulate-grad hook
         self._fused_groups: dict[Tensor, dict[str, Any]] | None = None
 
-    def _update(self, p: Tensor, group: dict[str, Any]) -> None:
-        reject_sparse_grad(p, "AdaLomo")
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; an invalid ``impl`` is refused before it is added."""
+        if "impl" in param_group:
+            check_impl("AdaLomo", param_group["impl"], tuple(ADALOMO_IMPLS))
+        super().add_param_group(param_group)
+
+    def _prepare(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state, created on first use, with its step incremented for this update."""
         state = self.state[p]
         dt = compute_dtype(p)
         if "step" not in state:
@@ -206,18 +270,22 @@ class AdaLomo(Optimizer):
             else:
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
         state["step"] += 1
+        return state
+
+    @staticmethod
+    def _run(params: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any]) -> None:
         eps1, eps2 = group["eps"]
-        adalomo_update_(
-            p,
-            p.grad,
-            state,
-            step=state["step"],
+        adalomo(
+            params,
+            [p.grad for p in params],
+            states,
             lr=group["lr"],
             eps1=eps1,
             eps2=eps2,
             clip_threshold=group["clip_threshold"],
             decay_rate=group["decay_rate"],
             weight_decay=group["weight_decay"],
+            impl=group["impl"],
         )
 
     @torch.no_grad()
@@ -225,9 +293,10 @@ class AdaLomo(Optimizer):
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:  # all checked before any state changes
+                reject_sparse_grad(p, "AdaLomo")
+            self._run(params, [self._prepare(p) for p in params], group)
         return loss
 
     def fused_backward(self, loss: Tensor) -> None:
@@ -268,12 +337,14 @@ class AdaLomo(Optimizer):
         groups = self._fused_groups
         if groups is None or p.grad is None or p not in groups:
             return  # an ordinary backward(): leave the gradient for step()
+        reject_sparse_grad(p, "AdaLomo")
         with torch.no_grad():
-            self._update(p, groups[p])
+            self._run([p], [self._prepare(p)], groups[p])
         p.grad = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        backfill_group_defaults(self, impl="auto")
         self.__dict__.setdefault("_hooked", [])
         self.__dict__.setdefault("_fused_groups", None)
 
@@ -282,7 +353,9 @@ register(
     OptimInfo(
         name="adalomo",
         cls=AdaLomo,
-        description="AdaLomo: factored adaptive lr with grouped update normalization (step(); fused_backward for LOMO memory)",
+        description=(
+            "AdaLomo: factored adaptive lr with grouped update normalization (step(); fused_backward for LOMO memory)"
+        ),
         paper="Lv et al., arXiv:2310.10195",
         default_lr=1e-3,
     )

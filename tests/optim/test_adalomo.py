@@ -148,8 +148,9 @@ def test_fused_backward_refuses_to_accumulate() -> None:
         opt.fused_backward(_linear_loss(model, _grads(steps=1)[0]))
 
 
+@pytest.mark.parametrize("impl", ["auto", "for_loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_state_dict_round_trip(dtype: torch.dtype) -> None:
+def test_state_dict_round_trip(dtype: torch.dtype, impl: str) -> None:
     n = 4
     grads = _grads(steps=2 * n)
 
@@ -160,15 +161,16 @@ def test_state_dict_round_trip(dtype: torch.dtype) -> None:
             opt.step()
 
     straight = _Params(dtype)
-    run(straight, AdaLomo(straight.parameters(), **HP), grads)
+    run(straight, AdaLomo(straight.parameters(), **HP, impl=impl), grads)
     first = _Params(dtype)
-    opt1 = AdaLomo(first.parameters(), **HP)
+    opt1 = AdaLomo(first.parameters(), **HP, impl=impl)
     run(first, opt1, grads[:n])
     saved = copy.deepcopy(opt1.state_dict())
     resumed = _Params(dtype)
     resumed.load_state_dict(first.state_dict())
-    opt2 = AdaLomo(resumed.parameters(), **HP)
+    opt2 = AdaLomo(resumed.parameters(), **HP, impl=impl)
     opt2.load_state_dict(saved)
+    assert opt2.param_groups[0]["impl"] == impl
     assert opt2.state[resumed.w]["exp_avg_sq_row"].dtype == (torch.float32 if dtype is torch.bfloat16 else dtype)
     run(resumed, opt2, grads[n:])
     for a, b in zip(straight.parameters(), resumed.parameters()):
@@ -246,3 +248,39 @@ def test_rejects_sharded_parameters() -> None:
             AdaLomo([param])
     finally:
         dist.destroy_process_group()
+
+
+def test_impl_is_the_single_for_loop() -> None:
+    """``impl`` takes "auto" and "for_loop" (the one implementation); others fail at construction."""
+    assert AdaLomo.impls == ("for_loop",)
+    for bad in ("foreach", "fused", "vectorized", None):
+        expected = rf"AdaLomo\(impl={bad!r}\) is invalid; expected one of \('auto', 'for_loop'\)"
+        with pytest.raises(ValueError, match=expected):
+            AdaLomo([nn.Parameter(torch.zeros(2))], impl=bad)
+    opt = AdaLomo([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match=r"AdaLomo\(impl='foreach'\)"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "impl": "foreach"})
+    assert len(opt.param_groups) == 1
+    # a checkpoint from before the option loads with impl="auto"
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["impl"]
+    fresh = AdaLomo([nn.Parameter(torch.zeros(2))], impl="for_loop")
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["impl"] == "auto"
+
+
+@pytest.mark.parametrize("mode", ["step", "fused_backward"])
+def test_explicit_for_loop_equals_the_default(mode: str) -> None:
+    grads = _grads(steps=5)
+    models = {impl: _Params() for impl in ("auto", "for_loop")}
+    for impl, model in models.items():
+        opt = AdaLomo(model.parameters(), **HP, impl=impl)
+        for step_grads in grads:
+            if mode == "step":
+                _linear_loss(model, step_grads).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.fused_backward(_linear_loss(model, step_grads))
+    for a, b in zip(models["auto"].parameters(), models["for_loop"].parameters()):
+        assert torch.equal(a, b)

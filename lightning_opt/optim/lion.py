@@ -192,6 +192,18 @@ class Lion(Optimizer):
         }
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its own ``impl`` and roundings are checked first (a refused group is not added)."""
+        if "impl" in param_group:
+            check_impl("Lion", param_group["impl"], tuple(LION_IMPLS))
+        if "kahan_sum" in param_group or "stochastic_rounding" in param_group:
+            check_rounding(
+                "Lion",
+                param_group.get("kahan_sum", self.defaults["kahan_sum"]),
+                param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"]),
+            )
+        super().add_param_group(param_group)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")

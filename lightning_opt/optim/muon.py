@@ -693,10 +693,10 @@ class Muon(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its Muon/AdamW split is decided here and stored as ``group["muon_mask"]``."""
+        if "impl" in param_group:  # before adding: a refused group must not stay in param_groups
+            check_impl("Muon", param_group["impl"], tuple(MUON_IMPLS))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        if "impl" in param_group:
-            check_impl("Muon", group["impl"], tuple(MUON_IMPLS))
         group["muon_mask"] = self._muon_mask(group)
 
     @staticmethod

@@ -108,3 +108,13 @@ def test_registry_names_and_aliases() -> None:
     assert isinstance(opt, Lion) and opt.param_groups[0]["betas"] == (0.95, 0.98)
     with pytest.raises(TypeError, match="eps"):
         build_optimizer(model, "lion", lr=1e-4, eps=1e-8)
+
+
+@pytest.mark.parametrize("bad", [{"impl": "fast"}, {"kahan_sum": "yes"}, {"kahan_sum": True, "stochastic_rounding": True}])
+def test_a_group_option_is_checked_when_the_group_is_added(bad: dict) -> None:
+    from lightning_opt.optim.lion import Lion
+
+    opt = Lion([torch.zeros(2, requires_grad=True)], lr=1e-3)
+    with pytest.raises(ValueError, match="is invalid"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], **bad})
+    assert len(opt.param_groups) == 1

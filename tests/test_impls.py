@@ -86,7 +86,7 @@ def test_impl_equals_for_loop(name: str, impl: str, dtype: torch.dtype, wd: floa
         pytest.skip(f"{name} takes no weight_decay")
     if dtype is torch.bfloat16 and _torch_backed(name):
         pytest.skip(
-            f"{name} is torch's class: its for_loop rounds every op to bf16, its fused kernel once per step; "
+            f"{name} steps torch's class: its for_loop rounds every op to bf16, its fused kernel once per step; "
             "tests/optim/test_torch_builtin.py compares each impl with a float64 run instead"
         )
     for extra in _roundings(name):

@@ -50,7 +50,8 @@ def _grok_apply(
     g = load(address(PTRS, t, 1, L), offs, mask, PK)
     if CLIP:
         norm = hp(tl.sqrt(tl.load(SUMS + t * K)), PK)
-        g = g * tl.minimum(div(hp(clip, PK), norm + hp(clip_eps, PK), PK), 1.0)
+        # torch computes clip / tensor as reciprocal(tensor) * clip: the same two roundings here
+        g = g * tl.minimum(div(hp(1.0, PK), norm + hp(clip_eps, PK), PK) * hp(clip, PK), 1.0)
     M = address(PTRS, t, 2, L)
     V = address(PTRS, t, 3, L)
     E = address(PTRS, t, 4, L)

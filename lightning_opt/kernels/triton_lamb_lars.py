@@ -25,7 +25,7 @@ __all__ = ["lamb_triton_", "lars_triton_"]
 
 @device
 def _sum_sq(x, mask):
-    # squares accumulated in float64, as lamb_lars.tensor_norm (vector_norm(x, dtype=float64)) does
+    # squares accumulated in float64, as precision.tensor_norm (vector_norm(x, dtype=float64)) does
     x = tl.where(mask, x, 0.0).to(tl.float64)
     return tl.sum(x * x, axis=0)
 

@@ -34,8 +34,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.lamb_lars import exact_sqrt
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype, exact_sqrt
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GROKADAMW_IMPLS", "GrokAdamW", "grokadamw", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -208,11 +207,18 @@ def _grok_fused(
     )
 
 
+def _grok_triton(*args: Any, **kwargs: Any) -> None:
+    from lightning_opt.kernels.triton_grokadamw import grokadamw_triton_
+
+    grokadamw_triton_(*args, **kwargs)
+
+
 #: GrokAdamW's implementations, by ``impl`` name (``for_loop`` is the reference)
 GROKADAMW_IMPLS: dict[str, Callable[..., Any]] = {
     "for_loop": _grok_for_loop,
     "foreach": _grok_foreach,
     "fused": _grok_fused,
+    "triton": _grok_triton,
 }
 
 

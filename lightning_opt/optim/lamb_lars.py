@@ -36,7 +36,15 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
+from lightning_opt.optim.precision import (
+    LOW_PRECISION,
+    apply_update_,
+    apply_updates_,
+    compute_dtype,
+    exact_sqrt,
+    tensor_norm,
+    tensor_norms,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -48,8 +56,6 @@ __all__ = [
     "lamb_update_",
     "lars",
     "lars_update_",
-    "exact_sqrt",
-    "tensor_norm",
     "trust_ratio",
 ]
 
@@ -76,36 +82,6 @@ def _check_group(group: dict[str, Any], cls: str, impls: dict[str, Any]) -> None
         check_impl(cls, group["impl"], tuple(impls))
     if "kahan_sum" in group and "stochastic_rounding" in group:
         check_rounding(cls, group["kahan_sum"], group["stochastic_rounding"])
-
-
-def tensor_norm(x: Tensor) -> Tensor:
-    """``||x||`` accumulated in float64 and rounded once to ``x``'s dtype.
-
-    Every impl takes its per-tensor norms this way (the fused kernels sum per-chunk partials in
-    double), so they agree on a trust ratio to the last bit; a float32 accumulation in one of them
-    would move every element of the tensor by a rounding, and stochastic rounding (whose bits hash
-    the unrounded value) would then round them independently.
-    """
-    return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
-
-
-def exact_sqrt(x: Tensor) -> Tensor:
-    """``sqrt(x)``, correctly rounded (a new tensor).
-
-    torch's CPU float32 ``sqrt`` goes through MKL's vector math, which is not correctly rounded
-    (measured up to 0.75 ulp, on a sixth of the elements); the fused kernels' ``sqrtf`` and CUDA's
-    ``sqrtf`` are. Through float64 the root rounds once, correctly, so every impl takes the same
-    root, which stochastic rounding and a trust ratio (it couples every element of a tensor) need
-    to agree beyond rounding.
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu":
-        return x.double().sqrt_().to(torch.float32)
-    return x.sqrt()
-
-
-def _tensor_norms(xs: Sequence[Tensor]) -> Tensor:
-    """:func:`tensor_norm` of each of ``xs`` (one dtype), stacked."""
-    return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float64)).to(xs[0].dtype)
 
 
 def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -286,7 +262,7 @@ def _lamb_foreach(
     if weight_decay != 0:
         torch._foreach_add_(u, p32, alpha=weight_decay)
     if adapt:
-        w_norm, u_norm = _tensor_norms(p32), _tensor_norms(u)
+        w_norm, u_norm = tensor_norms(p32), tensor_norms(u)
         ratio = trust_ratio(w_norm, u_norm, w_norm, u_norm)
         if trust_clip:
             ratio = ratio.clamp(max=1.0)
@@ -430,7 +406,7 @@ def _lars_foreach(
     p32 = [x.to(dt) for x in params]
     d = [x.to(dt, copy=True) for x in grads]
     if adapt:
-        w_norm, g_norm = _tensor_norms(p32), _tensor_norms(d)
+        w_norm, g_norm = tensor_norms(p32), tensor_norms(d)
         ratio = trust_ratio(trust_coeff * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm)
         if trust_clip:
             ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)

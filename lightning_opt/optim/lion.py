@@ -82,7 +82,12 @@ def _lion_foreach(
     g = [x.float() for x in grads] if low else grads
     m = [x.float() for x in exp_avgs] if low else exp_avgs
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        if low:
+            # the CPU's foreach ops round a scalar to the tensors' dtype first (0.998 -> 0.99609375
+            # in bf16): decay in float32 and round once, as lion_update_'s param.mul_ does
+            torch._foreach_copy_(params, torch._foreach_mul([p.float() for p in params], 1 - lr * weight_decay))
+        else:
+            torch._foreach_mul_(params, 1 - lr * weight_decay)
     update = torch._foreach_mul(m, beta1)
     torch._foreach_add_(update, g, alpha=1 - beta1)
     torch._foreach_sign_(update)

@@ -40,6 +40,8 @@ __all__ = [
     "apply_update_",
     "apply_updates_",
     "compute_dtype",
+    "exact_sqrt",
+    "exact_sqrt_",
     "kahan_add_",
     "keep_state_dtype_on_load",
     "matrix_state_dtype",
@@ -47,6 +49,8 @@ __all__ = [
     "sr_bits",
     "stochastic_round",
     "store_",
+    "tensor_norm",
+    "tensor_norms",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -65,6 +69,42 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 def matrix_state_dtype(t: Tensor) -> torch.dtype:
     """The dtype of whole-matrix state for ``t`` (float32 for bf16/fp16, else ``t.dtype``)."""
     return compute_dtype(t)
+
+
+def exact_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)``, correctly rounded (a new tensor), the root every implementation takes.
+
+    torch's CPU float32 ``sqrt`` goes through MKL's vector math, which is not correctly rounded
+    (measured up to 0.75 ulp, on a fifth of the elements); the fused kernels' ``sqrtf`` and CUDA's
+    are. The float64 root rounded to float32 is the correctly rounded one (a float32 input's root lies
+    at least 2^-50 relative from a float32 rounding midpoint, far more than the float64 root's
+    error). Stochastic rounding (whose bits hash the unrounded value) and trust ratios (which couple
+    every element of a tensor) need the impls to agree beyond rounding.
+    """
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return x.double().sqrt_().to(torch.float32)
+    return x.sqrt()
+
+
+def exact_sqrt_(x: Tensor) -> Tensor:
+    """:func:`exact_sqrt` in place."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        return x.copy_(x.double().sqrt_())
+    return x.sqrt_()
+
+
+def tensor_norm(x: Tensor) -> Tensor:
+    """``||x||`` accumulated in float64 and rounded once to ``x``'s dtype.
+
+    Every impl takes its per-tensor norms this way (the fused kernels sum per-chunk partials in
+    double), so they agree on a trust ratio to the last bit.
+    """
+    return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
+
+
+def tensor_norms(xs: Sequence[Tensor]) -> Tensor:
+    """:func:`tensor_norm` of each of ``xs`` (one dtype), stacked (one multi-tensor call)."""
+    return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float64)).to(xs[0].dtype)
 
 
 def new_kahan_comp(param: Tensor) -> Tensor | None:

@@ -52,7 +52,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import store_
+from lightning_opt.optim.precision import exact_sqrt_, store_
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -114,24 +114,10 @@ def radam_rectification(step: int, beta2: float) -> float | None:
     return math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
 
 
-def _sqrt_(x: Tensor) -> Tensor:
-    """``x.sqrt_()``, correctly rounded for float32 on the CPU as in the fused kernel (and on CUDA).
-
-    torch's CPU sqrt goes through MKL's vector math, which is one ulp off for about a fifth of
-    float32 elements; the stochastic rounding of bf16 parameters would turn that last bit into a
-    different draw, so every impl takes the correctly rounded root. The float64 root rounded to
-    float32 is it: a float32 input's root lies at least 2^-50 (relative) from a float32 rounding
-    midpoint, far more than the float64 root's error.
-    """
-    if x.dtype == torch.float32 and x.device.type == "cpu":
-        return x.copy_(x.double().sqrt_())
-    return x.sqrt_()
-
-
 def adam_direction(grad: Tensor, exp_avg_sq: Tensor, *, beta2: float, bias_correction2: float, eps: float) -> Tensor:
     """Update ``exp_avg_sq`` in place (EMA of ``grad**2``) and return ``grad / (sqrt(v / bc2) + eps)``."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    denom = _sqrt_(exp_avg_sq.div(bias_correction2)).add_(eps)
+    denom = exact_sqrt_(exp_avg_sq.div(bias_correction2)).add_(eps)
     return grad.div(denom)
 
 
@@ -232,7 +218,7 @@ def _schedule_free_foreach(
         denom = torch._foreach_div(vs, bias_correction2)
         if denom[0].dtype == torch.float32 and denom[0].device.type == "cpu":
             for x in denom:
-                _sqrt_(x)
+                exact_sqrt_(x)
         else:
             torch._foreach_sqrt_(denom)
         torch._foreach_add_(denom, eps)

@@ -178,4 +178,35 @@ LO_DEFINE_UPDATE(f16, lo_f16, float)
   void NAME##_##SUFFIX(int64_t n, void **ptrs, const int64_t *sizes, const double *hp, \
                        const int64_t *ip, double *out, int nthreads)
 
+/* ---- shared by the kernels with square roots and torch's fused multiply-adds ---- */
+#if defined(__AVX__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+/* torch's vectorized CPU kernels fuse: add(x, y, alpha) is fma(y, alpha, x), addcmul(x, a, b, value)
+ * is fma(value * a, b, x); the kernels spell the same fmas out so they agree with torch's ops */
+#define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
+
+/* In-place correctly rounded square roots of a block (the SIMD instructions are IEEE roots, as
+ * CUDA's sqrtf; torch's CPU float32 sqrt is not, see lightning_opt.optim.precision.exact_sqrt) */
+static inline void lo_sqrt_f32(float *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrtf(x[i]);
+}
+static inline void lo_sqrt_f64(double *x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX__)
+  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
+#elif defined(__SSE2__)
+  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
+#endif
+  for (; i < n; i++) x[i] = sqrt(x[i]);
+}
+#define LO_SQRT_ARRAY(x, n) _Generic((x), float *: lo_sqrt_f32, default: lo_sqrt_f64)(x, n)
+
 #endif

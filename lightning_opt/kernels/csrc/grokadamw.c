@@ -8,34 +8,6 @@
  * Set before common.h, so its inline stores (p + d) are not contracted either. */
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
-#if defined(__AVX__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
-#define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
-
-/* In-place correctly rounded square roots of a block. The C library's sqrt may set errno, which
- * keeps gcc from vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD
- * instructions give the same roots. */
-static inline void ga_sqrt_f32(float *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrtf(x[i]);
-}
-static inline void ga_sqrt_f64(double *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrt(x[i]);
-}
-#define GA_SQRT_ARRAY(x, n) _Generic((x), float *: ga_sqrt_f32, default: ga_sqrt_f64)(x, n)
 
 /* elements per block: the moments of a block are kept, its roots taken in one SIMD loop */
 #define GA_BLOCK 256
@@ -106,7 +78,7 @@ static inline void ga_sqrt_f64(double *x, int64_t n) {
           mb[k] = m;                                                            \
           rb[k] = v;                                                            \
         }                                                                       \
-        GA_SQRT_ARRAY(rb, nb);                                                  \
+        LO_SQRT_ARRAY(rb, nb);                                                  \
         for (int64_t k = 0; k < nb; k++) {                                      \
           const int64_t i = b0 + k;                                             \
           CT p = LD_##PTAG(P[i]);                                               \

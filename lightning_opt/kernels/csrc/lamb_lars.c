@@ -19,34 +19,6 @@
  * (p + d) are not contracted either. */
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
-#if defined(__AVX__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
-#define LO_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
-
-/* In-place correctly rounded square roots of a block. The C library's sqrt may set errno, which
- * keeps gcc from vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD
- * instructions give the same roots. */
-static inline void ll_sqrt_f32(float *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrtf(x[i]);
-}
-static inline void ll_sqrt_f64(double *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrt(x[i]);
-}
-#define LL_SQRT_ARRAY(x, n) _Generic((x), float *: ll_sqrt_f32, default: ll_sqrt_f64)(x, n)
 
 /* elements per block: the moments of a block are kept, its roots taken in one SIMD loop */
 #define LL_BLOCK 256
@@ -91,7 +63,7 @@ static inline void ll_sqrt_f64(double *x, int64_t n) {
         for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                        \
           const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;           \
           LAMB_MOMENTS(PTAG, STAG, CT)                                          \
-          LL_SQRT_ARRAY(rb, nb);                                                \
+          LO_SQRT_ARRAY(rb, nb);                                                \
           int64_t k = 0;                                                        \
           for (; k + 8 <= nb; k += 8)                                           \
             for (int j = 0; j < 8; j++) {                                       \
@@ -134,7 +106,7 @@ static inline void ll_sqrt_f64(double *x, int64_t n) {
           M[b0 + k] = ST_##STAG(mb[k]);                                         \
           V[b0 + k] = ST_##STAG(rb[k]);                                         \
         }                                                                       \
-        LL_SQRT_ARRAY(rb, nb);                                                  \
+        LO_SQRT_ARRAY(rb, nb);                                                  \
         for (int64_t k = 0; k < nb; k++) {                                      \
           const int64_t i = b0 + k;                                             \
           LAMB_U(PTAG, CT, k)                                                   \

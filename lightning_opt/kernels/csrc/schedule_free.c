@@ -6,54 +6,24 @@
  * One pass over memory: v' (directions 1, 2), d (+ weight_decay y), y' = lerp(y, z, c) + y_coef d,
  * z' = z - lr d. Equals schedule_free_step_ bit for bit (its square root is correctly rounded). */
 #include "common.h"
-#if defined(__AVX__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
-
-/* torch's vectorized CPU kernels fuse: add(x, y, alpha) is fma(y, alpha, x), addcmul(x, a, b, value)
- * is fma(value * a, b, x), lerp(s, e, w) is fma(w, e - s, s) for |w| < 0.5, fma(w - 1, e - s, e)
- * otherwise; the kernel spells the same fmas out so it agrees bit for bit */
-#define SF_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
-
-/* In-place square roots of a small array. The C library's sqrt may set errno, which keeps gcc from
- * vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD instructions give
- * the same correctly rounded roots. */
-static inline void sf_sqrt_f32(float *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrtf(x[i]);
-}
-static inline void sf_sqrt_f64(double *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrt(x[i]);
-}
-#define SF_SQRT_ARRAY(x, n) _Generic((x), float *: sf_sqrt_f32, default: sf_sqrt_f64)(x, n)
 
 /* elements per sub-block of the Adam direction: its roots go through a buffer on the stack */
 #define SF_BLOCK 1024
 
-/* the rest of the step once d (and y, z) are known: decay at y, the interpolation, the stores */
+/* the rest of the step once d (and y, z) are known: decay at y, the interpolation, the stores;
+ * torch's lerp(s, e, w) is fma(w, e - s, s) for |w| < 0.5, fma(w - 1, e - s, e) otherwise */
 #define SF_FINISH(PTAG, STAG, CT, WD)            \
-  if (WD) d = SF_FMA(y, wdc, d);                 \
-  y = SF_FMA(w, z - y, small ? y : z);           \
-  y = SF_FMA(d, y_coef, y);                      \
-  Z[i] = ST_##STAG(SF_FMA(d, neg_lr, z));        \
+  if (WD) d = LO_FMA(y, wdc, d);                 \
+  y = LO_FMA(w, z - y, small ? y : z);           \
+  y = LO_FMA(d, y_coef, y);                      \
+  Z[i] = ST_##STAG(LO_FMA(d, neg_lr, z));        \
   LO_STORE(PTAG, P, i, y, sr);
 
 /* the raw gradient as the direction; EMA: v' still accumulates (RAdam's SGD phase) */
 #define SF_LOOP_GRAD(PTAG, STAG, CT, EMA, WD)                               \
   for (int64_t i = lo; i < hi; i++) {                                       \
     CT g = LD_##PTAG(G[i]), y = LD_##PTAG(P[i]), z = LD_##STAG(Z[i]);       \
-    if (EMA) V[i] = ST_##STAG(SF_FMA(a2 * g, g, LD_##STAG(V[i]) * b2));     \
+    if (EMA) V[i] = ST_##STAG(LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2));     \
     CT d = g;                                                               \
     SF_FINISH(PTAG, STAG, CT, WD)                                           \
   }
@@ -65,11 +35,11 @@ static inline void sf_sqrt_f64(double *x, int64_t n) {
     CT q[SF_BLOCK];                                                         \
     for (int64_t i = b; i < e; i++) {                                       \
       CT g = LD_##PTAG(G[i]);                                               \
-      CT v = SF_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                       \
+      CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                       \
       V[i] = ST_##STAG(v);                                                  \
       q[i - b] = v / bc2;                                                   \
     }                                                                       \
-    SF_SQRT_ARRAY(q, e - b);                                                \
+    LO_SQRT_ARRAY(q, e - b);                                                \
     for (int64_t i = b; i < e; i++) {                                       \
       CT g = LD_##PTAG(G[i]), y = LD_##PTAG(P[i]), z = LD_##STAG(Z[i]);     \
       CT d = g / (q[i - b] + eps);                                          \

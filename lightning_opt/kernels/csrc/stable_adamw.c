@@ -9,37 +9,9 @@
  * recomputes m' and v' the same way, stores them and applies the update: the step uses the
  * unrounded m', v' as the reference does for bf16 state. */
 #include "common.h"
-#if defined(__AVX__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
 
 #define SA_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
-/* torch's vectorized CPU kernels fuse: add(x, y, alpha) is fma(y, alpha, x) and addcmul(x, a, b,
- * value) is fma(value * a, b, x); the kernel spells the same fmas out */
-#define SA_FMA(a, b, c) _Generic((a), float: fmaf, default: fma)(a, b, c)
 
-/* In-place square roots of a small array. The C library's sqrt may set errno, which keeps gcc from
- * vectorizing a loop that calls it (the build has no -fno-math-errno); the SIMD instructions give
- * the same correctly rounded roots. */
-static inline void sa_sqrt_f32(float *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_sqrt_ps(_mm256_loadu_ps(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 4 <= n; i += 4) _mm_storeu_ps(x + i, _mm_sqrt_ps(_mm_loadu_ps(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrtf(x[i]);
-}
-static inline void sa_sqrt_f64(double *x, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX__)
-  for (; i + 4 <= n; i += 4) _mm256_storeu_pd(x + i, _mm256_sqrt_pd(_mm256_loadu_pd(x + i)));
-#elif defined(__SSE2__)
-  for (; i + 2 <= n; i += 2) _mm_storeu_pd(x + i, _mm_sqrt_pd(_mm_loadu_pd(x + i)));
-#endif
-  for (; i < n; i++) x[i] = sqrt(x[i]);
-}
-#define SA_SQRT_ARRAY(x, n) _Generic((x), float *: sa_sqrt_f32, default: sa_sqrt_f64)(x, n)
 
 /* elements per sub-block of the apply pass: m' and the roots of v' wait in buffers on the stack */
 #define SA_BLOCK 1024
@@ -52,14 +24,14 @@ static inline void sa_sqrt_f64(double *x, int64_t n) {
     CT mq[SA_BLOCK], rq[SA_BLOCK];                                          \
     for (int64_t i = b; i < e; i++) {                                       \
       CT g = LD_##PTAG(G[i]);                                               \
-      CT m = SA_FMA(g, a1, LD_##STAG(M[i]) * b1);                           \
-      CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                       \
+      CT m = LO_FMA(g, a1, LD_##STAG(M[i]) * b1);                           \
+      CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                       \
       M[i] = ST_##STAG(m);                                                  \
       V[i] = ST_##STAG(v);                                                  \
       mq[i - b] = m;                                                        \
       rq[i - b] = v;                                                        \
     }                                                                       \
-    SA_SQRT_ARRAY(rq, e - b);                                               \
+    LO_SQRT_ARRAY(rq, e - b);                                               \
     for (int64_t i = b; i < e; i++) {                                       \
       CT p = LD_##PTAG(P[i]);                                               \
       if (WD) p = R_##PTAG(p * dec);                                        \
@@ -92,12 +64,12 @@ static inline void sa_sqrt_f64(double *x, int64_t n) {
       for (; i + 8 <= hi; i += 8)                                                               \
         for (int j = 0; j < 8; j++) {                                                           \
           CT g = LD_##PTAG(G[i + j]);                                                           \
-          CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                   \
+          CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                   \
           s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                    \
         }                                                                                       \
       for (; i < hi; i++) {                                                                     \
         CT g = LD_##PTAG(G[i]);                                                                 \
-        CT v = SA_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                         \
+        CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                         \
         s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                      \
       }                                                                                         \
       acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));               \

@@ -196,3 +196,22 @@ class TinyBlocks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(2))
+
+
+def test_the_optimizers_never_import_the_callbacks() -> None:
+    # OptimInfo.callbacks names them by path; the mixin imports them when it builds them
+    code = (
+        "import sys, lightning_opt, lightning_opt.optim;"
+        "lightning_opt.available_optimizers();"
+        "print(sorted(m for m in sys.modules if m.startswith('lightning_opt.callbacks.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_callbacks_are_named_by_import_path() -> None:
+    from lightning_opt.optim.registry import make_callbacks
+
+    with pytest.raises(ValueError, match="'module:Class'"):
+        OptimInfo(name="x", cls=torch.optim.SGD, description="", callbacks=(lambda: None,))
+    assert [type(cb).__name__ for cb in make_callbacks(get_optimizer_info("sophia"))] == ["SophiaHessian"]

@@ -66,7 +66,7 @@ class OptimInfo:
     fixed: Mapping[str, Any] = field(default_factory=dict)
     hparams: tuple[str, ...] | None = None
     extra: str | None = None
-    callbacks: tuple[str | Callable[[], Any], ...] = ()
+    callbacks: tuple[str, ...] = ()
     schedule_free: bool = False
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class OptimInfo:
             raise ValueError(f"OptimInfo(name={self.name!r}) must be lower-case snake_case")
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
         for path in self.callbacks:
-            if isinstance(path, str) and path.count(":") != 1:
+            if not isinstance(path, str) or path.count(":") != 1:
                 raise ValueError(f"OptimInfo(callbacks=[..., {path!r}]) must name callbacks as 'module:Class'")
 
 
@@ -165,9 +165,6 @@ def make_callbacks(info: OptimInfo) -> list[Any]:
     """A fresh instance of every callback ``info`` needs (imported by path, built without arguments)."""
     out = []
     for path in info.callbacks:
-        if callable(path):
-            out.append(path())
-            continue
         module, _, attr = path.partition(":")
         out.append(getattr(importlib.import_module(module), attr)())
     return out

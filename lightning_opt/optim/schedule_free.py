@@ -851,12 +851,6 @@ class SGDScheduleFree(ScheduleFreeBase):
         )
 
 
-def _schedule_free_mode() -> Any:
-    from lightning_opt.callbacks.schedule_free_mode import ScheduleFreeMode
-
-    return ScheduleFreeMode()
-
-
 _PAPER = "Defazio et al., The Road Less Scheduled, arXiv:2405.15682"
 register(
     OptimInfo(
@@ -865,7 +859,7 @@ register(
         default_lr=0.0025,
         description="Schedule-Free AdamW (no LR schedule; eval() holds the averaged weights)",
         paper=_PAPER,
-        callbacks=(_schedule_free_mode,),
+        callbacks=("lightning_opt.callbacks.schedule_free_mode:ScheduleFreeMode",),
         schedule_free=True,
     )
 )
@@ -876,7 +870,7 @@ register(
         default_lr=1.0,
         description="Schedule-Free SGD (no LR schedule; eval() holds the averaged weights)",
         paper=_PAPER,
-        callbacks=(_schedule_free_mode,),
+        callbacks=("lightning_opt.callbacks.schedule_free_mode:ScheduleFreeMode",),
         schedule_free=True,
     )
 )
@@ -887,7 +881,7 @@ register(
         default_lr=0.0025,
         description="Schedule-Free RAdam (no LR schedule or warmup; eval() holds the averaged weights)",
         paper=_PAPER,
-        callbacks=(_schedule_free_mode,),
+        callbacks=("lightning_opt.callbacks.schedule_free_mode:ScheduleFreeMode",),
         schedule_free=True,
     )
 )

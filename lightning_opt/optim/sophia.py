@@ -574,12 +574,6 @@ class SophiaH(_Sophia):
         return group["rho"]
 
 
-def _sophia_hessian() -> Any:
-    from lightning_opt.callbacks.sophia_hessian import SophiaHessian
-
-    return SophiaHessian()
-
-
 _PAPER = "Liu et al., Sophia, arXiv:2305.14342"
 register(
     OptimInfo(
@@ -588,7 +582,7 @@ register(
         default_lr=1e-4,
         description="SophiaG: clipped sign-momentum preconditioned by a GNB Hessian EMA",
         paper=_PAPER,
-        callbacks=(_sophia_hessian,),
+        callbacks=("lightning_opt.callbacks.sophia_hessian:SophiaHessian",),
     )
 )
 register(
@@ -598,7 +592,7 @@ register(
         default_lr=6e-4,
         description="SophiaH: clipped sign-momentum preconditioned by a Hutchinson Hessian EMA",
         paper=_PAPER,
-        callbacks=(_sophia_hessian,),
+        callbacks=("lightning_opt.callbacks.sophia_hessian:SophiaHessian",),
     )
 )
 register_alias("SophiaOptimizer", "sophia", source="deepspeed")

@@ -212,10 +212,11 @@ def test_rejects_invalid_hyperparameters(cls, kw, match) -> None:
 )
 def test_registry_entries(name, cls) -> None:
     from lightning_opt.callbacks import ScheduleFreeMode
+    from lightning_opt.optim.registry import make_callbacks
 
     info = get_optimizer_info(name)
     assert info.cls is cls and info.schedule_free
-    assert [type(f()) for f in info.callbacks] == [ScheduleFreeMode]
+    assert [type(cb) for cb in make_callbacks(info)] == [ScheduleFreeMode]
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(model, name, lr=0.01, weight_decay=0.1)
     assert isinstance(opt, cls)

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from lightning_opt.optim.registry import make_callbacks
 from lightning_opt import build_optimizer, get_optimizer_info
 from lightning_opt.optim import resolve
 from lightning_opt.optim.sophia import SophiaG, SophiaH, gnb_estimate, hutchinson_estimate
@@ -242,7 +243,7 @@ def test_registry_entries_and_deepspeed_alias() -> None:
     for name, cls in (("sophia", SophiaG), ("sophia_h", SophiaH)):
         info = get_optimizer_info(name)
         assert info.cls is cls
-        assert [type(f()) for f in info.callbacks] == [SophiaHessian]
+        assert [type(cb) for cb in make_callbacks(info)] == [SophiaHessian]
     assert resolve("SophiaOptimizer")[0].name == "sophia"
     opt = build_optimizer(torch.nn.Linear(3, 2), "sophiaoptimizer", lr=1e-3, weight_decay=0.1, bs=128, rho=0.05)
     assert isinstance(opt, SophiaG) and opt.param_groups[0]["bs"] == 128

@@ -22,6 +22,7 @@ ORACLES = [
     "apollo_torch",
     "lomo_optim",
     "matplotlib",
+    "triton",  # impl="triton" runs in its interpreter
 ]
 
 

@@ -12,7 +12,12 @@
  * lars: lists params, grads, momentum_buffers (NULL without momentum), kahan_comps;
  *   hp = lr, momentum, dampening, weight_decay, trust_coeff, eps;
  *   ip = adapt, trust_clip, nesterov, stochastic, then per tensor t: ip[4 + t] = 1 if its momentum
- *   buffer is new (buf = d, as torch SGD's first step). Equals lars_update_. */
+ *   buffer is new (buf = d, as torch SGD's first step). Equals lars_update_.
+ *
+ * Speed: work goes in blocks of LL_BLOCK elements, each step of the math one branch-free loop over
+ * the block (the options are decided outside the loops: weight decay, adapt, momentum, Kahan), so
+ * every loop vectorizes; the float64 norm sums keep 8 fixed lanes (lane j gets the elements
+ * 8q + j of the chunk, the tail of the chunk lane 0), in SIMD for float32 values. */
 /* Mirror torch's CPU rounding: no contraction of a*b+c into an FMA except where torch's vectorized
  * kernels use one: add_(x, alpha=a) is fma(x, a, self), addcmul_(a, b, value=c) is
  * fma(c * a, b, self); mul-then-add rounds twice. Set before common.h, so its inline stores
@@ -20,23 +25,88 @@
 #pragma GCC optimize("fp-contract=off")
 #include "common.h"
 
-/* elements per block: the moments of a block are kept, its roots taken in one SIMD loop */
+/* elements per block (a multiple of 8 dividing LO_CHUNK, so only a chunk's last block has a tail) */
 #define LL_BLOCK 256
 
-/* m' and v' of elements b0 .. b0 + nb into mb and rb (rb then holds sqrt(v')) */
+/* s[0..7] += x[k]^2 in float64, lane k % 8 for the full groups of 8, the rest into lane 0 in order */
+static inline void ll_sumsq8_f32(const float *x, int64_t n, double *s) {
+  int64_t k = 0;
+#if defined(__AVX__)
+  __m256d lo = _mm256_loadu_pd(s), hi = _mm256_loadu_pd(s + 4);
+  for (; k + 8 <= n; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    const __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    lo = _mm256_add_pd(lo, _mm256_mul_pd(a, a));
+    hi = _mm256_add_pd(hi, _mm256_mul_pd(b, b));
+  }
+  _mm256_storeu_pd(s, lo);
+  _mm256_storeu_pd(s + 4, hi);
+#else
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; j++) s[j] += (double)x[k + j] * (double)x[k + j];
+#endif
+  for (; k < n; k++) s[0] += (double)x[k] * (double)x[k];
+}
+static inline void ll_sumsq8_f64(const double *x, int64_t n, double *s) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; j++) s[j] += x[k + j] * x[k + j];
+  for (; k < n; k++) s[0] += x[k] * x[k];
+}
+#define LL_SUMSQ8(x, n, s) _Generic((x), float *: ll_sumsq8_f32, const float *: ll_sumsq8_f32, default: ll_sumsq8_f64)(x, n, s)
+
+static inline double ll_lanes(const double *s) {
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+/* m', v' of the block b0 .. b0 + nb into mb, rb (pb: the parameters) */
 #define LAMB_MOMENTS(PTAG, STAG, CT)                                            \
   for (int64_t k = 0; k < nb; k++) {                                            \
-    const int64_t i = b0 + k;                                                   \
-    const CT g = LD_##PTAG(G[i]) * scale;                                       \
-    mb[k] = LO_FMA(g, ga, LD_##STAG(M[i]) * b1);                                \
-    rb[k] = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                            \
+    const CT g = LD_##PTAG(G[b0 + k]) * scale;                                  \
+    mb[k] = LO_FMA(g, ga, LD_##STAG(M[b0 + k]) * b1);                           \
+    rb[k] = LO_FMA(a2 * g, g, LD_##STAG(V[b0 + k]) * b2);                       \
+  }                                                                             \
+  for (int64_t k = 0; k < nb; k++) pb[k] = LD_##PTAG(P[b0 + k]);
+
+/* the update u of the block into ub (rb holds sqrt(v')) */
+#define LAMB_U(WD)                                                              \
+  for (int64_t k = 0; k < nb; k++) ub[k] = (mb[k] / bc1) / (rb[k] / sbc2 + eps); \
+  if (WD)                                                                       \
+    for (int64_t k = 0; k < nb; k++) ub[k] = LO_FMA(pb[k], wdc, ub[k]);
+
+/* pass 1 over a chunk: sums of p^2 and u^2 */
+#define LAMB_SUMS(PTAG, STAG, CT, WD)                                           \
+  for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                              \
+    const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;                 \
+    LAMB_MOMENTS(PTAG, STAG, CT)                                                \
+    LO_SQRT_ARRAY(rb, nb);                                                      \
+    LAMB_U(WD)                                                                  \
+    LL_SUMSQ8(pb, nb, sp);                                                      \
+    LL_SUMSQ8(ub, nb, su);                                                      \
   }
 
-/* the update u of element i = b0 + K of the block (p loaded) */
-#define LAMB_U(PTAG, CT, K)                                                     \
-  const CT p = LD_##PTAG(P[i]);                                                 \
-  CT u = (mb[K] / bc1) / (rb[K] / sbc2 + eps);                                  \
-  if (wd) u = LO_FMA(p, wdc, u);
+/* pass 2 over a chunk: store the moments, apply -lr * r * u */
+#define LAMB_APPLY(PTAG, STAG, CT, WD, ADAPT)                                   \
+  for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                              \
+    const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;                 \
+    LAMB_MOMENTS(PTAG, STAG, CT)                                                \
+    for (int64_t k = 0; k < nb; k++) {                                          \
+      M[b0 + k] = ST_##STAG(mb[k]);                                             \
+      V[b0 + k] = ST_##STAG(rb[k]);                                             \
+    }                                                                           \
+    LO_SQRT_ARRAY(rb, nb);                                                      \
+    LAMB_U(WD)                                                                  \
+    if (ADAPT)                                                                  \
+      for (int64_t k = 0; k < nb; k++) ub[k] = ub[k] * r;                       \
+    for (int64_t k = 0; k < nb; k++) ub[k] = ub[k] * (-lr);                     \
+    if (C) {                                                                    \
+      for (int64_t k = 0; k < nb; k++) lo_update_##PTAG(P, C, b0 + k, pb[k], ub[k], sr); \
+    } else if (sr) {                                                            \
+      for (int64_t k = 0; k < nb; k++) LO_STORE(PTAG, P, b0 + k, pb[k] + ub[k], 1); \
+    } else {                                                                    \
+      for (int64_t k = 0; k < nb; k++) LO_STORE(PTAG, P, b0 + k, pb[k] + ub[k], 0); \
+    }                                                                           \
+  }
 
 #define LAMB_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                             \
   LO_SIGNATURE(lamb, SUFFIX) {                                                  \
@@ -57,30 +127,15 @@
         const ST *M = (const ST *)ptrs[2 * n + t];                              \
         const ST *V = (const ST *)ptrs[3 * n + t];                              \
         const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];               \
-        /* 8 fixed lanes: vectorizable, and the same sums whatever the threads */ \
         double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
-        CT mb[LL_BLOCK], rb[LL_BLOCK];                                          \
-        for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                        \
-          const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;           \
-          LAMB_MOMENTS(PTAG, STAG, CT)                                          \
-          LO_SQRT_ARRAY(rb, nb);                                                \
-          int64_t k = 0;                                                        \
-          for (; k + 8 <= nb; k += 8)                                           \
-            for (int j = 0; j < 8; j++) {                                       \
-              const int64_t i = b0 + k + j;                                     \
-              LAMB_U(PTAG, CT, k + j)                                           \
-              sp[j] += (double)p * (double)p;                                   \
-              su[j] += (double)u * (double)u;                                   \
-            }                                                                   \
-          for (; k < nb; k++) {                                                 \
-            const int64_t i = b0 + k;                                           \
-            LAMB_U(PTAG, CT, k)                                                 \
-            sp[0] += (double)p * (double)p;                                     \
-            su[0] += (double)u * (double)u;                                     \
-          }                                                                     \
+        CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];              \
+        if (wd) {                                                               \
+          LAMB_SUMS(PTAG, STAG, CT, 1)                                          \
+        } else {                                                                \
+          LAMB_SUMS(PTAG, STAG, CT, 0)                                          \
         }                                                                       \
-        acc[0] = ((sp[0] + sp[1]) + (sp[2] + sp[3])) + ((sp[4] + sp[5]) + (sp[6] + sp[7])); \
-        acc[1] = ((su[0] + su[1]) + (su[2] + su[3])) + ((su[4] + su[5]) + (su[6] + su[7])); \
+        acc[0] = ll_lanes(sp);                                                  \
+        acc[1] = ll_lanes(su);                                                  \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
         const CT w = (CT)sqrt(sums[2 * t]), un = (CT)sqrt(sums[2 * t + 1]);    \
@@ -98,21 +153,15 @@
       PT *C = (PT *)ptrs[4 * n + t];                                            \
       const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];                 \
       const CT r = ratio[t];                                                    \
-      CT mb[LL_BLOCK], rb[LL_BLOCK];                                            \
-      for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                          \
-        const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;             \
-        LAMB_MOMENTS(PTAG, STAG, CT)                                            \
-        for (int64_t k = 0; k < nb; k++) {                                      \
-          M[b0 + k] = ST_##STAG(mb[k]);                                         \
-          V[b0 + k] = ST_##STAG(rb[k]);                                         \
-        }                                                                       \
-        LO_SQRT_ARRAY(rb, nb);                                                  \
-        for (int64_t k = 0; k < nb; k++) {                                      \
-          const int64_t i = b0 + k;                                             \
-          LAMB_U(PTAG, CT, k)                                                   \
-          if (adapt) u = u * r;                                                 \
-          lo_update_##PTAG(P, C, i, p, u * (-lr), sr);                          \
-        }                                                                       \
+      CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];                \
+      if (wd && adapt) {                                                        \
+        LAMB_APPLY(PTAG, STAG, CT, 1, 1)                                        \
+      } else if (wd) {                                                          \
+        LAMB_APPLY(PTAG, STAG, CT, 1, 0)                                        \
+      } else if (adapt) {                                                       \
+        LAMB_APPLY(PTAG, STAG, CT, 0, 1)                                        \
+      } else {                                                                  \
+        LAMB_APPLY(PTAG, STAG, CT, 0, 0)                                        \
       }                                                                         \
     });                                                                         \
     free(ratio);                                                                \
@@ -136,22 +185,19 @@ LO_INSTANTIATE(LAMB_KERNEL)
       LO_TENSOR_SUMS(n, sizes, nthreads, 2, sums, {                             \
         const PT *P = (const PT *)ptrs[t];                                      \
         const PT *G = (const PT *)ptrs[n + t];                                  \
-        /* 8 fixed lanes: vectorizable, and the same sums whatever the threads */ \
         double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sg[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
-        int64_t i = lo;                                                         \
-        for (; i + 8 <= hi; i += 8)                                             \
-          for (int j = 0; j < 8; j++) {                                         \
-            const double p = (double)LD_##PTAG(P[i + j]), g = (double)LD_##PTAG(G[i + j]); \
-            sp[j] += p * p;                                                     \
-            sg[j] += g * g;                                                     \
+        CT pb[LL_BLOCK], gb[LL_BLOCK];                                          \
+        for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                        \
+          const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;           \
+          for (int64_t k = 0; k < nb; k++) {                                    \
+            pb[k] = LD_##PTAG(P[b0 + k]);                                       \
+            gb[k] = LD_##PTAG(G[b0 + k]);                                       \
           }                                                                     \
-        for (; i < hi; i++) {                                                   \
-          const double p = (double)LD_##PTAG(P[i]), g = (double)LD_##PTAG(G[i]); \
-          sp[0] += p * p;                                                       \
-          sg[0] += g * g;                                                       \
+          LL_SUMSQ8(pb, nb, sp);                                                \
+          LL_SUMSQ8(gb, nb, sg);                                                \
         }                                                                       \
-        acc[0] = ((sp[0] + sp[1]) + (sp[2] + sp[3])) + ((sp[4] + sp[5]) + (sp[6] + sp[7])); \
-        acc[1] = ((sg[0] + sg[1]) + (sg[2] + sg[3])) + ((sg[4] + sg[5]) + (sg[6] + sg[7])); \
+        acc[0] = ll_lanes(sp);                                                  \
+        acc[1] = ll_lanes(sg);                                                  \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
         const CT w = (CT)sqrt(sums[2 * t]), gn = (CT)sqrt(sums[2 * t + 1]);    \
@@ -175,22 +221,39 @@ LO_INSTANTIATE(LAMB_KERNEL)
       PT *C = (PT *)ptrs[3 * n + t];                                            \
       const CT r = ratio[t];                                                    \
       const int fresh = (int)first[t];                                          \
-      for (int64_t i = lo; i < hi; i++) {                                       \
-        const CT p = LD_##PTAG(P[i]);                                           \
-        CT d = LD_##PTAG(G[i]);                                                 \
-        if (wd) d = LO_FMA(p, wdc, d);                                          \
-        if (adapt) d = d * r;                                                   \
-        if (mom) {                                                              \
-          CT buf;                                                               \
-          if (fresh) {                                                          \
-            buf = d;                                                            \
-          } else {                                                              \
-            buf = LO_FMA(d, damp, LD_##STAG(B[i]) * mu);                        \
-          }                                                                     \
-          B[i] = ST_##STAG(buf);                                                \
-          d = nesterov ? LO_FMA(buf, mu, d) : buf;                              \
+      CT pb[LL_BLOCK], db[LL_BLOCK], bb[LL_BLOCK];                              \
+      for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                          \
+        const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;             \
+        for (int64_t k = 0; k < nb; k++) {                                      \
+          pb[k] = LD_##PTAG(P[b0 + k]);                                         \
+          db[k] = LD_##PTAG(G[b0 + k]);                                         \
         }                                                                       \
-        lo_update_##PTAG(P, C, i, p, d * (-lr), sr);                            \
+        if (wd)                                                                 \
+          for (int64_t k = 0; k < nb; k++) db[k] = LO_FMA(pb[k], wdc, db[k]);   \
+        if (adapt)                                                              \
+          for (int64_t k = 0; k < nb; k++) db[k] = db[k] * r;                   \
+        if (mom) {                                                              \
+          if (fresh) {                                                          \
+            for (int64_t k = 0; k < nb; k++) bb[k] = db[k];                     \
+          } else {                                                              \
+            for (int64_t k = 0; k < nb; k++)                                    \
+              bb[k] = LO_FMA(db[k], damp, LD_##STAG(B[b0 + k]) * mu);           \
+          }                                                                     \
+          for (int64_t k = 0; k < nb; k++) B[b0 + k] = ST_##STAG(bb[k]);        \
+          if (nesterov) {                                                       \
+            for (int64_t k = 0; k < nb; k++) db[k] = LO_FMA(bb[k], mu, db[k]);  \
+          } else {                                                              \
+            for (int64_t k = 0; k < nb; k++) db[k] = bb[k];                     \
+          }                                                                     \
+        }                                                                       \
+        for (int64_t k = 0; k < nb; k++) db[k] = db[k] * (-lr);                 \
+        if (C) {                                                                \
+          for (int64_t k = 0; k < nb; k++) lo_update_##PTAG(P, C, b0 + k, pb[k], db[k], sr); \
+        } else if (sr) {                                                        \
+          for (int64_t k = 0; k < nb; k++) LO_STORE(PTAG, P, b0 + k, pb[k] + db[k], 1); \
+        } else {                                                                \
+          for (int64_t k = 0; k < nb; k++) LO_STORE(PTAG, P, b0 + k, pb[k] + db[k], 0); \
+        }                                                                       \
       }                                                                         \
     });                                                                         \
     free(ratio);                                                                \

@@ -83,7 +83,7 @@ class _Marker(Callback):
 
 
 def test_configure_callbacks_adds_what_the_algorithm_needs(monkeypatch) -> None:
-    info = registry.OptimInfo(name="needs_marker", cls=torch.optim.SGD, description="test", callbacks=(_Marker,))
+    info = registry.OptimInfo(name="needs_marker", cls=torch.optim.SGD, description="test", callbacks=("tests.test_mixin:_Marker",))
     monkeypatch.setitem(registry._REGISTRY, "needs_marker", info)
     model = TinyGPT(n_layer=1, optimizer=OptimizerConfig(name="needs_marker", lr=0.1))
     added = model.configure_callbacks()

@@ -5,9 +5,10 @@
  *   hp = lr, beta1, beta2, eps, weight_decay, grad_scale, grad_weight (1 - beta1, or 1 without
  *        grad_averaging), then per tensor t: hp[7 + 2t] = bias_correction1, hp[8 + 2t] = sqrt(bias_correction2);
  *   ip = adapt, trust_clip, stochastic. Equals lamb_update_. Pass 1 (adapt only) computes the new
- *   moments and the update without storing them, to sum ||p||^2 and ||u||^2; pass 2 recomputes them
- *   from the untouched state (the reference takes u from the unrounded moments), stores them and
- *   applies the scaled update.
+ *   moments and the update, to sum ||p||^2 and ||u||^2; pass 2 applies the scaled update. With
+ *   float32/float64 state pass 1 stores the moments and pass 2 reads them (no G); with bf16/f16
+ *   state (stores that round) pass 2 recomputes them from the untouched state (the reference takes
+ *   u from the unrounded moments) and stores them.
  *
  * lars: lists params, grads, momentum_buffers (NULL without momentum), kahan_comps;
  *   hp = lr, momentum, dampening, weight_decay, trust_coeff, eps;
@@ -68,31 +69,85 @@ static inline double ll_lanes(const double *s) {
   }                                                                             \
   for (int64_t k = 0; k < nb; k++) pb[k] = LD_##PTAG(P[b0 + k]);
 
-/* the update u of the block into ub (rb holds sqrt(v')) */
+#define LAMB_STORE_MOMENTS(STAG)                                                \
+  for (int64_t k = 0; k < nb; k++) {                                            \
+    M[b0 + k] = ST_##STAG(mb[k]);                                               \
+    V[b0 + k] = ST_##STAG(rb[k]);                                               \
+  }
+
+/* x / c for a constant c without a division, correctly rounded (the same bits): with y = RN(1/c),
+ * q = RN(x y), the exact residual r = x - q c (one FMA), RN(q + r y) = RN(x / c) (Markstein's
+ * theorem; r = 0 means q is exact, which also keeps the sign of a zero). Valid while nothing
+ * under- or overflows: c in [2^-20, 1] (ll_div_ok) and every x 0 or of magnitude in [2^-70, 2^60]
+ * (ll_range_ok); blocks with other values divide. */
+#define LL_DIVC(x, c, y, q, r) ((q) = (x) * (y), (r) = LO_FMA(-(q), (c), (x)), (r) == 0 ? (q) : LO_FMA((r), (y), (q)))
+#define ll_div_ok(c) ((c) >= 0x1p-20 && (c) <= 1)
+/* on the bits (vectorizes): |x| is 0 or in [2^-70, 2^60] (so not inf or NaN either) */
+static inline int ll_range_ok_float(const float *x, int64_t n) {
+  int32_t bad = 0;
+  for (int64_t k = 0; k < n; k++) {
+    int32_t u;
+    memcpy(&u, x + k, 4);
+    u &= 0x7fffffff;
+    bad |= (u < (57 << 23) || u > (187 << 23)) & (u != 0);
+  }
+  return !bad;
+}
+static inline int ll_range_ok_double(const double *x, int64_t n) {
+  int64_t bad = 0;
+  for (int64_t k = 0; k < n; k++) {
+    int64_t u;
+    memcpy(&u, x + k, 8);
+    u &= 0x7fffffffffffffffLL;
+    bad |= (u < (953LL << 52) || u > (1083LL << 52)) & (u != 0);
+  }
+  return !bad;
+}
+#define LL_RANGE_OK_ARRAY(x, n) _Generic((x), float *: ll_range_ok_float, default: ll_range_ok_double)(x, n)
+
+/* the update u of the block into ub (rb holds sqrt(v')): (m' / bc1) / (sqrt(v') / sbc2 + eps) */
 #define LAMB_U(WD)                                                              \
-  for (int64_t k = 0; k < nb; k++) ub[k] = (mb[k] / bc1) / (rb[k] / sbc2 + eps); \
+  if (fastdiv && LL_RANGE_OK_ARRAY(mb, nb) && LL_RANGE_OK_ARRAY(rb, nb)) {      \
+    for (int64_t k = 0; k < nb; k++) {                                          \
+      __typeof__(mb[0]) q1, r1, q2, r2;                                         \
+      const __typeof__(mb[0]) m1 = LL_DIVC(mb[k], bc1, ybc1, q1, r1);           \
+      const __typeof__(mb[0]) s2 = LL_DIVC(rb[k], sbc2, ysbc2, q2, r2);         \
+      ub[k] = m1 / (s2 + eps);                                                  \
+    }                                                                           \
+  } else {                                                                      \
+    for (int64_t k = 0; k < nb; k++) ub[k] = (mb[k] / bc1) / (rb[k] / sbc2 + eps); \
+  }                                                                             \
   if (WD)                                                                       \
     for (int64_t k = 0; k < nb; k++) ub[k] = LO_FMA(pb[k], wdc, ub[k]);
 
-/* pass 1 over a chunk: sums of p^2 and u^2 */
-#define LAMB_SUMS(PTAG, STAG, CT, WD)                                           \
+/* pass 1 over a chunk: sums of p^2 and u^2; with KEEP (the state is in the compute type, so
+ * stores round nothing) it also stores the moments, which pass 2 then reads instead of G */
+#define LAMB_SUMS(PTAG, STAG, CT, WD, KEEP)                                     \
   for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                              \
     const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;                 \
     LAMB_MOMENTS(PTAG, STAG, CT)                                                \
+    if (KEEP) {                                                                 \
+      LAMB_STORE_MOMENTS(STAG)                                                  \
+    }                                                                           \
     LO_SQRT_ARRAY(rb, nb);                                                      \
     LAMB_U(WD)                                                                  \
     LL_SUMSQ8(pb, nb, sp);                                                      \
     LL_SUMSQ8(ub, nb, su);                                                      \
   }
 
-/* pass 2 over a chunk: store the moments, apply -lr * r * u */
-#define LAMB_APPLY(PTAG, STAG, CT, WD, ADAPT)                                   \
+/* pass 2 over a chunk: store the moments (or, KEPT, read those pass 1 stored), apply -lr * r * u */
+#define LAMB_APPLY(PTAG, STAG, CT, WD, ADAPT, KEPT)                             \
   for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                              \
     const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;                 \
-    LAMB_MOMENTS(PTAG, STAG, CT)                                                \
-    for (int64_t k = 0; k < nb; k++) {                                          \
-      M[b0 + k] = ST_##STAG(mb[k]);                                             \
-      V[b0 + k] = ST_##STAG(rb[k]);                                             \
+    if (KEPT) {                                                                 \
+      for (int64_t k = 0; k < nb; k++) {                                        \
+        mb[k] = LD_##STAG(M[b0 + k]);                                           \
+        rb[k] = LD_##STAG(V[b0 + k]);                                           \
+        pb[k] = LD_##PTAG(P[b0 + k]);                                           \
+      }                                                                         \
+    } else {                                                                    \
+      LAMB_MOMENTS(PTAG, STAG, CT)                                              \
+      LAMB_STORE_MOMENTS(STAG)                                                  \
     }                                                                           \
     LO_SQRT_ARRAY(rb, nb);                                                      \
     LAMB_U(WD)                                                                  \
@@ -116,6 +171,8 @@ static inline double ll_lanes(const double *s) {
     const int wd = hp[4] != 0.0, adapt = (int)ip[0], clip = (int)ip[1];         \
     const int sr = (int)ip[2];                                                  \
     const double *per = hp + 7;                                                 \
+    /* float32 / float64 state of the compute type: pass 1 stores the moments (see LAMB_SUMS) */ \
+    const int keep = sizeof(ST) == sizeof(CT);                                  \
     CT *ratio = (CT *)malloc(sizeof(CT) * (size_t)(n > 0 ? n : 1));             \
     for (int64_t t = 0; t < n; t++) ratio[t] = (CT)1;                           \
     (void)out;                                                                  \
@@ -124,15 +181,17 @@ static inline double ll_lanes(const double *s) {
       LO_TENSOR_SUMS(n, sizes, nthreads, 2, sums, {                             \
         const PT *P = (const PT *)ptrs[t];                                      \
         const PT *G = (const PT *)ptrs[n + t];                                  \
-        const ST *M = (const ST *)ptrs[2 * n + t];                              \
-        const ST *V = (const ST *)ptrs[3 * n + t];                              \
-        const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];               \
+        ST *M = (ST *)ptrs[2 * n + t];                                          \
+        ST *V = (ST *)ptrs[3 * n + t];                                          \
+        const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];                 \
+        const CT ybc1 = (CT)1 / bc1, ysbc2 = (CT)1 / sbc2;                        \
+        const int fastdiv = ll_div_ok(bc1) && ll_div_ok(sbc2);               \
         double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
         CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];              \
         if (wd) {                                                               \
-          LAMB_SUMS(PTAG, STAG, CT, 1)                                          \
+          LAMB_SUMS(PTAG, STAG, CT, 1, keep)                                          \
         } else {                                                                \
-          LAMB_SUMS(PTAG, STAG, CT, 0)                                          \
+          LAMB_SUMS(PTAG, STAG, CT, 0, keep)                                          \
         }                                                                       \
         acc[0] = ll_lanes(sp);                                                  \
         acc[1] = ll_lanes(su);                                                  \
@@ -152,16 +211,18 @@ static inline double ll_lanes(const double *s) {
       ST *V = (ST *)ptrs[3 * n + t];                                            \
       PT *C = (PT *)ptrs[4 * n + t];                                            \
       const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];                 \
+      const CT ybc1 = (CT)1 / bc1, ysbc2 = (CT)1 / sbc2;                        \
+      const int fastdiv = ll_div_ok(bc1) && ll_div_ok(sbc2);                    \
       const CT r = ratio[t];                                                    \
       CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];                \
       if (wd && adapt) {                                                        \
-        LAMB_APPLY(PTAG, STAG, CT, 1, 1)                                        \
+        LAMB_APPLY(PTAG, STAG, CT, 1, 1, keep)                                  \
       } else if (wd) {                                                          \
-        LAMB_APPLY(PTAG, STAG, CT, 1, 0)                                        \
+        LAMB_APPLY(PTAG, STAG, CT, 1, 0, 0)                                     \
       } else if (adapt) {                                                       \
-        LAMB_APPLY(PTAG, STAG, CT, 0, 1)                                        \
+        LAMB_APPLY(PTAG, STAG, CT, 0, 1, keep)                                  \
       } else {                                                                  \
-        LAMB_APPLY(PTAG, STAG, CT, 0, 0)                                        \
+        LAMB_APPLY(PTAG, STAG, CT, 0, 0, 0)                                     \
       }                                                                         \
     });                                                                         \
     free(ratio);                                                                \

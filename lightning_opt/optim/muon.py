@@ -451,13 +451,15 @@ def muon(
 
     ``impl``: ``"for_loop"`` (one matrix at a time, the reference), ``"foreach"`` (the momentum and
     the apply as ``torch._foreach_*`` ops, and one batched Newton-Schulz chain per matrix shape) or
-    ``"auto"`` (``"foreach"``). ``ns_dtype=None`` picks :func:`default_ns_dtype` per (device, dtype)
+    ``"auto"`` (the engine's rule: ``"foreach"`` on CUDA, where batching saves launches;
+    ``"for_loop"`` on the CPU, where the batched chain measured no faster: 92 vs 84 ms per step on
+    24 x 256^2 matrices, 2 AVX2 threads, 2026-12-01). ``ns_dtype=None`` picks :func:`default_ns_dtype` per (device, dtype)
     bucket.
     """
     dispatch(
         "Muon",
         "muon",
-        "foreach" if impl == "auto" else impl,
+        impl,
         MUON_IMPLS,
         {"params": params, "grads": grads, "momentum_buffers": momentum_buffers},
         lr=lr,
@@ -544,8 +546,9 @@ class Muon(Optimizer):
         flatten_conv: give parameters with more than 2 dims to Muon as ``(dim0, -1)`` matrices
             instead of AdamW (default ``False``).
         impl: ``"auto"`` (default), ``"for_loop"`` or ``"foreach"``. The Muon side runs one matrix
-            at a time with ``"for_loop"`` (the reference), and with ``"foreach"`` or ``"auto"``
-            orthogonalizes all matrices of one shape in one batched Newton-Schulz chain. The AdamW
+            at a time with ``"for_loop"`` (the reference), and with ``"foreach"`` orthogonalizes all
+            matrices of one shape in one batched Newton-Schulz chain (``"auto"``: batched on CUDA,
+            one at a time on the CPU, where batching measured no faster). The AdamW
             side runs :func:`~lightning_opt.optim._hybrid.adamw_side` with the same impl
             (``"auto"``: the fused C kernel on the CPU, Triton on CUDA).
 

@@ -130,6 +130,7 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
       LAMB_STORE_MOMENTS(STAG)                                                  \
     }                                                                           \
     LO_SQRT_ARRAY(rb, nb);                                                      \
+    if (KEEP) acc[2] += !(LL_RANGE_OK_ARRAY(mb, nb) && LL_RANGE_OK_ARRAY(rb, nb)); \
     LAMB_U(WD)                                                                  \
     LL_SUMSQ8(pb, nb, sp);                                                      \
     LL_SUMSQ8(ub, nb, su);                                                      \
@@ -163,6 +164,147 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
     }                                                                           \
   }
 
+
+/* ---- fused per-element loops (LAMB with adapt and float32/float64 state; LARS): no stack
+ * buffers, one streaming pass over memory per loop. LAMB pass 1 stores m', v', sums p^2 and u^2
+ * in the 8 fixed lanes and flags a chunk where the reciprocal trick may be inexact (some m' or
+ * sqrt(v') outside [2^-70, 2^60]); such a chunk is redone with divisions (P is untouched, m', v'
+ * are stored exactly), and pass 2 divides in a tensor with any flagged chunk. */
+#define LL_BAD_F(x) ({ int32_t u_; float xf_ = (x); memcpy(&u_, &xf_, 4); u_ &= 0x7fffffff; \
+                       (int)((u_ < (57 << 23) || u_ > (187 << 23)) & (u_ != 0)); })
+#define LL_BAD_D(x) ({ int64_t u_; double xd_ = (x); memcpy(&u_, &xd_, 8); u_ &= 0x7fffffffffffffffLL; \
+                       (int)((u_ < (953LL << 52) || u_ > (1083LL << 52)) & (u_ != 0)); })
+#define LL_SQRT(x) _Generic((x), float: sqrtf, default: sqrt)(x)
+
+/* i-th element of pass 1 into pp, uu */
+#define LF_E1(PTAG, STAG, CT, BADF, WD, FAST)                                   \
+  {                                                                             \
+    const CT g = LD_##PTAG(G[ii]) * scale;                                      \
+    const CT m = LO_FMA(g, ga, LD_##STAG(M[ii]) * b1);                          \
+    const CT v = LO_FMA(a2 * g, g, LD_##STAG(V[ii]) * b2);                      \
+    M[ii] = ST_##STAG(m);                                                       \
+    V[ii] = ST_##STAG(v);                                                       \
+    const CT s = LL_SQRT(v);                                                    \
+    pp = LD_##PTAG(P[ii]);                                                      \
+    if (FAST) {                                                                 \
+      CT q1, r1, q2, r2;                                                        \
+      bad |= BADF(m) | BADF(s);                                                 \
+      const CT m1 = LL_DIVC(m, bc1, ybc1, q1, r1);                              \
+      const CT s2 = LL_DIVC(s, sbc2, ysbc2, q2, r2);                            \
+      uu = m1 / (s2 + eps);                                                     \
+    } else {                                                                    \
+      uu = (m / bc1) / (s / sbc2 + eps);                                        \
+    }                                                                           \
+    if (WD) uu = LO_FMA(pp, wdc, uu);                                           \
+  }
+/* the redo of a flagged chunk: m', v' already stored (exactly), divide */
+#define LF_E1R(PTAG, STAG, CT, WD)                                              \
+  {                                                                             \
+    const CT m = LD_##STAG(M[ii]), s = LL_SQRT(LD_##STAG(V[ii]));               \
+    pp = LD_##PTAG(P[ii]);                                                      \
+    uu = (m / bc1) / (s / sbc2 + eps);                                          \
+    if (WD) uu = LO_FMA(pp, wdc, uu);                                           \
+  }
+/* sums of pp^2, uu^2 over the chunk, lane (i - lo) % 8, the chunk's tail into lane 0 */
+#define LF_SUMS_LOOP(CT, ...)                                                   \
+  {                                                                             \
+    int64_t i = lo;                                                             \
+    for (; i + 8 <= hi; i += 8)                                                 \
+      for (int j = 0; j < 8; j++) {                                             \
+        const int64_t ii = i + j;                                               \
+        CT pp, uu;                                                              \
+        __VA_ARGS__                                                             \
+        sp[j] += (double)pp * (double)pp;                                       \
+        su[j] += (double)uu * (double)uu;                                       \
+      }                                                                         \
+    for (; i < hi; i++) {                                                       \
+      const int64_t ii = i;                                                     \
+      CT pp, uu;                                                                \
+      __VA_ARGS__                                                               \
+      sp[0] += (double)pp * (double)pp;                                         \
+      su[0] += (double)uu * (double)uu;                                         \
+    }                                                                           \
+  }
+/* pass 2 (m', v' stored by pass 1): P += -lr * (r * u) */
+#define LF_APPLY_LOOP(PTAG, STAG, CT, WD, FAST)                                 \
+  if (C) {                                                                      \
+    LF_APPLY_LOOP1(PTAG, STAG, CT, WD, FAST, lo_update_##PTAG(P, C, ii, p, u * (-lr), sr)) \
+  } else if (sr) {                                                              \
+    LF_APPLY_LOOP1(PTAG, STAG, CT, WD, FAST, LO_STORE(PTAG, P, ii, p + u * (-lr), 1)) \
+  } else {                                                                      \
+    LF_APPLY_LOOP1(PTAG, STAG, CT, WD, FAST, LO_STORE(PTAG, P, ii, p + u * (-lr), 0)) \
+  }
+#define LF_APPLY_LOOP1(PTAG, STAG, CT, WD, FAST, STORE)                         \
+  for (int64_t ii = lo; ii < hi; ii++) {                                        \
+    const CT m = LD_##STAG(M[ii]), s = LL_SQRT(LD_##STAG(V[ii]));               \
+    const CT p = LD_##PTAG(P[ii]);                                              \
+    CT u;                                                                       \
+    if (FAST) {                                                                 \
+      CT q1, r1, q2, r2;                                                        \
+      const CT m1 = LL_DIVC(m, bc1, ybc1, q1, r1);                              \
+      const CT s2 = LL_DIVC(s, sbc2, ysbc2, q2, r2);                            \
+      u = m1 / (s2 + eps);                                                      \
+    } else {                                                                    \
+      u = (m / bc1) / (s / sbc2 + eps);                                         \
+    }                                                                           \
+    if (WD) u = LO_FMA(p, wdc, u);                                              \
+    u = u * r;                                                                  \
+    STORE;                                                                      \
+  }
+
+#define LF_KERNELS(SUFFIX, PTAG, PT, STAG, ST, CT, BADF)                        \
+  static int lf_sums_##SUFFIX(int wd, int fast, CT b1, CT b2, CT a2, CT ga, CT scale, CT eps, \
+                              CT wdc, CT bc1, CT sbc2, CT ybc1, CT ysbc2,       \
+                              const PT *restrict P, const PT *restrict G, ST *restrict M, \
+                              ST *restrict V, int64_t lo, int64_t hi, double *acc) { \
+    double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0};  \
+    int bad = 0;                                                                \
+    if (fast && wd) {                                                           \
+      LF_SUMS_LOOP(CT, LF_E1(PTAG, STAG, CT, BADF, 1, 1))                       \
+    } else if (fast) {                                                          \
+      LF_SUMS_LOOP(CT, LF_E1(PTAG, STAG, CT, BADF, 0, 1))                       \
+    } else if (wd) {                                                            \
+      LF_SUMS_LOOP(CT, LF_E1(PTAG, STAG, CT, BADF, 1, 0))                       \
+    } else {                                                                    \
+      LF_SUMS_LOOP(CT, LF_E1(PTAG, STAG, CT, BADF, 0, 0))                       \
+    }                                                                           \
+    if (bad) {                                                                  \
+      for (int j = 0; j < 8; j++) sp[j] = su[j] = 0;                            \
+      if (wd) {                                                                 \
+        LF_SUMS_LOOP(CT, LF_E1R(PTAG, STAG, CT, 1))                             \
+      } else {                                                                  \
+        LF_SUMS_LOOP(CT, LF_E1R(PTAG, STAG, CT, 0))                             \
+      }                                                                         \
+    }                                                                           \
+    acc[0] = ll_lanes(sp);                                                      \
+    acc[1] = ll_lanes(su);                                                      \
+    return bad;                                                                 \
+  }                                                                             \
+  static void lf_apply_##SUFFIX(int wd, int fast, int sr, CT lr, CT r, CT eps, CT wdc, CT bc1, \
+                                CT sbc2, CT ybc1, CT ysbc2, PT *restrict P,     \
+                                const ST *restrict M, const ST *restrict V,     \
+                                PT *restrict C, int64_t lo, int64_t hi) {       \
+    if (fast && wd) {                                                           \
+      LF_APPLY_LOOP(PTAG, STAG, CT, 1, 1)                                       \
+    } else if (fast) {                                                          \
+      LF_APPLY_LOOP(PTAG, STAG, CT, 0, 1)                                       \
+    } else if (wd) {                                                            \
+      LF_APPLY_LOOP(PTAG, STAG, CT, 1, 0)                                       \
+    } else {                                                                    \
+      LF_APPLY_LOOP(PTAG, STAG, CT, 0, 0)                                       \
+    }                                                                           \
+  }
+
+LF_KERNELS(f32, f32, float, f32, float, float, LL_BAD_F)
+LF_KERNELS(f64, f64, double, f64, double, double, LL_BAD_D)
+LF_KERNELS(bf16_f32, bf16, lo_bf16, f32, float, float, LL_BAD_F)
+LF_KERNELS(f16_f32, f16, lo_f16, f32, float, float, LL_BAD_F)
+/* bf16 / f16 state never take the fused path (keep == 0); these stand in so the kernels compile */
+#define lf_sums_bf16(...) 0
+#define lf_sums_f16(...) 0
+#define lf_apply_bf16(...) ((void)0)
+#define lf_apply_f16(...) ((void)0)
+
 #define LAMB_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                             \
   LO_SIGNATURE(lamb, SUFFIX) {                                                  \
     const CT lr = (CT)hp[0], b1 = (CT)hp[1], b2 = (CT)hp[2], eps = (CT)hp[3];  \
@@ -175,10 +317,11 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
     const int keep = sizeof(ST) == sizeof(CT);                                  \
     CT *ratio = (CT *)malloc(sizeof(CT) * (size_t)(n > 0 ? n : 1));             \
     for (int64_t t = 0; t < n; t++) ratio[t] = (CT)1;                           \
+    char *divs = (char *)calloc((size_t)(n > 0 ? n : 1), 1);                    \
     (void)out;                                                                  \
     if (adapt) {                                                                \
-      double *sums = (double *)malloc(sizeof(double) * 2 * (size_t)(n > 0 ? n : 1)); \
-      LO_TENSOR_SUMS(n, sizes, nthreads, 2, sums, {                             \
+      double *sums = (double *)malloc(sizeof(double) * 3 * (size_t)(n > 0 ? n : 1)); \
+      LO_TENSOR_SUMS(n, sizes, nthreads, 3, sums, {                             \
         const PT *P = (const PT *)ptrs[t];                                      \
         const PT *G = (const PT *)ptrs[n + t];                                  \
         ST *M = (ST *)ptrs[2 * n + t];                                          \
@@ -186,6 +329,10 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
         const CT bc1 = (CT)per[2 * t], sbc2 = (CT)per[2 * t + 1];                 \
         const CT ybc1 = (CT)1 / bc1, ysbc2 = (CT)1 / sbc2;                        \
         const int fastdiv = ll_div_ok(bc1) && ll_div_ok(sbc2);               \
+        if (keep) {                                                             \
+          acc[2] = (double)lf_sums_##SUFFIX(wd, fastdiv, b1, b2, a2, ga, scale, eps, wdc, bc1, \
+                                            sbc2, ybc1, ysbc2, P, G, M, V, lo, hi, acc); \
+        } else {                                                                \
         double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
         CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];              \
         if (wd) {                                                               \
@@ -195,12 +342,14 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
         }                                                                       \
         acc[0] = ll_lanes(sp);                                                  \
         acc[1] = ll_lanes(su);                                                  \
+        }                                                                       \
       });                                                                       \
       for (int64_t t = 0; t < n; t++) {                                         \
-        const CT w = (CT)sqrt(sums[2 * t]), un = (CT)sqrt(sums[2 * t + 1]);    \
+        const CT w = (CT)sqrt(sums[3 * t]), un = (CT)sqrt(sums[3 * t + 1]);    \
         CT r = (w > 0 && un > 0) ? w / un : (CT)1;                              \
         if (clip && r > (CT)1) r = (CT)1;                                       \
         ratio[t] = r;                                                           \
+        divs[t] = sums[3 * t + 2] != 0.0;                                       \
       }                                                                         \
       free(sums);                                                               \
     }                                                                           \
@@ -214,6 +363,10 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
       const CT ybc1 = (CT)1 / bc1, ysbc2 = (CT)1 / sbc2;                        \
       const int fastdiv = ll_div_ok(bc1) && ll_div_ok(sbc2);                    \
       const CT r = ratio[t];                                                    \
+      if (adapt && keep) {                                                      \
+        lf_apply_##SUFFIX(wd, fastdiv && !divs[t], sr, lr, r, eps, wdc, bc1, sbc2, ybc1, ysbc2, \
+                          P, M, V, C, lo, hi);                                  \
+      } else {                                                                  \
       CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];                \
       if (wd && adapt) {                                                        \
         LAMB_APPLY(PTAG, STAG, CT, 1, 1, keep)                                  \
@@ -224,8 +377,10 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
       } else {                                                                  \
         LAMB_APPLY(PTAG, STAG, CT, 0, 0, 0)                                     \
       }                                                                         \
+      }                                                                         \
     });                                                                         \
     free(ratio);                                                                \
+    free(divs);                                                                 \
   }
 
 LO_INSTANTIATE(LAMB_KERNEL)

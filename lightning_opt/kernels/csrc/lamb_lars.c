@@ -120,17 +120,13 @@ static inline int ll_range_ok_double(const double *x, int64_t n) {
   if (WD)                                                                       \
     for (int64_t k = 0; k < nb; k++) ub[k] = LO_FMA(pb[k], wdc, ub[k]);
 
-/* pass 1 over a chunk: sums of p^2 and u^2; with KEEP (the state is in the compute type, so
- * stores round nothing) it also stores the moments, which pass 2 then reads instead of G */
-#define LAMB_SUMS(PTAG, STAG, CT, WD, KEEP)                                     \
+/* pass 1 over a chunk in blocks, for bf16/f16 state (the moments are recomputed in pass 2, as the
+ * reference takes u from the unrounded moments): sums of p^2 and u^2 */
+#define LAMB_SUMS(PTAG, STAG, CT, WD)                                           \
   for (int64_t b0 = lo; b0 < hi; b0 += LL_BLOCK) {                              \
     const int64_t nb = hi - b0 < LL_BLOCK ? hi - b0 : LL_BLOCK;                 \
     LAMB_MOMENTS(PTAG, STAG, CT)                                                \
-    if (KEEP) {                                                                 \
-      LAMB_STORE_MOMENTS(STAG)                                                  \
-    }                                                                           \
     LO_SQRT_ARRAY(rb, nb);                                                      \
-    if (KEEP) acc[2] += !(LL_RANGE_OK_ARRAY(mb, nb) && LL_RANGE_OK_ARRAY(rb, nb)); \
     LAMB_U(WD)                                                                  \
     LL_SUMSQ8(pb, nb, sp);                                                      \
     LL_SUMSQ8(ub, nb, su);                                                      \
@@ -313,7 +309,7 @@ LF_KERNELS(f16_f32, f16, lo_f16, f32, float, float, LL_BAD_F)
     const int wd = hp[4] != 0.0, adapt = (int)ip[0], clip = (int)ip[1];         \
     const int sr = (int)ip[2];                                                  \
     const double *per = hp + 7;                                                 \
-    /* float32 / float64 state of the compute type: pass 1 stores the moments (see LAMB_SUMS) */ \
+    /* float32 / float64 state of the compute type: pass 1 (lf_sums) stores the moments */ \
     const int keep = sizeof(ST) == sizeof(CT);                                  \
     CT *ratio = (CT *)malloc(sizeof(CT) * (size_t)(n > 0 ? n : 1));             \
     for (int64_t t = 0; t < n; t++) ratio[t] = (CT)1;                           \
@@ -336,9 +332,9 @@ LF_KERNELS(f16_f32, f16, lo_f16, f32, float, float, LL_BAD_F)
         double sp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, su[8] = {0, 0, 0, 0, 0, 0, 0, 0}; \
         CT mb[LL_BLOCK], rb[LL_BLOCK], ub[LL_BLOCK], pb[LL_BLOCK];              \
         if (wd) {                                                               \
-          LAMB_SUMS(PTAG, STAG, CT, 1, keep)                                          \
+          LAMB_SUMS(PTAG, STAG, CT, 1)                                          \
         } else {                                                                \
-          LAMB_SUMS(PTAG, STAG, CT, 0, keep)                                          \
+          LAMB_SUMS(PTAG, STAG, CT, 0)                                          \
         }                                                                       \
         acc[0] = ll_lanes(sp);                                                  \
         acc[1] = ll_lanes(su);                                                  \

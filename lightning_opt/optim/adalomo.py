@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim._fused import FusedBackward
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     compute_dtype,
@@ -161,7 +162,7 @@ def _reject_dtensors(groups: list[dict[str, Any]]) -> None:
             )
 
 
-class AdaLomo(Optimizer):
+class AdaLomo(FusedBackward, Optimizer):
     """AdaLomo: factored adaptive learning rate with grouped update normalization, no momentum.
 
     A normal ``step()`` optimizer (works under Lightning's automatic optimization); for LOMO's fused
@@ -249,8 +250,7 @@ class AdaLomo(Optimizer):
         super().__init__(params, defaults)
         _reject_dtensors(self.param_groups)
         keep_state_dtype_on_load(self)
-        self._hooked: list[Tensor] = []  # parameters carrying our post-accumulate-grad hook
-        self._fused_groups: dict[Tensor, dict[str, Any]] | None = None
+        self._init_fused()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; an invalid ``impl`` is refused before it is added."""
@@ -315,38 +315,12 @@ class AdaLomo(Optimizer):
         Raises:
             RuntimeError: some parameter already holds a gradient (accumulation is not supported).
         """
-        groups = {p: g for g in self.param_groups for p in g["params"]}
-        if any(p.grad is not None for p in groups):
-            raise RuntimeError(
-                "AdaLomo.fused_backward: parameters already hold gradients; it updates inside backward and "
-                "cannot accumulate. Call optimizer.zero_grad(set_to_none=True) first, or use backward() + step()."
-            )
-        hooked = {id(p) for p in self._hooked}
-        for p in groups:
-            if p.requires_grad and id(p) not in hooked:
-                p.register_post_accumulate_grad_hook(self._hook)
-                self._hooked.append(p)
-        # looked up per call: load_state_dict replaces the group dicts
-        self._fused_groups = groups
-        try:
-            loss.backward()
-        finally:
-            self._fused_groups = None
-
-    def _hook(self, p: Tensor) -> None:
-        groups = self._fused_groups
-        if groups is None or p.grad is None or p not in groups:
-            return  # an ordinary backward(): leave the gradient for step()
-        reject_sparse_grad(p, "AdaLomo")
-        with torch.no_grad():
-            self._run([p], [self._prepare(p)], groups[p])
-        p.grad = None
+        self._fused_pass(loss, lambda p, group: self._run([p], [self._prepare(p)], group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         backfill_group_defaults(self, impl="auto")
-        self.__dict__.setdefault("_hooked", [])
-        self.__dict__.setdefault("_fused_groups", None)
+        self._restore_fused()
 
 
 register(

@@ -101,7 +101,7 @@ class UnevenNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.tanh(self.a(x))
         y = self.b(h) + x * self.row
-        return y + torch.einsum("bk,ijk->bij", y, self.cube).mean(dim=(1, 2), keepdim=True)
+        return y + torch.einsum("bk,ijk->bij", y, self.cube).mean(dim=(1, 2)).unsqueeze(-1)
 
 
 def fsdp2_shard(model: nn.Module) -> nn.Module:

@@ -44,17 +44,23 @@ def _cli(args: Sequence[str], *, run: bool = True, save_config: bool = True) -> 
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-    return LightningCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_callback=SaveConfigCallback if save_config else None,
-        save_config_kwargs={"overwrite": True},
-        run=run,
-        args=list(args),
-    )
+    # ``args`` is the whole command line (main() took it from sys.argv or was given it), so
+    # LightningCLI must not also see sys.argv: with both it warns that they may disagree
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        return LightningCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            save_config_callback=SaveConfigCallback if save_config else None,
+            save_config_kwargs={"overwrite": True},
+            run=run,
+            args=list(args),
+        )
+    finally:
+        sys.argv = argv
 
 
 OptCLI = _cli

@@ -6,7 +6,7 @@ Infrastructure (not a family: registers nothing).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,10 +21,13 @@ __all__ = [
     "adamw_update_",
     "backfill_group_defaults",
     "check_arg",
+    "OptionCheck",
     "check_betas",
     "check_flag",
     "check_hparam",
     "check_lr_wd",
+    "check_options",
+    "check_param_group",
     "check_rounding",
     "compute_dtype",
     "is_int",
@@ -33,6 +36,8 @@ __all__ = [
     "init_state",
     "keep_state_dtype_on_load",
     "params_with_grad",
+    "real_view",
+    "reject_complex",
     "reject_dtensor",
     "reject_sparse_grad",
     "run_closure",
@@ -162,6 +167,137 @@ def check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
             raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
     return tuple(float(b) for b in betas)
+
+
+#: one entry of a class's ``option_checks`` table: ``check(cls, key, value) -> value to store``;
+#: it raises ``ValueError`` naming ``cls`` and ``key`` (use :func:`check_arg`)
+OptionCheck = Callable[[str, str, Any], Any]
+
+_ROUNDINGS = ("kahan_sum", "stochastic_rounding")
+
+
+def check_options(
+    cls: str,
+    options: Mapping[str, Any],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+    impls: Sequence[str] | None = None,
+    checks: Mapping[str, OptionCheck] | None = None,
+) -> dict[str, Any]:
+    """The one check of optimizer options, for a constructor's defaults and for a param group's own.
+
+    Every option a param group may set means the same there as in the constructor because both go
+    through this function: the constructor passes its ``defaults`` (before ``super().__init__``),
+    :func:`check_param_group` the keys a group sets (before torch adds it). By key:
+
+    - ``checks[key]`` (the class's ``option_checks``: its own options, e.g. Muon's ``ns_dtype``);
+    - ``impl``: one of ``"auto"`` and ``impls`` (:func:`~lightning_opt.optim.engine.check_impl`);
+    - ``lr``, ``weight_decay``: a finite number >= 0 (a tensor ``lr`` passes, as in torch);
+    - ``betas``: as :func:`check_betas`, as many as the defaults have (two without defaults);
+      ``beta*``, ``eps``, ``momentum``, NaN: :func:`check_hparam`;
+    - a key whose default is a bool: :func:`check_flag`;
+    - ``kahan_sum``/``stochastic_rounding``: :func:`check_rounding` of the pair (the one not given
+      taken from ``defaults``).
+
+    Returns:
+        ``options`` with the checked values normalized (``betas`` a tuple, ``ns_dtype`` a dtype).
+
+    Raises:
+        ValueError: ``{cls}({key}={value!r}) is invalid; <hint>``.
+    """
+    from lightning_opt.optim.engine import check_impl
+
+    defaults = defaults or {}
+    checks = checks or {}
+    out = dict(options)
+    for key, value in options.items():
+        if key in checks:
+            out[key] = checks[key](cls, key, value)
+        elif key == "impl" and impls is not None:
+            out[key] = check_impl(cls, value, tuple(impls))
+        elif key in ("lr", "weight_decay"):
+            if not isinstance(value, Tensor):
+                check_arg(cls, key, value, is_number(value) and value >= 0, "it must be a finite number >= 0")
+        elif key == "betas" and value is not None:
+            base = defaults.get("betas")
+            n = len(base) if isinstance(base, (tuple, list)) else len(value) if isinstance(value, (tuple, list)) else 2
+            if not isinstance(base, (tuple, list)) or None not in base:
+                out[key] = check_betas(cls, value, n)
+            else:
+                check_hparam(cls, key, value)
+        elif isinstance(defaults.get(key), bool):
+            out[key] = check_flag(cls, key, value)
+        elif key not in _ROUNDINGS:
+            check_hparam(cls, key, value)
+    if any(k in options for k in _ROUNDINGS):
+        pair = [options.get(k, defaults.get(k, False)) for k in _ROUNDINGS]
+        out.update({k: v for k, v in check_rounding(cls, *pair).items() if k in options})
+    return out
+
+
+def check_param_group(optimizer: Optimizer, param_group: Any, cls: str | None = None) -> dict[str, Any]:
+    """``param_group`` checked, for ``add_param_group`` to hand to torch's: nothing is added on an error.
+
+    The options the group sets that the optimizer has (``optimizer.defaults``) go through
+    :func:`check_options` with the class's ``impls`` and ``option_checks``; a class whose
+    ``supports_complex`` is false refuses complex parameters (:func:`reject_complex`). A generator
+    of parameters is read once here; torch's own errors (a set, a non-dict) are left to torch.
+
+    Returns:
+        A copy of ``param_group`` with the checked options normalized.
+    """
+    if not isinstance(param_group, dict):
+        return param_group  # torch's TypeError
+    kind = type(optimizer)
+    cls = cls or kind.__name__
+    group = dict(param_group)
+    params = group.get("params")
+    if params is not None and not isinstance(params, (Tensor, set)):
+        group["params"] = params = list(params)
+    defaults = getattr(optimizer, "defaults", {})
+    own = {k: v for k, v in group.items() if k in defaults and k != "params"}
+    group.update(
+        check_options(
+            cls,
+            own,
+            defaults=defaults,
+            impls=getattr(kind, "impls", None),
+            checks=getattr(kind, "option_checks", None),
+        )
+    )
+    if not getattr(kind, "supports_complex", True):
+        reject_complex(cls, params)
+    return group
+
+
+def reject_complex(cls: str, params: Any) -> None:
+    """Raise if ``params`` (a tensor, tensors or ``(name, tensor)`` pairs) holds a complex tensor.
+
+    For optimizers with per-tensor or matrix statistics (norms, factored moments, orthogonalized
+    updates): treating ``z`` as its ``view_as_real`` pair would change what they compute.
+
+    Raises:
+        ValueError: ``{cls} does not support complex parameters``.
+    """
+    items = [params] if isinstance(params, Tensor) else list(params or ())
+    for item in items:
+        t = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        if isinstance(t, Tensor) and torch.is_complex(t):
+            raise ValueError(
+                f"{cls} does not support complex parameters: its per-tensor or matrix statistics have no "
+                "complex form here; pass torch.view_as_real(p) as the parameter, or use an elementwise "
+                "optimizer (adamw, lion, schedule_free_adamw)"
+            )
+
+
+def real_view(t: Tensor | None) -> Tensor | None:
+    """``torch.view_as_real(t)`` for a complex tensor, else ``t`` (``None`` passes).
+
+    Elementwise optimizers step a complex parameter as its (real, imaginary) pair, as torch's do:
+    the parameter, its gradient and its state (kept complex, like the parameter) are viewed as real
+    when the step gathers them.
+    """
+    return torch.view_as_real(t) if t is not None and torch.is_complex(t) else t
 
 
 def reject_dtensor(cls: str, param: Tensor, name: str | None = None) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-from lightning_opt.optim.base import check_flag, check_hparam, check_lr_wd
+from lightning_opt.optim.base import check_lr_wd, check_options
 
 __all__ = [
     "Alias",
@@ -219,19 +219,23 @@ def validate_hparams(
     check_lr_wd(name, lr, weight_decay)
     if weight_decay and "weight_decay" not in accepted:
         raise TypeError(f"{name} takes no 'weight_decay'; set weight_decay=0")
-    for key, value in hparams.items():
-        check_hparam(name, key, value)
-    for key in _bool_defaults(info):
-        if key in hparams:
-            check_flag(name, key, hparams[key])
+    # the same checks the class applies to its defaults and to each param group's own options
+    hparams = check_options(
+        name,
+        hparams,
+        defaults=_signature_defaults(info),
+        impls=getattr(info.cls, "impls", None),
+        checks=getattr(info.cls, "option_checks", None),
+    )
     kwargs = {**fixed, **hparams}
     return info, kwargs
 
 
-def _bool_defaults(info: OptimInfo) -> dict[str, bool]:
-    """The hyperparameters whose default is a bool (a YAML "false" string must not pass as truthy)."""
+def _signature_defaults(info: OptimInfo) -> dict[str, Any]:
+    """The defaults of ``info.cls``'s signature: a bool default makes a key a flag (a YAML "false"
+    string must not pass as truthy), a ``betas`` default fixes how many betas there are."""
     try:
         sig = inspect.signature(info.cls)
     except (TypeError, ValueError):
         return {}
-    return {p.name: p.default for p in sig.parameters.values() if isinstance(p.default, bool)}
+    return {p.name: p.default for p in sig.parameters.values() if p.default is not p.empty}

@@ -49,6 +49,8 @@ class OptimInfo:
         paper: citation of the algorithm's paper (arXiv id or venue).
         default_lr: the learning rate used when the user gives none (the paper's or torch's default).
         fixed: keyword arguments this name fixes (``sgd_nesterov`` fixes ``nesterov=True``).
+        defaults: keyword arguments this name passes unless the user gives them (``sgd_nesterov``'s
+            ``momentum=0.9``, where the class's own default is 0).
         hparams: the hyperparameters the user may pass; ``None`` reads them from ``cls``'s signature.
         extra: the pip extra that provides a dependency (``"bnb"``), named in errors.
         callbacks: the callbacks the algorithm needs in a Trainer (schedule-free's train/eval
@@ -64,6 +66,7 @@ class OptimInfo:
     paper: str = ""
     default_lr: float = 1e-3
     fixed: Mapping[str, Any] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     hparams: tuple[str, ...] | None = None
     extra: str | None = None
     callbacks: tuple[str, ...] = ()
@@ -73,6 +76,7 @@ class OptimInfo:
         if self.name != self.name.lower() or not self.name.replace("_", "").isalnum():
             raise ValueError(f"OptimInfo(name={self.name!r}) must be lower-case snake_case")
         object.__setattr__(self, "fixed", MappingProxyType(dict(self.fixed)))
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         for path in self.callbacks:
             if not isinstance(path, str) or path.count(":") != 1:
                 raise ValueError(f"OptimInfo(callbacks=[..., {path!r}]) must name callbacks as 'module:Class'")
@@ -220,14 +224,11 @@ def validate_hparams(
     if weight_decay and "weight_decay" not in accepted:
         raise TypeError(f"{name} takes no 'weight_decay'; set weight_decay=0")
     # the same checks the class applies to its defaults and to each param group's own options
+    # (impl is left to the class, whose message says more: "torch's AdamW has no Triton kernel")
     hparams = check_options(
-        name,
-        hparams,
-        defaults=_signature_defaults(info),
-        impls=getattr(info.cls, "impls", None),
-        checks=getattr(info.cls, "option_checks", None),
+        name, hparams, defaults=_signature_defaults(info), checks=getattr(info.cls, "option_checks", None)
     )
-    kwargs = {**fixed, **hparams}
+    kwargs = {**info.defaults, **fixed, **hparams}
     return info, kwargs
 
 

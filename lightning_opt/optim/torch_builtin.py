@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_opt.optim.base import check_betas
 from lightning_opt.optim.engine import Impl
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -167,6 +168,8 @@ def torch_backed(cls: type[Optimizer], *, has_fused: bool) -> Callable[..., Opti
             raise ValueError(f"{name}(impl={impl!r}) is invalid; expected one of {choices}{hint}")
         hp = dict(torch_sig.bind(params, *args, **kwargs).arguments)  # TypeError as torch's for a typo
         params = hp.pop("params")
+        if "betas" in hp:  # torch checks their range, not how many there are (a third fails at step)
+            hp["betas"] = check_betas(name, hp["betas"], len(torch_sig.parameters["betas"].default))
         given = {k: hp[k] for k in ("foreach", "fused") if k in hp}
         if impl != "auto":
             if given:
@@ -211,7 +214,7 @@ Adafactor = torch_backed(torch.optim.Adafactor, has_fused=False)
 
 _TORCH = [
     OptimInfo(name="sgd", cls=SGD, default_lr=1e-2, description="SGD with optional (heavy-ball) momentum", paper="Robbins & Monro 1951; Polyak 1964"),
-    OptimInfo(name="sgd_nesterov", cls=SGD, default_lr=1e-2, fixed={"nesterov": True, "momentum": 0.9}, hparams=("lr", "dampening", "weight_decay", "maximize", "foreach", "differentiable", "fused", "impl"), description="SGD with Nesterov momentum 0.9", paper="Sutskever et al., ICML 2013"),
+    OptimInfo(name="sgd_nesterov", cls=SGD, default_lr=1e-2, fixed={"nesterov": True}, defaults={"momentum": 0.9}, hparams=("lr", "momentum", "dampening", "weight_decay", "maximize", "foreach", "differentiable", "fused", "impl"), description="SGD with Nesterov momentum (default 0.9)", paper="Sutskever et al., ICML 2013"),
     OptimInfo(name="adagrad", cls=Adagrad, default_lr=1e-2, description="Adagrad", paper="Duchi, Hazan & Singer, JMLR 2011"),
     OptimInfo(name="rmsprop", cls=RMSprop, default_lr=1e-3, description="RMSprop (eps outside the sqrt, as torch)", paper="Hinton, Coursera lecture 6e, 2012"),
     OptimInfo(name="adam", cls=Adam, default_lr=1e-3, description="Adam (L2 weight decay added to the gradient)", paper="Kingma & Ba, arXiv:1412.6980"),

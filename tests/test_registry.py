@@ -23,7 +23,6 @@ TORCH_BACKED = {
     "adamw": (torch.optim.AdamW, {"betas": (0.8, 0.95)}),
     "radam": (torch.optim.RAdam, {}),
     "nadam": (torch.optim.NAdam, {}),
-    "adafactor": (torch.optim.Adafactor, {}),
 }
 
 # name users bring -> registry entry (and the arguments the name fixes)

@@ -210,7 +210,6 @@ Adagrad = torch_backed(torch.optim.Adagrad, has_fused=True)
 RMSprop = torch_backed(torch.optim.RMSprop, has_fused=False)
 RAdam = torch_backed(torch.optim.RAdam, has_fused=False)
 NAdam = torch_backed(torch.optim.NAdam, has_fused=False)
-Adafactor = torch_backed(torch.optim.Adafactor, has_fused=False)
 
 _TORCH = [
     OptimInfo(name="sgd", cls=SGD, default_lr=1e-2, description="SGD with optional (heavy-ball) momentum", paper="Robbins & Monro 1951; Polyak 1964"),
@@ -221,17 +220,15 @@ _TORCH = [
     OptimInfo(name="adamw", cls=AdamW, default_lr=1e-3, description="AdamW (decoupled weight decay, lr-coupled as torch)", paper="Loshchilov & Hutter, arXiv:1711.05101"),
     OptimInfo(name="radam", cls=RAdam, default_lr=1e-3, description="Rectified Adam", paper="Liu et al., arXiv:1908.03265"),
     OptimInfo(name="nadam", cls=NAdam, default_lr=2e-3, description="Adam with Nesterov momentum", paper="Dozat, ICLR workshop 2016"),
-    OptimInfo(name="adafactor", cls=Adafactor, default_lr=1e-2, description="Adafactor (torch's: factored second moment, relative step)", paper="Shazeer & Stern, arXiv:1804.04235"),
 ]
 
 for _info in _TORCH:
     register(_info)
 
 # Hugging Face TrainingArguments.optim (its "sgd", "adagrad", "rmsprop" and "adafactor" are our
-# names already; HF's "adafactor" is transformers' variant, which differs from torch's in its
-# defaults: relative_step/scale_parameter; ours is torch's, see docs)
+# names already; HF's "adafactor" settings are applied by lightning_opt.hf, see optim/adafactor.py)
 register_alias("adamw_torch", "adamw", source="huggingface")
 register_alias("adamw_torch_fused", "adamw", source="huggingface", fused=True)
 # DeepSpeed optimizer.type, matched case-insensitively ("Adam"/"AdamW" are our names; DeepSpeed's
-# "Adam" with adam_w_mode=True, its default, is handled in lightning_opt.deepspeed)
-register_alias("AdaFactorOptimizer", "adafactor", source="deepspeed")
+# "Adam" with adam_w_mode=True, its default, is handled in lightning_opt.deepspeed; AdaFactorOptimizer
+# is in optim/adafactor.py)

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_opt.optim import accepted_hparams, build_optimizer, get_optimizer_info
 
 FUSED = ["adamw", "adam", "sgd", "adagrad"]
-UNFUSED = ["rmsprop", "radam", "nadam", "adafactor"]
+UNFUSED = ["rmsprop", "radam", "nadam"]  # adafactor is ours: tests/optim/test_adafactor.py
 NAMES = FUSED + ["sgd_nesterov"] + UNFUSED
 SHAPES = [(1,), (5,), (1025,), (7, 3), (33, 65)]
 # options that exercise each class's state (momentum for SGD: its fused kernel keeps a buffer)

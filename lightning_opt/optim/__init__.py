@@ -24,7 +24,7 @@ from lightning_opt.optim.registry import (
     resolve,
 )
 
-_INFRASTRUCTURE = {"build", "param_groups", "registry", "base", "precision", "engine"}
+_INFRASTRUCTURE = {"build", "param_groups", "registry", "base", "precision", "engine", "distributed"}
 
 _families = [
     importlib.import_module(f"{__name__}.{m.name}")

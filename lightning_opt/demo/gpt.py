@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_opt.losses import z_loss
 from lightning_opt.mixin import OptimizerConfig, OptimizerMixin
+from lightning_opt.throughput import gpt_flops
 
 __all__ = ["TinyGPT"]
 
@@ -53,8 +55,15 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
         block_size: context length in tokens.
         n_layer, n_head, n_embd: depth, heads and width.
         optimizer: what to train with (see :class:`~lightning_opt.mixin.OptimizerConfig`).
+        z_loss_weight: weight of PaLM's output z-loss (:func:`lightning_opt.losses.z_loss`) added to
+            the training loss; ``0`` (default) turns it off. Must be finite and >= 0.
 
-    Logs ``train_loss`` every step and ``val_loss`` per validation run (nats per byte).
+    Logs ``train_loss`` (the cross-entropy) every step, ``train/z_loss`` when the z-loss is on (the
+    training objective is their sum), and ``val_loss`` per validation run (nats per byte).
+
+    ``flops_per_batch`` (read by Lightning's ``ThroughputMonitor`` for FLOPs/s and MFU) is the matmul
+    FLOPs of the last batch seen: forward + backward in training, forward only in evaluation
+    (:func:`lightning_opt.throughput.gpt_flops`).
     """
 
     def __init__(
@@ -65,10 +74,20 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
         n_head: int = 2,
         n_embd: int = 64,
         optimizer: OptimizerConfig | None = None,
+        z_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"TinyGPT(n_embd={n_embd}, n_head={n_head}): n_embd must be divisible by n_head")
+        if (
+            isinstance(z_loss_weight, bool)
+            or not isinstance(z_loss_weight, (int, float))
+            or not math.isfinite(z_loss_weight)
+            or z_loss_weight < 0
+        ):
+            raise ValueError(f"TinyGPT(z_loss_weight={z_loss_weight!r}) is invalid; it must be a finite number >= 0 (0 = off)")
+        self.z_loss_weight = float(z_loss_weight)
+        self._batch_shape: tuple[int, int] | None = None  # (batch, seq) of the last batch, for flops_per_batch
         self.save_hyperparameters()
         self.optimizer = optimizer if optimizer is not None else OptimizerConfig()
         self.block_size = block_size
@@ -99,23 +118,48 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
             x = block(x)
         return self.lm_head(self.transformer["ln_f"](x))
 
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    @property
+    def flops_per_batch(self) -> int | None:
+        """Matmul FLOPs of the last batch (forward + backward in train mode, forward in eval); ``None`` before any."""
+        if self._batch_shape is None:
+            return None
+        hp = self.hparams
+        b, t = self._batch_shape
+        return gpt_flops(
+            n_layer=hp.n_layer, n_embd=hp.n_embd, vocab_size=hp.vocab_size, seq_len=t, batch_size=b, backward=self.training
+        )
+
+    def _cross_entropy(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
+        self._batch_shape = (int(x.shape[0]), int(x.shape[1]))
         logits = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)), logits
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The cross-entropy (nats per byte), without the z-loss."""
+        return self._cross_entropy(batch)[0]
+
+    def training_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(cross-entropy, z-loss)``; the objective is their sum; the z-loss is ``None`` when off."""
+        ce, logits = self._cross_entropy(batch)
+        return ce, (z_loss(logits, self.z_loss_weight) if self.z_loss_weight > 0 else None)
 
     def sophia_logits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Logits for SophiaG's Gauss-Newton-Bartlett estimator (``SophiaHessian`` samples labels from them)."""
         return self(batch[0])
 
     def sophia_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """The loss for SophiaH's Hutchinson estimator (``SophiaHessian`` differentiates it twice)."""
-        return self.loss(batch)
+        """The loss for SophiaH's Hutchinson estimator (``SophiaHessian`` differentiates it twice): the training objective."""
+        ce, z = self.training_loss(batch)
+        return ce if z is None else ce + z
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
+        ce, z = self.training_loss(batch)
+        self.log("train_loss", ce, prog_bar=True)
+        if z is None:
+            return ce
+        self.log("train/z_loss", z)
+        return ce + z
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)

@@ -159,13 +159,13 @@ def check_rounding(cls: str, kahan_sum: Any, stochastic_rounding: Any) -> dict[s
     return {"kahan_sum": kahan_sum, "stochastic_rounding": stochastic_rounding}
 
 
-def check_betas(cls: str, betas: Any, n: int = 2) -> tuple[float, ...]:
+def check_betas(cls: str, betas: Any, n: int = 2, *, key: str = "betas") -> tuple[float, ...]:
     """``betas`` as a tuple of ``n`` floats, or ``ValueError`` naming ``cls`` unless each is in [0, 1)."""
     if not isinstance(betas, (tuple, list)) or len(betas) != n:
-        raise ValueError(f"{cls}(betas={betas!r}) is invalid; expected a tuple of {n} floats in [0, 1)")
+        raise ValueError(f"{cls}({key}={betas!r}) is invalid; expected a tuple of {n} floats in [0, 1)")
     for b in betas:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b < 1:
-            raise ValueError(f"{cls}(betas={betas!r}) is invalid; each beta must lie in [0, 1)")
+            raise ValueError(f"{cls}({key}={betas!r}) is invalid; each beta must lie in [0, 1)")
     return tuple(float(b) for b in betas)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal, Union, get_args
 
@@ -27,15 +28,20 @@ from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
     adamw_update_,
     backfill_group_defaults,
+    OptionCheck,
     check_arg,
+    check_betas,
     check_flag,
+    check_options,
+    check_param_group,
     compute_dtype,
+    is_int,
     is_number,
     keep_state_dtype_on_load,
     reject_sparse_grad,
     run_closure,
 )
-from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.engine import Impl, dispatch
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -476,12 +482,17 @@ def muon(
 
 def _resolve_dtype(value: Any) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
-        if value is not None and not value.is_floating_point:
-            raise ValueError(f"Muon(ns_dtype={value!r}) is invalid; expected a floating dtype")
+        if value is not None and value not in _DTYPES.values():  # float8 has no matmul to iterate with
+            raise ValueError(f"Muon(ns_dtype={value!r}) is invalid; expected None or one of {sorted(_DTYPES)}")
         return value
     if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
         return _DTYPES[value.removeprefix("torch.")]
     raise ValueError(f"Muon(ns_dtype={value!r}) is invalid; expected None, a torch dtype or one of {sorted(_DTYPES)}")
+
+
+def _checked(cls: str, key: str, value: Any, ok: bool, hint: str) -> Any:
+    check_arg(cls, key, value, ok, hint)
+    return value
 
 
 def _store_coefficients(value: Any, steps: int) -> Any:
@@ -572,6 +583,27 @@ class Muon(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(MUON_IMPLS)
+    #: orthogonalized updates have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "ns_dtype": lambda cls, key, value: _resolve_dtype(value),
+        "ns_steps": lambda cls, key, value: _checked(
+            cls, key, value, is_int(value) and 0 < value < 100, "it must be an int in [1, 99]"
+        ),
+        "eps": lambda cls, key, value: _checked(cls, key, value, is_number(value) and value > 0, "it must be > 0"),
+        "adjust_lr_fn": lambda cls, key, value: _checked(
+            cls, key, value, value in get_args(AdjustLR), f"expected one of {get_args(AdjustLR)}"
+        ),
+        "adamw_lr_ratio": lambda cls, key, value: _checked(
+            cls, key, value, is_number(value) and value >= 0, "it must be a finite number >= 0"
+        ),
+        "adamw_eps": lambda cls, key, value: _checked(
+            cls, key, value, is_number(value) and value >= 0, "it must be a finite number >= 0"
+        ),
+        "adamw_betas": lambda cls, key, value: check_betas(cls, value, key=key),
+        "adamw_patterns": compile_patterns,
+    }
 
     def __init__(
         self,
@@ -673,9 +705,19 @@ class Muon(Optimizer):
             "adamw_eps": adamw_eps,
             "adamw_patterns": compile_patterns("Muon", "adamw_patterns", adamw_patterns),
             "flatten_conv": check_flag("Muon", "flatten_conv", flatten_conv),
-            "impl": check_impl("Muon", impl, tuple(MUON_IMPLS)),
+            "impl": impl,
         }
+        # the same checks every param group's own options get (base.check_options)
+        defaults = check_options("Muon", defaults, impls=MUON_IMPLS, checks=self.option_checks)
         super().__init__(params, defaults)
+        if not any(any(g["muon_mask"]) for g in self.param_groups):
+            warnings.warn(
+                "Muon: no parameter is a 2-D hidden matrix (all are 1-D, conv or named like embeddings/the "
+                "output head), so every parameter runs the AdamW side at adamw_lr_ratio x lr; use adamw, "
+                "pass flatten_conv=True for conv weights, or set use_muon=True on a group",
+                UserWarning,
+                stacklevel=2,
+            )
         keep_state_dtype_on_load(self)
         self.register_load_state_dict_post_hook(Muon._backfill_masks)
 
@@ -696,8 +738,13 @@ class Muon(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its Muon/AdamW split is decided here and stored as ``group["muon_mask"]``."""
-        if "impl" in param_group:  # before adding: a refused group must not stay in param_groups
-            check_impl("Muon", param_group["impl"], tuple(MUON_IMPLS))
+        # checked before adding (base.check_param_group): a refused group must not stay in param_groups
+        param_group = check_param_group(self, param_group)
+        if "ns_coefficients" in param_group or "ns_steps" in param_group:
+            param_group["ns_coefficients"] = _store_coefficients(
+                param_group.get("ns_coefficients", self.defaults.get("ns_coefficients")),
+                param_group.get("ns_steps", self.defaults.get("ns_steps")),
+            )
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["muon_mask"] = self._muon_mask(group)

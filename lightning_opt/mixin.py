@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -12,6 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_opt.optim.build import build_optimizer
+from lightning_opt.optim.param_groups import check_grouping, mup_rule_for
 from lightning_opt.optim.registry import validate_hparams
 
 __all__ = ["OptimizerConfig", "OptimizerMixin"]
@@ -38,12 +37,18 @@ class OptimizerConfig:
         weight_decay: decay of the decayed parameters (matrices; not biases, norms, embeddings).
         layer_decay: layer-wise LR decay in (0, 1] (timm's rule), or ``None``.
         no_decay: name regexes of parameters without weight decay; replaces the default set.
-        lr_multipliers: name regex -> lr factor (the first matching pattern wins).
+        lr_multipliers: name regex -> lr factor > 0 (the first matching pattern wins).
+        mup_base_width, mup_width: μP learning rates (see ``param_groups``): dimensions of size
+            ``k * mup_width`` grow with width, ``mup_base_width`` is the width the lr was tuned at;
+            ``mup_width=None`` reads the width from the model (``n_embd``, ``hidden_size``, ...).
+        mup_base_shapes: μP overrides, name regex -> base shape (``None`` for a dimension that does
+            not grow), e.g. ``{"lm_head": [null, 64]}``; alone, it marks exactly those parameters.
         hparams: the algorithm's own hyperparameters (``betas``, ``momentum``, ...).
 
     Raises:
-        ValueError: unknown name (with the closest names), invalid lr, betas, layer_decay or regex.
-        TypeError: a hyperparameter the algorithm does not take.
+        ValueError: unknown name (with the closest names), invalid lr, betas, layer_decay, regex,
+            lr multiplier (finite, > 0) or μP option, μP options for an algorithm without a μP rule.
+        TypeError: a hyperparameter the algorithm does not take; ``no_decay`` not a list of regexes.
     """
 
     name: str = "adamw"
@@ -52,21 +57,25 @@ class OptimizerConfig:
     layer_decay: float | None = None
     no_decay: list[str] | None = None
     lr_multipliers: dict[str, float] | None = None
+    mup_base_width: int | None = None
+    mup_width: int | None = None
+    mup_base_shapes: dict[str, list[int | None]] | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.hparams = {k: tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in dict(self.hparams or {}).items()}
         info, _ = validate_hparams(self.name, lr=self.resolved_lr(), weight_decay=self.weight_decay, hparams=self.hparams)
-        if self.layer_decay is not None and not (
-            isinstance(self.layer_decay, (int, float)) and math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1
-        ):
-            raise ValueError(f"OptimizerConfig(layer_decay={self.layer_decay!r}) is invalid; it must lie in (0, 1]")
-        for what, patterns in (("no_decay", self.no_decay or []), ("lr_multipliers", list(self.lr_multipliers or {}))):
-            for p in patterns:
-                try:
-                    re.compile(p)
-                except re.error as err:
-                    raise ValueError(f"OptimizerConfig({what}) pattern {p!r} is not a valid regex: {err}") from err
+        check_grouping(
+            layer_decay=self.layer_decay,
+            no_decay=self.no_decay,
+            lr_multipliers=self.lr_multipliers,
+            mup_base_width=self.mup_base_width,
+            mup_width=self.mup_width,
+            mup_base_shapes=self.mup_base_shapes,
+            what="OptimizerConfig",
+        )
+        if self.mup_base_width is not None or self.mup_base_shapes is not None:
+            mup_rule_for(info.name)
 
     def resolved_lr(self) -> float:
         """``lr``, or the algorithm's default learning rate when ``lr`` is ``None``."""
@@ -86,6 +95,9 @@ class OptimizerConfig:
             layer_decay=self.layer_decay,
             no_decay=self.no_decay,
             lr_multipliers=self.lr_multipliers,
+            mup_base_width=self.mup_base_width,
+            mup_width=self.mup_width,
+            mup_base_shapes=self.mup_base_shapes,
             **self.hparams,
         )
 

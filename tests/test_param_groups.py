@@ -108,7 +108,8 @@ def test_layer_decay_gpt2_style() -> None:
         g = where[f"transformer.h.{i}.mlp.c_fc.weight"]
         assert g["lr_scale"] == d ** (top - (i + 1))
         assert g["lr"] == 2.0 * d ** (top - (i + 1))
-    assert where["transformer.ln_f.weight"]["lr_scale"] == 1.0
+    # the final norm joins the last block (timm's rule for ViT's `norm`), the head is the top layer
+    assert where["transformer.ln_f.weight"]["lr_scale"] == d
     assert where["lm_head.weight"]["lr_scale"] == 1.0
 
 
@@ -119,7 +120,7 @@ def test_layer_decay_vit_style() -> None:
         assert where[name]["lr_scale"] == d**4, name
     assert where["blocks.0.1.weight"]["lr_scale"] == d**3
     assert where["blocks.2.1.weight"]["lr_scale"] == d**1
-    assert where["norm.weight"]["lr_scale"] == 1.0
+    assert where["norm.weight"]["lr_scale"] == d  # timm: ViT's final norm has the last block's scale
     assert where["head.weight"]["lr_scale"] == 1.0
 
 
@@ -146,7 +147,11 @@ def test_lr_multipliers_first_match_wins() -> None:
     [
         ({"no_decay": ["nomatch_xyz"]}, "match no trainable parameter"),
         ({"lr_multipliers": {"nomatch_xyz": 2.0}}, "matches no trainable parameter"),
-        ({"lr_multipliers": {"lm_head": -1.0}}, "finite number >= 0"),
+        ({"lr_multipliers": {"lm_head": -1.0}}, "finite number > 0"),
+        ({"lr_multipliers": {"lm_head": 0.0}}, "requires_grad=False"),
+        ({"lr_multipliers": {"lm_head": float("inf")}}, "finite number > 0"),
+        ({"lr_multipliers": {"lm_head": float("nan")}}, "finite number > 0"),
+        ({"lr_multipliers": {"lm_head": "10"}}, "finite number > 0"),
         ({"layer_decay": 0.0}, r"\(0, 1\]"),
         ({"layer_decay": 1.5}, r"\(0, 1\]"),
         ({"layer_decay": float("nan")}, r"\(0, 1\]"),
@@ -163,9 +168,136 @@ def test_layer_id_needs_layer_decay() -> None:
         param_groups(TinyGPT(n_layer=1), lr=1e-3, weight_decay=0.1, layer_id=lambda n: 0)
 
 
-def test_no_decay_must_be_a_list() -> None:
+@pytest.mark.parametrize("no_decay", ["bias", 5, {"bias": 1}, [1]])
+def test_no_decay_must_be_a_list(no_decay: object) -> None:
     with pytest.raises(TypeError, match="list of regexes"):
-        param_groups(TinyGPT(n_layer=1), lr=1e-3, weight_decay=0.1, no_decay="bias")
+        param_groups(TinyGPT(n_layer=1), lr=1e-3, weight_decay=0.1, no_decay=no_decay)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr_multipliers": {"lm_head": -1}}, ValueError, r"OptimizerConfig\(lr_multipliers\['lm_head'\]=-1\) is invalid"),
+        ({"lr_multipliers": {"lm_head": 0}}, ValueError, "finite number > 0"),
+        ({"lr_multipliers": {"lm_head": float("nan")}}, ValueError, "finite number > 0"),
+        ({"lr_multipliers": ["lm_head"]}, TypeError, "mapping"),
+        ({"no_decay": "bias"}, TypeError, r"not a single string; write \['bias'\]"),
+        ({"no_decay": [3]}, TypeError, "list of regexes"),
+    ],
+)
+def test_optimizer_config_checks_grouping_when_built(kwargs: dict, error: type, message: str) -> None:
+    from lightning_opt import OptimizerConfig
+
+    with pytest.raises(error, match=message):
+        OptimizerConfig(name="adamw", lr=1e-3, **kwargs)
+
+
+class _Stage(nn.Module):
+    """timm ConvNeXt/Swin names: a downsample layer, then blocks.B."""
+
+    def __init__(self, depth: int, dim: int, downsample: bool) -> None:
+        super().__init__()
+        self.downsample = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*(nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth)))
+
+
+class NestedNet(nn.Module):
+    """No group_matcher: stem, stages.S.{downsample, blocks.B}, a final norm, head."""
+
+    def __init__(self, depths: tuple[int, ...] = (2, 1, 3), dim: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2)
+        self.stages = nn.Sequential(*(_Stage(d, dim, downsample=i > 0) for i, d in enumerate(depths)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+
+def test_nested_stages_number_blocks_cumulatively() -> None:
+    d = 0.5
+    where = _where(param_groups(NestedNet((2, 1, 3)), lr=1.0, weight_decay=0.0, layer_decay=d))
+    # blocks 1..6 across stages, the head is layer 7
+    expected = {
+        "stem.weight": 0,
+        "stages.0.blocks.0.1.weight": 1,
+        "stages.0.blocks.1.0.weight": 2,
+        "stages.1.downsample.1.weight": 3,  # a downsample layer belongs with the block after it
+        "stages.1.blocks.0.1.weight": 3,
+        "stages.2.downsample.0.bias": 4,
+        "stages.2.blocks.0.1.weight": 4,
+        "stages.2.blocks.2.1.bias": 6,
+        "norm.weight": 6,  # the final norm joins the last block
+        "head.weight": 7,
+    }
+    for name, layer in expected.items():
+        assert where[name]["lr_scale"] == d ** (7 - layer), name
+    assert set(where) == {n for n, _ in NestedNet((2, 1, 3)).named_parameters()}
+
+
+def test_efficientnet_style_blocks_s_b_are_cumulative() -> None:
+    model = nn.Module()
+    model.conv_stem = nn.Conv2d(3, 4, 1)
+    model.blocks = nn.Sequential(*(nn.Sequential(*(_Stage(1, 4, downsample=False) for _ in range(n))) for n in (1, 2, 2)))
+    model.classifier = nn.Linear(4, 3)
+    from lightning_opt.optim.param_groups import infer_layer_id
+
+    layer_id, top = infer_layer_id(model)
+    assert top == 6
+    assert [layer_id(f"blocks.{s}.{b}.blocks.0.1.weight") for s, b in [(0, 0), (1, 0), (1, 1), (2, 0), (2, 1)]] == [1, 2, 3, 4, 5]
+    assert layer_id("conv_stem.weight") == 0 and layer_id("classifier.weight") == 6
+
+
+def test_group_matcher_of_a_wrapped_model_is_used() -> None:
+    class WithMatcher(NestedNet):
+        def group_matcher(self, coarse: bool = False) -> dict:
+            # timm's convention: (regex, suffix) entries; 99999 joins the previous group
+            return {"stem": r"^stem", "blocks": [(r"^stages\.(\d+)", None), (r"^norm", (99999,))]}
+
+    wrapper = nn.Module()
+    wrapper.model = WithMatcher((2, 1))
+    wrapper.extra = nn.Linear(2, 2)
+    where = _where(param_groups(wrapper, lr=1.0, weight_decay=0.0, layer_decay=0.5))
+    # stem 0, stage 0 -> 1, stage 1 -> 2, norm joins stage 1, head (unmatched) 3; outside the timm model: the top
+    assert where["model.stem.weight"]["lr_scale"] == 0.5**3
+    assert where["model.stages.0.blocks.1.1.weight"]["lr_scale"] == 0.5**2
+    assert where["model.stages.1.downsample.1.weight"]["lr_scale"] == 0.5
+    assert where["model.norm.weight"]["lr_scale"] == 0.5
+    assert where["model.head.weight"]["lr_scale"] == 1.0
+    assert where["extra.weight"]["lr_scale"] == 1.0
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=8, n_embd=8, n_layer=2, n_head=2))
+
+
+def test_tied_weights_appear_once_and_multipliers_match_any_name() -> None:
+    model = _tiny_gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, lr_multipliers={"lm_head": 10.0})
+    where = _where(groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert "lm_head.weight" not in where
+    assert where["transformer.wte.weight"]["lr"] == pytest.approx(1e-2)
+    assert where["transformer.wpe.weight"]["lr"] == pytest.approx(1e-3)
+    # no_decay patterns match any name too
+    where = _where(param_groups(model, lr=1e-3, weight_decay=0.1, no_decay=[r"^lm_head\."]))
+    assert where["transformer.wte.weight"]["weight_decay"] == 0.0
+    assert where["transformer.h.0.attn.c_attn.bias"]["weight_decay"] == 0.1
+
+
+def test_tied_weights_warn_which_layer_they_get() -> None:
+    model = _tiny_gpt2()
+    with pytest.warns(UserWarning, match=r"transformer\.wte\.weight is shared by \['transformer\.wte\.weight', 'lm_head\.weight'\].*layer 0 \(lr scale 0\.25\); lr_multipliers"):
+        groups = param_groups(model, lr=1.0, weight_decay=0.0, layer_decay=0.5)
+    where = _where(groups)
+    # embeddings (and the tied head) 0, blocks 1..2, ln_f joins block 2: no untied head above it
+    assert where["transformer.wte.weight"]["lr_scale"] == 0.5**2
+    assert where["transformer.h.0.mlp.c_fc.weight"]["lr_scale"] == 0.5
+    assert where["transformer.h.1.mlp.c_fc.weight"]["lr_scale"] == 1.0
+    assert where["transformer.ln_f.weight"]["lr_scale"] == 1.0
 
 
 def test_no_trainable_parameters() -> None:

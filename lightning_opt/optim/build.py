@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_opt.optim.param_groups import param_groups
+from lightning_opt.optim.param_groups import mup_rule_for, param_groups
 from lightning_opt.optim.registry import accepted_hparams, validate_hparams
 
 __all__ = ["build_optimizer", "normalize_groups"]
@@ -53,6 +53,10 @@ def build_optimizer(
     no_decay: Sequence[str] | None = None,
     layer_id: Callable[[str], int] | None = None,
     lr_multipliers: Mapping[str, float] | None = None,
+    mup_base_width: int | None = None,
+    mup_width: int | None = None,
+    mup_base_model: nn.Module | Mapping[str, Sequence[int]] | None = None,
+    mup_base_shapes: Mapping[str, Sequence[int | None]] | None = None,
     **hparams: Any,
 ) -> Optimizer:
     """Build the optimizer registered as ``name`` over a model's parameters.
@@ -64,6 +68,8 @@ def build_optimizer(
         lr: base learning rate (each group gets ``lr * lr_scale``).
         weight_decay: weight decay of the decayed groups (see :func:`param_groups`).
         layer_decay, no_decay, layer_id, lr_multipliers: grouping options, only with a model.
+        mup_base_width, mup_width, mup_base_model, mup_base_shapes: μP learning rates (see
+            :func:`param_groups`), with the μP rule of ``name`` (Adam- or SGD-like, ``MUP_RULES``).
         **hparams: the algorithm's own hyperparameters (``betas``, ``momentum``, ...).
 
     Raises:
@@ -75,6 +81,8 @@ def build_optimizer(
         >>> opt = build_optimizer(model, "adamw", lr=3e-4, weight_decay=0.1, betas=(0.9, 0.95))
     """
     info, kwargs = validate_hparams(name, lr=lr, weight_decay=weight_decay, hparams=hparams)
+    mup = {"mup_base_width": mup_base_width, "mup_width": mup_width, "mup_base_model": mup_base_model, "mup_base_shapes": mup_base_shapes}
+    use_mup = any(v is not None for v in mup.values())
     if isinstance(model_or_groups, nn.Module):
         groups = param_groups(
             model_or_groups,
@@ -84,9 +92,11 @@ def build_optimizer(
             no_decay=no_decay,
             layer_id=layer_id,
             lr_multipliers=lr_multipliers,
+            mup_rule=mup_rule_for(info.name) if use_mup else None,
+            **mup,
         )
     else:
-        given = [k for k, v in {"layer_decay": layer_decay, "no_decay": no_decay, "layer_id": layer_id, "lr_multipliers": lr_multipliers}.items() if v is not None]
+        given = [k for k, v in {"layer_decay": layer_decay, "no_decay": no_decay, "layer_id": layer_id, "lr_multipliers": lr_multipliers, **mup}.items() if v is not None]
         if given:
             raise ValueError(f"{', '.join(given)} need an nn.Module to group; pass the model, not param groups")
         groups = normalize_groups(model_or_groups, lr=lr, weight_decay=weight_decay)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_opt.optim.base import adamw_update_, check_flag, reject_dtensor
+from lightning_opt.optim.base import adamw_update_, check_flag
+from lightning_opt.optim.distributed import check_shardable
 from lightning_opt.optim.engine import dispatch
 from lightning_opt.optim.precision import LOW_PRECISION, compute_dtype
 
@@ -55,6 +56,7 @@ def route_matrices(
     include: Sequence[str] | None = None,
     flatten_conv: bool | None = False,
     matrix_hint: str = "only matrices can be orthogonalized",
+    distributed: str = "auto",
 ) -> list[bool]:
     """Which of ``params`` take the matrix rule (``True``) and which the AdamW side (``False``).
 
@@ -74,10 +76,13 @@ def route_matrices(
         flatten_conv: treat tensors with more than 2 dims as matrices; ``None`` where the
             optimizer has no such option (they always go to AdamW).
         matrix_hint: why a non-matrix cannot take the rule, for the override error.
+        distributed: the group's ``distributed`` option (DTensor matrices need ``"auto"``).
 
     Raises:
         ValueError: ``override`` not a bool, or ``True`` on a tensor that is not a matrix.
-        NotImplementedError: a DTensor (sharded) tensor routed to the matrix rule.
+        NotImplementedError: a DTensor routed to the matrix rule whose layout is not FSDP2's
+            (:func:`~lightning_opt.optim.distributed.check_shardable`).
+        ValueError: a DTensor routed to the matrix rule with ``distributed="local"``.
     """
     if override is not None:
         check_flag(cls, override_key, override)
@@ -102,7 +107,7 @@ def route_matrices(
         else:
             on = not (name is not None and any(pat.search(name) for pat in exclude_re))
         if on:
-            reject_dtensor(cls, p, name)
+            check_shardable(cls, p, name, distributed=distributed)
         mask.append(on)
     return mask
 

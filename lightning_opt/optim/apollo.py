@@ -56,6 +56,18 @@ from lightning_opt.optim.base import (
     reject_sparse_grad,
     run_closure,
 )
+from lightning_opt.optim.distributed import (
+    Distributed,
+    MatrixJob,
+    OwnerStateEntry,
+    Topology,
+    cached_owners,
+    check_distributed,
+    install_owner_state_hooks,
+    local,
+    owner_compute,
+    topology,
+)
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
 from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
@@ -67,6 +79,7 @@ __all__ = [
     "adamw_reference_side",
     "adamw_update_reference_",
     "apollo_apply_",
+    "apollo_cost",
     "apollo_direction",
     "apollo_update_",
     "next_projection_seed",
@@ -117,6 +130,15 @@ def project(grad: Tensor, proj: Tensor) -> Tensor:
     if grad.shape[0] >= grad.shape[1]:
         return grad @ proj.t()
     return proj.t() @ grad
+
+
+def apollo_cost(shape: Sequence[int], rank: int) -> float:
+    """Flops of one APOLLO step on an ``m x n`` matrix (the owner-compute cost model).
+
+    The projection ``2 m n rank`` plus ~10 elementwise passes over ``G`` (the scaling, the norms).
+    """
+    m, n = shape
+    return float(2 * m * n * rank + 10 * m * n)
 
 
 def adamw_update_reference_(
@@ -408,13 +430,22 @@ class APOLLO(Optimizer):
             ``"auto"`` (default: with ``convention="paper"`` the fused C kernel on the CPU and Triton
             on CUDA; with ``"reference"`` ``for_loop`` on the CPU and ``foreach`` on CUDA),
             ``"for_loop"`` or ``"foreach"``.
+        distributed: ``"auto"`` (default) or ``"local"``. With ``"auto"``, on FSDP2 shards
+            (``fully_shard``) and under DDP (a process group of more than one rank) each APOLLO
+            matrix is stepped whole on one owning rank (:mod:`lightning_opt.optim.distributed`:
+            the gradient's rows are sent there, the scaled update's rows sent back); its projection
+            and low-rank moments live on that owner, and ``state_dict()`` presents them sharded by
+            rows (FSDP2) or replicated (DDP), a collective then (call it on every rank, as
+            Lightning and ``torch.distributed.checkpoint`` do). ``"local"``: every process steps
+            its own tensors alone (refused for shards).
 
     Raises:
         ValueError: invalid lr, betas, eps, weight_decay, rank, scale, scale_type, update_proj_gap,
-            proj, norm_growth_limit, convention, impl or a regex; a ``target_modules`` pattern that matches no 2-D
-            parameter; ``target_modules`` without parameter names; ``use_apollo=True`` on a non-2-D
-            parameter; ``scale_front`` or a group's ``use_apollo`` not a bool.
-        NotImplementedError: a DTensor (FSDP2-sharded) parameter on the APOLLO side.
+            proj, norm_growth_limit, convention, impl, distributed or a regex; a ``target_modules``
+            pattern that matches no 2-D parameter; ``target_modules`` without parameter names;
+            ``use_apollo=True`` on a non-2-D parameter; ``scale_front`` or a group's ``use_apollo``
+            not a bool; a DTensor on the APOLLO side with ``distributed="local"``.
+        NotImplementedError: a DTensor on the APOLLO side that is not FSDP2's ``Shard(0)`` on a 1-D mesh.
 
     Example:
         >>> opt = build_optimizer(model, "apollo", lr=1e-2, rank=256, target_modules=[r"attn", r"mlp"])
@@ -453,6 +484,7 @@ class APOLLO(Optimizer):
         norm_growth_limit: float | None = 1.01,
         convention: Convention = "paper",
         impl: Impl = "auto",
+        distributed: Distributed = "auto",
     ) -> None:
         name = type(self).__name__
         check_arg(name, "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
@@ -531,11 +563,13 @@ class APOLLO(Optimizer):
             "norm_growth_limit": None if norm_growth_limit is None else float(norm_growth_limit),
             "convention": convention,
             "impl": check_impl(name, impl, APOLLO.impls),
+            "distributed": check_distributed(name, distributed),
         }
         super().__init__(params, defaults)
         if target_modules is not None:
             self._check_targets(name, target_modules)
         keep_state_dtype_on_load(self)
+        install_owner_state_hooks(self, self._owner_state)
         self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
 
     def _check_targets(self, name: str, target_modules: tuple[str, ...]) -> None:
@@ -571,6 +605,7 @@ class APOLLO(Optimizer):
             include=targets,
             flatten_conv=None,
             matrix_hint="APOLLO projects 2-D weights only",
+            distributed=group.get("distributed", "auto"),
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -590,12 +625,16 @@ class APOLLO(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, scale_front=False, norm_growth_limit=1.01, convention="paper", impl="auto")
+        backfill_group_defaults(
+            self, scale_front=False, norm_growth_limit=1.01, convention="paper", impl="auto", distributed="auto"
+        )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
+        topo, owners = self._topology_and_owners()
+        shared = []  # (group, param, seed of a refreshed projection or None) stepped by their owners
         index = 0  # 1-based position in the optimizer: the projection's first seed
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -614,6 +653,17 @@ class APOLLO(Optimizer):
                     am.append(state["exp_avg"])
                     av.append(state["exp_avg_sq"])
                     steps.append(state["step"])
+                    continue
+                if id(p) in owners:
+                    if "step" not in state:  # every rank counts the steps and advances the seed
+                        state["step"] = 0
+                        state["seed"] = index
+                    refresh = None
+                    if state["step"] % group["update_proj_gap"] == 0:
+                        refresh = state["seed"]
+                        state["seed"] = next_projection_seed(state["seed"])
+                    state["step"] += 1
+                    shared.append((group, p, refresh))
                     continue
                 dt = compute_dtype(p)
                 if "step" not in state:
@@ -664,7 +714,103 @@ class APOLLO(Optimizer):
                 impl=group["impl"],
                 cls=type(self).__name__,
             )
+        if shared:
+            self._owner_step(topo, owners, shared)
         return loss
+
+    # --- FSDP2 shards and DDP replicas (lightning_opt.optim.distributed) ------------------------
+
+    def _topology_and_owners(self) -> tuple[Topology, dict[int, int]]:
+        """The step's topology and the owner of every APOLLO matrix of a ``distributed="auto"`` group."""
+        auto = [
+            (g, p)
+            for g in self.param_groups
+            if g["distributed"] == "auto"
+            for p, on in zip(g["params"], g["apollo_mask"])
+            if on
+        ]
+        topo = topology([p for _, p in auto])
+        if topo.mode == "single":
+            return topo, {}
+        items = [(p, (tuple(p.shape), g["rank"]), apollo_cost(p.shape, g["rank"])) for g, p in auto]
+        return topo, cached_owners(self, topo, items)
+
+    @staticmethod
+    def _layout(shape: Sequence[int], group: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
+        m, n = shape
+        r = group["rank"]
+        return ((m, r), (r, n)) if m >= n else ((r, n), (m, r))  # (moments, projection)
+
+    def _owner_state(self) -> tuple[Topology, list[OwnerStateEntry]]:
+        topo, owners = self._topology_and_owners()
+        entries = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if id(p) not in owners or state.get("step", 0) == 0:
+                    continue
+                moments, proj = self._layout(p.shape, group)
+                layout: dict[str, Any] = {"exp_avg": moments, "exp_avg_sq": moments, "proj": proj}
+                if group["norm_growth_limit"] is not None:
+                    layout["update_norm"] = ()
+                entries.append(OwnerStateEntry(p, owners[id(p)], layout, compute_dtype(p), local(p).device))
+        return topo, entries
+
+    def _owner_step(
+        self, topo: Topology, owners: dict[int, int], shared: list[tuple[dict[str, Any], Tensor, int | None]]
+    ) -> None:
+        """:func:`apollo_direction` of each matrix whole on its owner, :func:`apollo_apply_` on every rank's rows."""
+        name = type(self).__name__
+        jobs = []
+        for group, p, refresh in shared:
+            state = self.state[p]
+            beta1, beta2 = group["betas"]
+            dt = compute_dtype(p)
+
+            def compute(full: list[Tensor], state=state, group=group, refresh=refresh, dt=dt) -> list[Tensor]:
+                g = full[0]
+                moments, _ = self._layout(g.shape, group)
+                if refresh is not None:
+                    state["proj"] = random_projection(g.shape, group["rank"], refresh, dtype=dt, device=g.device)
+                elif "proj" not in state:
+                    raise RuntimeError(f"{name}: the owner of a matrix has no projection; its state was not loaded")
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros(moments, dtype=dt, device=g.device)
+                    state["exp_avg_sq"] = torch.zeros(moments, dtype=dt, device=g.device)
+                update, new_norm = apollo_direction(
+                    g,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["proj"],
+                    step=state["step"],
+                    beta1=group["betas"][0],
+                    beta2=group["betas"][1],
+                    eps=group["eps"],
+                    scale=group["scale"],
+                    scale_type=group["scale_type"],
+                    scale_front=group["scale_front"],
+                    norm_growth_limit=group["norm_growth_limit"],
+                    prev_norm=state.get("update_norm"),
+                    convention=group["convention"],
+                )
+                if new_norm is not None:
+                    state["update_norm"] = new_norm
+                return [update]
+
+            grad = local(p.grad).to(dt)
+            jobs.append(MatrixJob(owners[id(p)], [grad], p.shape[0], [tuple(p.shape)], compute))
+        for (group, p, _), (update,) in zip(shared, owner_compute(topo, jobs)):
+            beta1, beta2 = group["betas"]
+            apollo_apply_(
+                local(p),
+                update,
+                step=self.state[p]["step"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                convention=group["convention"],
+            )
 
 
 class APOLLOMini(APOLLO):
@@ -699,6 +845,7 @@ class APOLLOMini(APOLLO):
         norm_growth_limit: float | None = 1.01,
         convention: Convention = "paper",
         impl: Impl = "auto",
+        distributed: Distributed = "auto",
     ) -> None:
         super().__init__(
             params,
@@ -716,6 +863,7 @@ class APOLLOMini(APOLLO):
             norm_growth_limit=norm_growth_limit,
             convention=convention,
             impl=impl,
+            distributed=distributed,
         )
 
 

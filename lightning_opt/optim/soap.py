@@ -32,8 +32,20 @@ from lightning_opt.optim.base import (
     is_number,
     keep_state_dtype_on_load,
     params_with_grad,
-    reject_dtensor,
     run_closure,
+)
+from lightning_opt.optim.distributed import (
+    Distributed,
+    MatrixJob,
+    OwnerStateEntry,
+    Topology,
+    cached_owners,
+    check_distributed,
+    check_shardable,
+    install_owner_state_hooks,
+    local,
+    owner_compute,
+    topology,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
 from lightning_opt.optim.precision import LOW_PRECISION
@@ -44,8 +56,10 @@ __all__ = [
     "SOAP_IMPLS",
     "soap",
     "soap_apply_",
+    "soap_cost",
     "soap_direction",
     "soap_eigenbasis",
+    "soap_layout",
     "soap_merge_shape",
     "soap_precondition_",
     "soap_project",
@@ -74,6 +88,33 @@ def soap_merge_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
     if current > 1 or not merged:
         merged.append(current)
     return merged
+
+
+def soap_layout(
+    shape: Sequence[int], *, max_precond_dim: int, merge_dims: bool, precondition_1d: bool
+) -> tuple[list[int], list[bool]]:
+    """The moments' shape of a parameter of ``shape`` and which of its dims are rotated.
+
+    A 1-D (or 0-D) parameter keeps one dim, rotated only with ``precondition_1d``; a larger one
+    is merged (:func:`soap_merge_shape`) with ``merge_dims``; a dim is rotated if it is at most
+    ``max_precond_dim``.
+    """
+    if len(shape) <= 1:
+        moments = [max(math.prod(shape), 1)]
+        return moments, [precondition_1d and moments[0] <= max_precond_dim]
+    moments = soap_merge_shape(shape, max_precond_dim) if merge_dims else list(shape)
+    return moments, [size <= max_precond_dim for size in moments]
+
+
+def soap_cost(shape: Sequence[int], rotated: Sequence[bool], precondition_frequency: int) -> float:
+    """Flops of one SOAP step on moments of ``shape`` (the owner-compute cost model).
+
+    Per rotated dim of size ``d`` of a tensor of ``N`` elements: the rotation in and out and the
+    preconditioner EMA, three contractions of ``2 N d`` flops; the refresh (a power iteration
+    ``L Q``, ``2 d^3``, and a QR, ``~4/3 d^3``) every ``precondition_frequency`` steps.
+    """
+    n = math.prod(shape)
+    return float(sum(6 * n * d + (10 / 3) * d**3 / precondition_frequency for d, r in zip(shape, rotated) if r))
 
 
 def soap_project(x: Tensor, Q: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
@@ -439,11 +480,21 @@ class SOAP(Optimizer):
             (one tensor at a time, the reference) or ``"foreach"`` (the rotations of same-shaped
             tensors batched, the elementwise part as ``torch._foreach_*`` ops; equal to
             ``for_loop`` up to rounding, see :func:`soap`). Keyword-only.
+        distributed: ``"auto"`` (default) or ``"local"``. With ``"auto"``, on FSDP2 shards
+            (``fully_shard``) and under DDP (a process group of more than one rank) each rotated
+            tensor is stepped whole on one owning rank (:mod:`lightning_opt.optim.distributed`:
+            its gradient's rows are sent there, the update's rows sent back), and its
+            preconditioners, eigenbases and moments live on that owner; ``state_dict()`` presents
+            them sharded by rows (FSDP2) or replicated (DDP) and is then a collective (call it on every
+            rank, as Lightning and ``torch.distributed.checkpoint`` do). Unrotated tensors stay
+            local. ``"local"``: every process steps its own tensors alone (refused for shards).
+            Keyword-only.
 
     Raises:
         ValueError: invalid lr, betas, shampoo_beta, eps, weight_decay, precondition_frequency,
-            max_precond_dim or impl; a flag that is not a bool.
-        NotImplementedError: a DTensor (FSDP2-sharded) parameter.
+            max_precond_dim, impl or distributed; a flag that is not a bool; a DTensor with
+            ``distributed="local"``.
+        NotImplementedError: a DTensor that is not FSDP2's ``Shard(0)`` on a 1-D mesh.
 
     Example:
         >>> opt = SOAP(model.parameters(), lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01)
@@ -479,6 +530,7 @@ class SOAP(Optimizer):
         correct_bias: bool = True,
         *,
         impl: Impl = "auto",
+        distributed: Distributed = "auto",
     ) -> None:
         _check("lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
         _check(
@@ -524,34 +576,41 @@ class SOAP(Optimizer):
             "normalize_grads": check_flag("SOAP", "normalize_grads", normalize_grads),
             "correct_bias": check_flag("SOAP", "correct_bias", correct_bias),
             "impl": check_impl("SOAP", impl, tuple(SOAP_IMPLS)),
+            "distributed": check_distributed("SOAP", distributed),
         }
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)
+        install_owner_state_hooks(self, self._owner_state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, impl="auto")
+        backfill_group_defaults(self, impl="auto", distributed="auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; an invalid ``impl`` and DTensor (sharded) parameters are refused here, before any step."""
         if "impl" in param_group:  # before adding: a refused group must not stay in param_groups
             check_impl("SOAP", param_group["impl"], tuple(SOAP_IMPLS))
+        if "distributed" in param_group:
+            check_distributed("SOAP", param_group["distributed"])
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
         for p, name in zip(group["params"], names):
-            reject_dtensor("SOAP", p, name)
+            check_shardable("SOAP", p, name, distributed=group["distributed"])
+
+    @staticmethod
+    def _layout(shape: Sequence[int], group: dict[str, Any]) -> tuple[list[int], list[bool]]:
+        return soap_layout(
+            shape,
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+        )
 
     @staticmethod
     def _init_state(param: Tensor, grad: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         dt = compute_dtype(param)
-        max_dim = group["max_precond_dim"]
-        if param.ndim <= 1:
-            shape = [max(param.numel(), 1)]
-            rotated = [group["precondition_1d"] and shape[0] <= max_dim]
-        else:
-            shape = soap_merge_shape(param.shape, max_dim) if group["merge_dims"] else list(param.shape)
-            rotated = [size <= max_dim for size in shape]
+        shape, rotated = SOAP._layout(param.shape, group)
         state["step"] = 0
         state["exp_avg"] = torch.zeros(shape, dtype=dt, device=param.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=dt, device=param.device)
@@ -565,12 +624,21 @@ class SOAP(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
+        topo, owners = self._topology_and_owners()
+        shared = []  # (group, param) of the rotated tensors stepped by their owners
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             shampoo_beta = beta2 if group["shampoo_beta"] is None else group["shampoo_beta"]
             params, grads, states = [], [], []
             for p in params_with_grad(group, "SOAP"):
                 state = self.state[p]
+                if id(p) in owners:
+                    shared.append((group, p))
+                    continue
+                if topo.mode == "fsdp" and group["distributed"] == "auto":
+                    # an unrotated shard: elementwise Adam on this rank's rows, state sharded like p
+                    self._local_shard_step(p, group, state)
+                    continue
                 if "Q" not in state:
                     # the first step only builds the preconditioners (no update), as in the paper's code
                     self._init_state(p, p.grad, group, state)
@@ -593,7 +661,125 @@ class SOAP(Optimizer):
                 correct_bias=group["correct_bias"],
                 impl=group["impl"],
             )
+        if shared:
+            self._owner_step(topo, owners, shared)
         return loss
+
+    # --- FSDP2 shards and DDP replicas (lightning_opt.optim.distributed) ------------------------
+
+    def _topology_and_owners(self) -> tuple[Topology, dict[int, int]]:
+        """The step's topology and the owner of every rotated tensor of a ``distributed="auto"`` group.
+
+        The owners cover every such parameter (with a gradient or not) and are cached while the
+        parameters and the world size stay the same: their state lives there.
+        """
+        auto = [(g, p) for g in self.param_groups if g["distributed"] == "auto" for p in g["params"]]
+        topo = topology([p for _, p in auto])
+        if topo.mode == "single":
+            return topo, {}
+        rotated = []
+        for group, p in auto:
+            shape, rot = self._layout(p.shape, group)
+            if any(rot):
+                rotated.append((p, tuple(shape), soap_cost(shape, rot, group["precondition_frequency"])))
+        return topo, cached_owners(self, topo, rotated)
+
+    def _owner_state(self) -> tuple[Topology, list[OwnerStateEntry]]:
+        topo, owners = self._topology_and_owners()
+        entries = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in owners or "step" not in self.state.get(p, {}):
+                    continue
+                shape, rotated = self._layout(p.shape, group)
+                pre = [(n, n) if r else None for n, r in zip(shape, rotated)]
+                layout = {"exp_avg": tuple(shape), "exp_avg_sq": tuple(shape), "GG": pre, "Q": list(pre)}
+                entries.append(OwnerStateEntry(p, owners[id(p)], layout, compute_dtype(p), local(p).device))
+        return topo, entries
+
+    def _local_shard_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        # no rotated dim: SOAP is Adam, elementwise; the moments are DTensors sharded like p (and
+        # the moments' shape is p's: merging only joins dims that are then rotated)
+        shape, rotated = self._layout(p.shape, group)
+        if "step" not in state:  # the first step only builds the (empty) preconditioners
+            state["step"] = 0
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
+            state["GG"] = [None] * len(shape)
+            state["Q"] = [None] * len(shape)
+            return
+        beta1, beta2 = group["betas"]
+        view = {**state, "exp_avg": local(state["exp_avg"]), "exp_avg_sq": local(state["exp_avg_sq"])}
+        soap_update_(
+            local(p),
+            local(p.grad),
+            view,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            shampoo_beta=beta2 if group["shampoo_beta"] is None else group["shampoo_beta"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            precondition_frequency=group["precondition_frequency"],
+            normalize_grads=group["normalize_grads"],
+            correct_bias=group["correct_bias"],
+        )
+        state["step"] = view["step"]
+        for key in ("exp_avg", "exp_avg_sq"):  # the refresh re-binds them (views of the same storage)
+            if view[key] is not local(state[key]):
+                local(state[key]).copy_(view[key].reshape(local(state[key]).shape))
+
+    def _owner_step(
+        self, topo: Topology, owners: dict[int, int], shared: list[tuple[dict[str, Any], Tensor]]
+    ) -> None:
+        """Step the rotated tensors: each whole on its owner (:func:`soap_direction` and
+        :func:`soap_precondition_`, or the first step's :meth:`_init_state`), :func:`soap_apply_`
+        on every rank's rows."""
+        jobs, applies = [], []
+        for group, p in shared:
+            state = self.state[p]
+            owner = owners[id(p)]
+            first = "step" not in state
+            if first:
+                state["step"] = 0  # every rank counts the steps; the owner's _init_state sets it too
+            elif owner != topo.rank:
+                state["step"] += 1  # on the owner soap_direction counts
+            beta1, beta2 = group["betas"]
+            hp = {"beta1": beta1, "beta2": beta2, "eps": group["eps"], "normalize_grads": group["normalize_grads"]}
+            pre = {
+                "shampoo_beta": beta2 if group["shampoo_beta"] is None else group["shampoo_beta"],
+                "precondition_frequency": group["precondition_frequency"],
+            }
+
+            def compute(
+                full: list[Tensor], state=state, group=group, first=first, hp=hp, pre=pre
+            ) -> list[Tensor]:
+                g = full[0]
+                if first:
+                    # the whole gradient in the math dtype stands in for the parameter (shape, dtype, device)
+                    SOAP._init_state(g, g, group, state)
+                    return []
+                update = soap_direction(g, state, **hp)
+                soap_precondition_(g, state, **pre)
+                return [update.reshape(g.shape)]
+
+            grad = local(p.grad).to(compute_dtype(p))
+            jobs.append(MatrixJob(owner, [grad], p.shape[0], [] if first else [tuple(p.shape)], compute))
+            applies.append((group, p, first))
+        for (group, p, first), outputs in zip(applies, owner_compute(topo, jobs)):
+            if first:
+                continue
+            beta1, beta2 = group["betas"]
+            soap_apply_(
+                local(p),
+                outputs[0],
+                step=self.state[p]["step"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                correct_bias=group["correct_bias"],
+            )
 
 
 register(

@@ -295,10 +295,10 @@ def test_closure_called_once_with_grad_enabled() -> None:
     assert calls == [True]
 
 
-def test_rejects_sharded_weights() -> None:
+def test_refuses_dtensor_layouts_it_cannot_step() -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if dist.is_initialized():
         pytest.skip("a process group already exists")
@@ -306,8 +306,12 @@ def test_rejects_sharded_weights() -> None:
     try:
         mesh = init_device_mesh("cpu", (1,))
         param = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="APOLLO got a DTensor"):
-            APOLLO([param], rank=2)
+        APOLLO([param], rank=2)  # FSDP2's Shard(0): owner-compute (tests/distributed)
+        with pytest.raises(ValueError, match=r"APOLLO\(distributed='local'\) got a DTensor"):
+            APOLLO([param], rank=2, distributed="local")
+        other = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        with pytest.raises(NotImplementedError, match="APOLLO got a DTensor parameter.*fully_shard"):
+            APOLLO([other], rank=2)
     finally:
         dist.destroy_process_group()
 

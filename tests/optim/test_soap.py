@@ -192,19 +192,25 @@ def test_closure_is_called_once_with_grad_enabled() -> None:
     assert opt.step(closure) is not None and calls == [True]
 
 
-def test_rejects_sharded_dtensor_parameters(tmp_path) -> None:
+def test_refuses_dtensor_layouts_it_cannot_step(tmp_path) -> None:
+    """FSDP2's Shard(0) is taken (tests/distributed/test_matrix_owner_compute.py steps it); other
+    placements and distributed='local' on a shard are refused at construction."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="SOAP got a DTensor.*'fc.weight'.*later issue"):
-            SOAP([{"params": [w], "param_names": ["fc.weight"]}])
+        SOAP([{"params": [w], "param_names": ["fc.weight"]}])
+        with pytest.raises(ValueError, match=r"SOAP\(distributed='local'\) got a DTensor .*'fc.weight'"):
+            SOAP([{"params": [w], "param_names": ["fc.weight"]}], distributed="local")
+        r = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        with pytest.raises(NotImplementedError, match="SOAP got a DTensor parameter 'fc.weight'.*fully_shard"):
+            SOAP([{"params": [r], "param_names": ["fc.weight"]}])
     finally:
         dist.destroy_process_group()
 

@@ -28,6 +28,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
+from lightning_opt.optim.precision import shard_groups, shard_local
+
 __all__ = ["IMPLS", "Impl", "check_impl", "dispatch", "is_dtensor", "resolve_impl"]
 
 Impl = Literal["auto", "for_loop", "foreach", "fused", "triton"]
@@ -123,7 +125,13 @@ def resolve_impl(cls: str, impl: str, supported: Sequence[str], sample: Tensor, 
 
 
 def _bucket_key(t: Tensor) -> tuple[Any, ...]:
-    return (t.device, t.dtype, is_dtensor(t))
+    if is_dtensor(t):
+        return (t.device, t.dtype, True, id(t.device_mesh), tuple(t.placements))
+    return (t.device, t.dtype, False)
+
+
+def _local(x: Any) -> Any:
+    return x.to_local() if isinstance(x, Tensor) and is_dtensor(x) else x
 
 
 def dispatch(
@@ -132,9 +140,19 @@ def dispatch(
     impl: str,
     impls: Mapping[str, Callable[..., Any]],
     lists: Mapping[str, Sequence[Any]],
+    reduces: bool = False,
     **hparams: Any,
 ) -> list[Any]:
     """Run the family's list-level function for each (device, dtype) bucket of ``lists``.
+
+    DTensor parameters (FSDP2 shards) are bucketed by mesh and placements too, and each such bucket
+    runs on the local tensors (``to_local()``, views that share storage) inside
+    :func:`~lightning_opt.optim.precision.shard_local`: elementwise math stays local and takes the
+    same impl as plain tensors would (the fused kernel on CPU), while the per-tensor reductions of
+    the shared precision service (``tensor_norms``, ``tensor_abs_means``) add the shards' partial
+    sums in one all-reduce per call. A family with per-tensor reductions passes ``reduces=True``:
+    on shards ``auto`` then takes ``foreach`` (one collective for the bucket; ``for_loop`` would do
+    one per tensor, and the fused/triton kernels reduce inside the kernel, so they refuse shards).
 
     Args:
         cls: the optimizer's name, for errors.
@@ -161,9 +179,24 @@ def dispatch(
     results: list[Any] = [None] * len(params)
     any_result = False
     for idx in buckets.values():
-        chosen = resolve_impl(cls, impl, supported, params[idx[0]], family)
+        sample = params[idx[0]]
         sliced = {n: [lists[n][i] for i in idx] for n in names}
-        out = impls[chosen](**sliced, **hparams)
+        if not is_dtensor(sample):
+            out = impls[resolve_impl(cls, impl, supported, sample, family)](**sliced, **hparams)
+        else:
+            groups = shard_groups(cls, sample)
+            local = sample.to_local()
+            if reduces and groups:
+                if impl in ("fused", "triton"):
+                    raise RuntimeError(
+                        f"{cls}(impl={impl!r}) reduces each tensor inside the kernel, which cannot see the other "
+                        "shards of an FSDP2 parameter; use impl='auto' or 'foreach' (one all-reduce per step)"
+                    )
+                chosen = ("foreach" if "foreach" in supported else "for_loop") if impl == "auto" else impl
+            else:
+                chosen = resolve_impl(cls, impl, supported, local, family)
+            with shard_local(groups):
+                out = impls[chosen](**{n: [_local(x) for x in v] for n, v in sliced.items()}, **hparams)
         if out is not None:
             any_result = True
             for i, r in zip(idx, out):

@@ -34,7 +34,15 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype, exact_sqrt
+from lightning_opt.optim.precision import (
+    LOW_PRECISION,
+    apply_update_,
+    apply_updates_,
+    compute_dtype,
+    exact_sqrt,
+    tensor_norm,
+    tensor_norms,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["GROKADAMW_IMPLS", "GrokAdamW", "grokadamw", "grokadamw_update_", "grokking_signal_from_losses"]
@@ -84,7 +92,7 @@ def grokadamw_update_(
     g = grad.to(dt, copy=True)
     if gradient_clipping > 0:
         # accumulated in float64 as every impl does (the fused kernel sums in double), see tensor_norm
-        norm = torch.linalg.vector_norm(g, dtype=torch.float64).to(dt)
+        norm = tensor_norm(g)
         g.mul_((gradient_clipping / (norm + _CLIP_EPS)).clamp(max=1.0))
     m, v, e = exp_avg.to(dt), exp_avg_sq.to(dt), grok_ema.to(dt)
     e.mul_(alpha).add_(g, alpha=1 - alpha)
@@ -137,7 +145,7 @@ def _grok_foreach(
     low = params[0].dtype in LOW_PRECISION
     g = [x.to(dt, copy=True) for x in grads]
     if gradient_clipping > 0:
-        norms = torch.stack(torch._foreach_norm(g, 2, dtype=torch.float64)).to(dt)
+        norms = tensor_norms(g)
         torch._foreach_mul_(g, list((gradient_clipping / (norms + _CLIP_EPS)).clamp(max=1.0).unbind(0)))
     m, v, e = ([x.to(dt) for x in xs] for xs in (exp_avgs, exp_avg_sqs, grok_emas))
     torch._foreach_mul_(e, alpha)
@@ -253,7 +261,8 @@ def grokadamw(
         "grokadamw",
         impl,
         GROKADAMW_IMPLS,
-        {
+        reduces=True,
+        lists={
             "params": params,
             "grads": grads,
             "exp_avgs": exp_avgs,
@@ -318,6 +327,8 @@ class GrokAdamW(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(GROKADAMW_IMPLS)
+    #: per-tensor statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -386,11 +397,8 @@ class GrokAdamW(Optimizer):
         backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        # a param group may set its own impl/rounding: checked when it is added
-        check_impl("GrokAdamW", group["impl"], self.impls)
-        check_rounding("GrokAdamW", group["kahan_sum"], group["stochastic_rounding"])
+        # a group's own options are checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
 
     def _signal(self, group: dict[str, Any]) -> float | None:
         if self.grokking_signal_fns is None:

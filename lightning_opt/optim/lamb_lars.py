@@ -29,6 +29,7 @@ from lightning_opt.optim.base import (
     check_betas,
     check_flag,
     check_lr_wd,
+    check_param_group,
     check_rounding,
     ensure_kahan_comp,
     init_state,
@@ -44,6 +45,7 @@ from lightning_opt.optim.precision import (
     exact_sqrt,
     tensor_norm,
     tensor_norms,
+    total_norm,
 )
 from lightning_opt.optim.registry import OptimInfo, register
 
@@ -74,14 +76,6 @@ def _warn_if_nothing_adapted(opt: Optimizer, cls: str) -> None:
             UserWarning,
             stacklevel=3,
         )
-
-
-def _check_group(group: dict[str, Any], cls: str, impls: dict[str, Any]) -> None:
-    # a param group may set its own impl/rounding: checked when it is added, not at its first step
-    if "impl" in group:
-        check_impl(cls, group["impl"], tuple(impls))
-    if "kahan_sum" in group and "stochastic_rounding" in group:
-        check_rounding(cls, group["kahan_sum"], group["stochastic_rounding"])
 
 
 def trust_ratio(numerator: Tensor, denominator: Tensor, param_norm: Tensor, other_norm: Tensor) -> Tensor:
@@ -262,7 +256,8 @@ def _lamb_foreach(
     if weight_decay != 0:
         torch._foreach_add_(u, p32, alpha=weight_decay)
     if adapt:
-        w_norm, u_norm = tensor_norms(p32), tensor_norms(u)
+        # one reduction (on shards one all-reduce) for both norms of every tensor
+        w_norm, u_norm = tensor_norms([*p32, *u]).split(len(p32))
         ratio = trust_ratio(w_norm, u_norm, w_norm, u_norm)
         if trust_clip:
             ratio = ratio.clamp(max=1.0)
@@ -357,7 +352,8 @@ def lamb(
         "lamb_lars",
         impl,
         LAMB_IMPLS,
-        {
+        reduces=True,
+        lists={
             "params": params,
             "grads": grads,
             "exp_avgs": exp_avgs,
@@ -406,7 +402,7 @@ def _lars_foreach(
     p32 = [x.to(dt) for x in params]
     d = [x.to(dt, copy=True) for x in grads]
     if adapt:
-        w_norm, g_norm = tensor_norms(p32), tensor_norms(d)
+        w_norm, g_norm = tensor_norms([*p32, *d]).split(len(p32))
         ratio = trust_ratio(trust_coeff * w_norm, g_norm + weight_decay * w_norm + eps, w_norm, g_norm)
         if trust_clip:
             ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
@@ -517,7 +513,8 @@ def lars(
         "lamb_lars",
         impl,
         LARS_IMPLS,
-        {"params": params, "grads": grads, "momentum_buffers": momentum_buffers, "kahan_comps": kahan_comps},
+        reduces=True,
+        lists={"params": params, "grads": grads, "momentum_buffers": momentum_buffers, "kahan_comps": kahan_comps},
         lr=lr,
         momentum=momentum,
         dampening=dampening,
@@ -574,6 +571,8 @@ class Lamb(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(LAMB_IMPLS)
+    #: per-tensor statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -625,22 +624,17 @@ class Lamb(Optimizer):
         backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _check_group(self.param_groups[-1], "Lamb", LAMB_IMPLS)
+        # a group's own options are checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
 
     @torch.no_grad()
     def _grad_scale(self) -> Tensor | float:
         if self.max_grad_norm <= 0:
             return 1.0
-        norms = [
-            torch.linalg.vector_norm(p.grad.to(compute_dtype(p.grad)))
-            for g in self.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        if not norms:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
             return 1.0
-        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
+        total = total_norm("Lamb", grads)  # on FSDP2 shards one all-reduce
         return 1.0 / (total / self.max_grad_norm).clamp(min=1.0)
 
     @torch.no_grad()
@@ -724,6 +718,8 @@ class Lars(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(LARS_IMPLS)
+    #: per-tensor statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -773,8 +769,8 @@ class Lars(Optimizer):
         backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        _check_group(self.param_groups[-1], "Lars", LARS_IMPLS)
+        # a group's own options are checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -27,10 +27,13 @@ round-trips bit-exactly, and every implementation (torch ops, C, Triton) draws t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -49,8 +52,14 @@ __all__ = [
     "sr_bits",
     "stochastic_round",
     "store_",
+    "shard_groups",
+    "shard_local",
+    "sharded",
+    "tensor_abs_mean",
+    "tensor_abs_means",
     "tensor_norm",
     "tensor_norms",
+    "total_norm",
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -93,18 +102,116 @@ def exact_sqrt_(x: Tensor) -> Tensor:
     return x.sqrt_()
 
 
+# Per-tensor reductions on FSDP2 shards. The engine runs a bucket of DTensor shards on their local
+# tensors inside :func:`shard_local`; the reductions below then add the local partial sums of every
+# tensor in one all-reduce per call (one collective for a whole list, never one per parameter), so
+# a family's norms and means are those of the whole parameter while its elementwise math stays local.
+_SHARD_GROUPS: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("lightning_opt_shard_groups", default=())
+
+
+@contextlib.contextmanager
+def shard_local(groups: Sequence[Any]) -> Iterator[None]:
+    """Within this block the tensors are local shards: reductions all-reduce over ``groups``.
+
+    ``groups`` are the process groups of the mesh dimensions the tensors are sharded on (empty:
+    replicated or plain tensors, nothing to reduce).
+    """
+    token = _SHARD_GROUPS.set(tuple(groups))
+    try:
+        yield
+    finally:
+        _SHARD_GROUPS.reset(token)
+
+
+def shard_groups(cls: str, t: Tensor) -> tuple[Any, ...]:
+    """The process groups of the mesh dimensions ``t`` (a DTensor) is sharded on (``cls`` names the
+    optimizer in the error for a partial-sum placement)."""
+    groups = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            groups.append(t.device_mesh.get_group(dim))
+        elif not placement.is_replicate():
+            raise RuntimeError(
+                f"{cls} steps sharded or replicated DTensors, got placement {placement} (a partial sum): "
+                "reduce the gradients before the step"
+            )
+    return tuple(groups)
+
+
+def total_norm(cls: str, xs: Sequence[Tensor]) -> Tensor:
+    """``||concat(xs)||`` (a global gradient norm) as a plain 0-d tensor, each norm taken in its
+    compute dtype; DTensor shards add their squared local norms in one all-reduce per mesh."""
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(x, DTensor) for x in xs):
+        norms = [torch.linalg.vector_norm(x.to(compute_dtype(x))) for x in xs]
+        return torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
+    by_groups: dict[tuple[Any, ...], list[Tensor]] = {}
+    for x in xs:
+        local = x.to_local() if isinstance(x, DTensor) else x
+        groups = shard_groups(cls, x) if isinstance(x, DTensor) else ()
+        by_groups.setdefault(groups, []).append(
+            torch.linalg.vector_norm(local.to(compute_dtype(local)), dtype=torch.float64).square()
+        )
+    total = None
+    for groups, sqs in by_groups.items():
+        part = torch.stack([s.to(sqs[0].device) for s in sqs]).sum().reshape(1)
+        with shard_local(groups):
+            _sum_shards_(part)
+        total = part if total is None else total + part.to(total.device)
+    return total[0].sqrt().to(compute_dtype(xs[0]))
+
+
+def sharded() -> bool:
+    """Whether reductions currently sum over shards (inside :func:`shard_local` with a group)."""
+    return bool(_SHARD_GROUPS.get())
+
+
+def _sum_shards_(t: Tensor) -> Tensor:
+    for group in _SHARD_GROUPS.get():
+        dist.all_reduce(t, group=group)
+    return t
+
+
 def tensor_norm(x: Tensor) -> Tensor:
     """``||x||`` accumulated in float64 and rounded once to ``x``'s dtype.
 
     Every impl takes its per-tensor norms this way (the fused kernels sum per-chunk partials in
-    double), so they agree on a trust ratio to the last bit.
+    double), so they agree on a trust ratio to the last bit. On shards (:func:`shard_local`) the
+    squared local norms are summed over the shards first.
     """
-    return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
+    if not sharded():
+        return torch.linalg.vector_norm(x, dtype=torch.float64).to(x.dtype)
+    sq = torch.linalg.vector_norm(x, dtype=torch.float64).square().reshape(1)
+    return _sum_shards_(sq).sqrt_()[0].to(x.dtype)
 
 
 def tensor_norms(xs: Sequence[Tensor]) -> Tensor:
-    """:func:`tensor_norm` of each of ``xs`` (one dtype), stacked (one multi-tensor call)."""
-    return torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float64)).to(xs[0].dtype)
+    """:func:`tensor_norm` of each of ``xs`` (one dtype), stacked (one multi-tensor call; on shards
+    one all-reduce for the whole list)."""
+    norms = torch.stack(torch._foreach_norm(list(xs), 2, dtype=torch.float64))
+    if sharded():
+        norms = _sum_shards_(norms.square_()).sqrt_()
+    return norms.to(xs[0].dtype)
+
+
+def tensor_abs_mean(x: Tensor) -> Tensor:
+    """``mean(|x|)`` in ``x``'s dtype; on shards the sums and element counts of all shards."""
+    if not sharded():
+        return x.abs().mean()
+    both = torch.stack([x.abs().sum(dtype=torch.float64), torch.tensor(float(x.numel()), dtype=torch.float64)])
+    _sum_shards_(both)
+    return (both[0] / both[1]).to(x.dtype)
+
+
+def tensor_abs_means(xs: Sequence[Tensor]) -> Tensor:
+    """:func:`tensor_abs_mean` of each of ``xs`` (one dtype), stacked; on shards one all-reduce."""
+    sums = torch.stack(torch._foreach_norm(list(xs), 1))
+    numels = torch.tensor([float(x.numel()) for x in xs], dtype=sums.dtype, device=sums.device)
+    if not sharded():
+        return sums.div_(numels)
+    both = _sum_shards_(torch.cat([sums.double(), numels.double()]))
+    return (both[: len(xs)] / both[len(xs) :]).to(sums.dtype)
 
 
 def new_kahan_comp(param: Tensor) -> Tensor | None:

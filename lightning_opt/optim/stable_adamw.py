@@ -24,7 +24,14 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
+from lightning_opt.optim.precision import (
+    LOW_PRECISION,
+    apply_update_,
+    apply_updates_,
+    compute_dtype,
+    tensor_abs_mean,
+    tensor_abs_means,
+)
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["STABLE_ADAMW_IMPLS", "StableAdamW", "debias_beta", "stable_adamw", "stable_adamw_update_"]
@@ -68,7 +75,7 @@ def stable_adamw_update_(
     b1, b2 = debias_beta(beta1, step), debias_beta(beta2, step)
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    rms = (g * g).div_(v.clamp(min=eps * eps)).mean().sqrt()
+    rms = tensor_abs_mean((g * g).div_(v.clamp(min=eps * eps))).sqrt()
     lr_t = lr / rms.clamp(min=1.0)
     if weight_decay != 0:
         scale = lr_t / max_lr if decouple_lr else lr_t
@@ -126,10 +133,8 @@ def _stable_adamw_foreach(
         torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
     ratio = torch._foreach_mul(g, g)
     torch._foreach_div_(ratio, torch._foreach_clamp_min(v, eps * eps))
-    # the per-tensor mean: ord-1 norms of the non-negative ratios are their sums
-    sums = torch.stack(torch._foreach_norm(ratio, 1))
-    numels = torch.tensor([x.numel() for x in ratio], dtype=sums.dtype, device=sums.device)
-    lr_ts = list((lr / sums.div_(numels).sqrt_().clamp_(min=1.0)).unbind(0))
+    # the per-tensor means of the non-negative ratios (on shards: one all-reduce for the list)
+    lr_ts = list((lr / tensor_abs_means(ratio).sqrt_().clamp_(min=1.0)).unbind(0))
     if weight_decay != 0:
         scales = [t / max_lr for t in lr_ts] if decouple_lr else lr_ts
         torch._foreach_mul_(params, [1 - t * weight_decay for t in scales])
@@ -227,7 +232,8 @@ def stable_adamw(
         "stable_adamw",
         impl,
         STABLE_ADAMW_IMPLS,
-        {
+        reduces=True,
+        lists={
             "params": params,
             "grads": grads,
             "exp_avgs": exp_avgs,
@@ -287,6 +293,8 @@ class StableAdamW(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(STABLE_ADAMW_IMPLS)
+    #: the per-tensor RMS clip has no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -326,11 +334,9 @@ class StableAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
-        super().add_param_group(param_group)
+        # a group's own options are checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
         group = self.param_groups[-1]
-        # a group's own options are checked as the constructor checks them
-        check_rounding("StableAdamW", group["kahan_sum"], group["stochastic_rounding"])
-        check_impl("StableAdamW", group["impl"], tuple(STABLE_ADAMW_IMPLS))
         max_lr = group["max_lr"]
         if max_lr is not None:
             if not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0:

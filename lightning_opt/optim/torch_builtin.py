@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_opt.optim.base import check_betas
-from lightning_opt.optim.engine import Impl
+from lightning_opt.optim.engine import Impl, is_dtensor
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["torch_backed"]
@@ -110,10 +110,20 @@ def _as_groups(params: Any) -> list[dict[str, Any]] | None:
     return groups
 
 
+# fused kernels that torch 2.13 cannot run on DTensor shards ("aten._fused_sgd_.default does not have a
+# sharding strategy registered"); fused Adam/AdamW step shards (checked on 2 gloo ranks)
+_FUSED_NO_DTENSOR = (torch.optim.SGD, torch.optim.Adagrad)
+
+
 def _check_fused_runs(cls: type[Optimizer], groups: list[dict[str, Any]] | None) -> None:
     """Refuse ``impl="fused"`` where torch's fused kernel is known to compute wrong results."""
     for group in groups or []:
         for t in _group_tensors(group.get("params")) or []:
+            if cls in _FUSED_NO_DTENSOR and isinstance(t, Tensor) and is_dtensor(t):
+                raise ValueError(
+                    f"{cls.__name__}(impl='fused'): torch {torch.__version__}'s fused {cls.__name__} kernel has no "
+                    "DTensor (FSDP2 shard) support; use impl='auto' or 'foreach'"
+                )
             if isinstance(t, Tensor) and t.dtype not in _FUSED_DTYPES.get((cls, t.device.type), _FUSED_DTYPES_DEFAULT):
                 raise ValueError(
                     f"{cls.__name__}(impl='fused'): torch's fused {cls.__name__} kernel does not update {t.dtype} "

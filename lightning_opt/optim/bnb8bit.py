@@ -29,6 +29,7 @@ from lightning_opt.optim.base import (
     check_arg,
     is_number,
 )
+from lightning_opt.optim.engine import is_dtensor
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["adamw_8bit", "lion_8bit", "paged_adamw_8bit", "paged_lion_8bit", "require_bnb"]
@@ -72,6 +73,13 @@ def require_bnb(name: str, fallback: str, params: list[dict[str, Any]] | None = 
             f"{name}: bitsandbytes is installed but cannot be imported on this machine ({err}); "
             f"use the 32-bit {fallback!r} optimizer instead"
         ) from err
+    if any(is_dtensor(p) for g in params or () for p in g["params"]):
+        raise RuntimeError(
+            f"{name} cannot step FSDP2 (DTensor) shards: bitsandbytes' 8-bit kernels have no DTensor support, and "
+            "its block-wise quantization (blocks of the flattened tensor) would depend on how the rows are sharded, "
+            f"so a sharded checkpoint could not be loaded on another number of ranks; use the 32-bit {fallback!r} "
+            "under FSDP2 (DDP and single-device runs keep 8-bit states)"
+        )
     devices = {p.device.type for g in params or () for p in g["params"]}
     version = getattr(bnb, "__version__", "0")
     if "cpu" in devices and _version_tuple(version) < _CPU_MIN_VERSION:

@@ -249,28 +249,33 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def sr_bits(value: Tensor) -> Tensor:
+def sr_bits(value: Tensor, *, seed: int = 0) -> Tensor:
     """The 16 random bits stochastic rounding adds to each float32 element of ``value`` (int64).
 
-    ``hash32(hash32(index) ^ bits(value)) & 0xFFFF``, with ``index`` the element's position in the
-    flattened tensor: the same in every implementation.
+    ``hash32(hash32(index + seed * 0x9E3779B9) ^ bits(value)) & 0xFFFF``, with ``index`` the
+    element's position in the flattened tensor: the same in every implementation (which all use
+    ``seed=0``). A caller that may round the same value twice (a weight that did not move, taking
+    the same update again: Lion's +-lr, Adam on a steady gradient) passes a step count as ``seed``,
+    or the two roundings draw the same bits and the rounding is biased over steps.
     """
     flat = value.reshape(-1)
     idx = torch.arange(flat.numel(), device=value.device, dtype=torch.int64)
+    if seed:
+        idx = (idx + int(seed) * 0x9E3779B9) & _MASK32
     bits = flat.view(torch.int32).to(torch.int64) & _MASK32
     return (_hash32(_hash32(idx) ^ bits) & 0xFFFF).view(value.shape)
 
 
-def stochastic_round(value: Tensor) -> Tensor:
+def stochastic_round(value: Tensor, *, seed: int = 0) -> Tensor:
     """``value`` (float32) rounded to bfloat16, up with probability equal to the dropped remainder.
 
-    The 16 dropped mantissa bits plus :func:`sr_bits` carry into the kept bits or not; inf and NaN
-    are rounded to nearest (the carry would change them).
+    The 16 dropped mantissa bits plus :func:`sr_bits` (of ``seed``) carry into the kept bits or not;
+    inf and NaN are rounded to nearest (the carry would change them).
     """
     if value.dtype != torch.float32:
         raise TypeError(f"stochastic_round takes float32 values, got {value.dtype}")
     bits = value.reshape(-1).view(torch.int32).to(torch.int64) & _MASK32
-    rounded = ((bits + sr_bits(value).reshape(-1)) & 0xFFFF0000).to(torch.int64)
+    rounded = ((bits + sr_bits(value, seed=seed).reshape(-1)) & 0xFFFF0000).to(torch.int64)
     # back to a signed int32 bit pattern
     rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
     out = rounded.view(torch.float32).view(value.shape).to(torch.bfloat16)

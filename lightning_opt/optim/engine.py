@@ -134,6 +134,18 @@ def _local(x: Any) -> Any:
     return x.to_local() if isinstance(x, Tensor) and is_dtensor(x) else x
 
 
+def _as_shard(result: Any, param: Tensor) -> Any:
+    """A per-tensor result shaped like ``param``'s local shard (new state, e.g. a momentum buffer)
+    as a DTensor laid out like ``param``; anything else (a 0-d clipped lr) unchanged."""
+    if isinstance(result, Tensor) and result.dim() > 0 and result.shape == param.to_local().shape:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            result, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+    return result
+
+
 def dispatch(
     cls: str,
     family: str,
@@ -197,6 +209,8 @@ def dispatch(
                 chosen = resolve_impl(cls, impl, supported, local, family)
             with shard_local(groups):
                 out = impls[chosen](**{n: [_local(x) for x in v] for n, v in sliced.items()}, **hparams)
+            if out is not None:
+                out = [_as_shard(r, params[i]) for i, r in zip(idx, out)]
         if out is not None:
             any_result = True
             for i, r in zip(idx, out):

@@ -147,7 +147,11 @@ def _auto_fused(cls: type[Optimizer], groups: list[dict[str, Any]], hp: dict[str
         else:
             group["fused"] = None  # torch's default, not the fused default below
     if not any_fused:
-        return cls(groups, **hp)
+        opt = cls(groups, **hp)
+        # a checkpoint saved where the groups fused brings fused=True along (torch loads group options):
+        # the pre-hook moves such a group back to torch's default where it cannot fuse (e.g. FSDP2 shards)
+        opt.register_step_pre_hook(_FusedFallback(checked))
+        return opt
     opt = cls(groups, **hp, fused=True)  # groups added later fuse too; the pre-hook catches misfits
     # GradScaler unscales the gradients before step() as for torch's default path (so gradient
     # clipping and gradient callbacks see true gradients), instead of leaving it to the kernel

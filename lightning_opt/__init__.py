@@ -4,6 +4,7 @@ Importing this package never imports triton, bitsandbytes or transformer_engine.
 """
 
 from lightning_opt.deepspeed import from_deepspeed_config
+from lightning_opt.hf import from_hf_training_args, hf_lr_schedule
 from lightning_opt.mixin import OptimizerConfig, OptimizerMixin
 from lightning_opt.optim import (
     OptimInfo,
@@ -23,6 +24,8 @@ __all__ = [
     "OptimizerConfig",
     "OptimizerMixin",
     "from_deepspeed_config",
+    "from_hf_training_args",
+    "hf_lr_schedule",
     "__version__",
     "aliases",
     "available_optimizers",

@@ -45,10 +45,11 @@ from lightning_opt.optim.base import (
     reject_sparse_grad,
     run_closure,
 )
-from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.distributed import check_shardable, local
+from lightning_opt.optim.engine import Impl, check_impl, dispatch, is_dtensor
 from lightning_opt.optim.registry import OptimInfo, register
 
-__all__ = ["ADALOMO_IMPLS", "AdaLomo", "adalomo", "adalomo_update_"]
+__all__ = ["ADALOMO_IMPLS", "AdaLomo", "adalomo", "adalomo_sharded_", "adalomo_update_"]
 
 
 def _rms(t: Tensor) -> Tensor:
@@ -148,18 +149,53 @@ def adalomo(
     )
 
 
-def _reject_dtensors(groups: list[dict[str, Any]]) -> None:
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
+def _sharded_zeros(p: Tensor, shape: torch.Size, dtype: torch.dtype, replicate: bool) -> Tensor:
+    """Zeros of global ``shape`` for a statistic of the FSDP2 shard ``p``: a DTensor on ``p``'s mesh,
+    ``Shard(0)`` (its dim 0 is ``p``'s) or, with ``replicate``, ``Replicate()`` (reduced over ``p``'s rows)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    for group in groups:
-        if any(isinstance(p, DTensor) for p in group["params"]):
-            raise NotImplementedError(
-                "AdaLomo got a DTensor (sharded) parameter; its factored second moment and per-tensor RMS "
-                "need the whole tensor and would be wrong on a local shard. Use DDP, or an elementwise "
-                "optimizer (adamw, lion) under FSDP."
+    lp = local(p)
+    if replicate:
+        zeros, placement = torch.zeros(shape, dtype=dtype, device=lp.device), Replicate()
+    else:
+        zeros, placement = torch.zeros((lp.size(0), *shape[1:]), dtype=dtype, device=lp.device), Shard(0)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(zeros, p.device_mesh, [placement], run_check=False, shape=shape, stride=stride)
+
+
+def adalomo_sharded_(
+    params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], groups: list[dict[str, Any]]
+) -> None:
+    """AdaLomo on FSDP2 shards: local statistics plus two coalesced all-reduces per step.
+
+    The math is Adafactor's factored step with AdaLomo's options (``eps1`` added to ``g^2``,
+    ``beta2_t = 1 - t^decay_rate``, no momentum, ``lr_t = lr max(eps2, RMS(p))`` also scaling the
+    decay), run by :mod:`lightning_opt.optim.adafactor`'s sharded kernel: row statistics stay with
+    the rows, column statistics, ``mean(r)``, ``RMS(p)`` and ``RMS(u)`` are partial sums completed
+    by all-reduces coalesced over every tensor (one round for the statistics and ``RMS(p)``, one
+    for ``RMS(u)``). Equal to :func:`adalomo_update_` up to the order of summation. ``states``
+    hold AdaLomo's own keys (``exp_avg_sq_row``: ``shape[:-1]``, ``exp_avg_sq_col``; 1-D:
+    ``exp_avg_sq``), viewed here in Adafactor's keep-dim layout; ``groups``: each tensor's group.
+    """
+    from lightning_opt.optim.adafactor import _adafactor_for_loop, _drive, _shard_of
+
+    gens = []
+    for p, g, state, group in zip(params, grads, states, groups):
+        eps1, eps2 = group["eps"]
+        nd = p.ndim
+        row = local(state["exp_avg_sq_row"]).unsqueeze(-1) if nd >= 2 else None
+        col = local(state["exp_avg_sq_col"]).unsqueeze(-2) if nd >= 2 else None
+        var = local(state["exp_avg_sq"]) if nd < 2 else None
+        gens.append(
+            _adafactor_for_loop(
+                [local(p)], [local(g)], [row], [col], [var], [None], [state["step"]], [_shard_of(p)], [p.shape],
+                lr=group["lr"], beta1=None, beta2=None, decay_rate=group["decay_rate"], eps1=eps1, eps2=eps2,
+                clip_threshold=group["clip_threshold"], relative_step=False, scale_parameter=True,
+                warmup_init=False, weight_decay=group["weight_decay"], weight_decay_mode="step_size",
+                eps1_mode="add", maximize=False,
             )
+        )
+    _drive(gens)
 
 
 class AdaLomo(FusedBackward, Optimizer):
@@ -182,7 +218,14 @@ class AdaLomo(FusedBackward, Optimizer):
 
     Raises:
         ValueError: invalid lr, eps, clip_threshold, decay_rate, weight_decay or impl.
-        NotImplementedError: a DTensor (FSDP2-sharded) parameter.
+        NotImplementedError: a DTensor that is not FSDP2's ``Shard(0)`` on a 1-D mesh.
+
+    On FSDP2 shards (``fully_shard``) :meth:`step` runs :func:`adalomo_sharded_`: every statistic is
+    computed on the local rows and completed by two coalesced all-reduces per step (no gather); the
+    row statistics (and 3-D tensors' column statistics) are DTensors sharded like the parameter, a
+    2-D tensor's column statistics a replicated DTensor, so ``torch.distributed.checkpoint`` saves
+    and reshards them. Under DDP every rank steps its identical replica (the work is elementwise).
+    :meth:`fused_backward` refuses shards.
 
     Example:
         >>> opt = build_optimizer(model, "adalomo", lr=1e-3)
@@ -248,7 +291,6 @@ class AdaLomo(FusedBackward, Optimizer):
             "impl": check_impl("AdaLomo", impl, tuple(ADALOMO_IMPLS)),
         }
         super().__init__(params, defaults)
-        _reject_dtensors(self.param_groups)
         keep_state_dtype_on_load(self)
         self._init_fused()
 
@@ -257,6 +299,10 @@ class AdaLomo(FusedBackward, Optimizer):
         if "impl" in param_group:
             check_impl("AdaLomo", param_group["impl"], tuple(ADALOMO_IMPLS))
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names") or [None] * len(group["params"])
+        for p, name in zip(group["params"], names):
+            check_shardable("AdaLomo", p, name)
 
     def _prepare(self, p: Tensor) -> dict[str, Any]:
         """``p``'s state, created on first use, with its step incremented for this update."""
@@ -264,7 +310,13 @@ class AdaLomo(FusedBackward, Optimizer):
         dt = compute_dtype(p)
         if "step" not in state:
             state["step"] = 0
-            if p.ndim >= 2:
+            if is_dtensor(p):  # sharded like p; a 2-D tensor's column statistics are whole (replicated)
+                if p.ndim >= 2:
+                    state["exp_avg_sq_row"] = _sharded_zeros(p, p.shape[:-1], dt, False)
+                    state["exp_avg_sq_col"] = _sharded_zeros(p, p.shape[:-2] + p.shape[-1:], dt, p.ndim == 2)
+                else:
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dt)
+            elif p.ndim >= 2:
                 state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=dt, device=p.device)
                 state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], dtype=dt, device=p.device)
             else:
@@ -292,11 +344,21 @@ class AdaLomo(FusedBackward, Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
+        shards: list[tuple[Tensor, dict[str, Any]]] = []  # FSDP2 shards of every group, reduced together
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:  # all checked before any state changes
                 reject_sparse_grad(p, "AdaLomo")
+            shards += [(p, group) for p in params if is_dtensor(p)]
+            params = [p for p in params if not is_dtensor(p)]
             self._run(params, [self._prepare(p) for p in params], group)
+        if shards:
+            adalomo_sharded_(
+                [p for p, _ in shards],
+                [p.grad for p, _ in shards],
+                [self._prepare(p) for p, _ in shards],
+                [g for _, g in shards],
+            )
         return loss
 
     def fused_backward(self, loss: Tensor) -> None:
@@ -314,7 +376,14 @@ class AdaLomo(FusedBackward, Optimizer):
 
         Raises:
             RuntimeError: some parameter already holds a gradient (accumulation is not supported).
+            NotImplementedError: FSDP2 (DTensor) parameters: their statistics need all-reduces that a
+                per-parameter backward hook would issue once per tensor; use ``step()``.
         """
+        if any(is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            raise NotImplementedError(
+                "AdaLomo.fused_backward does not run on FSDP2 (DTensor) parameters: their statistics are "
+                "completed by all-reduces coalesced over the whole step; use loss.backward() + step()"
+            )
         self._fused_pass(loss, lambda p, group: self._run([p], [self._prepare(p)], group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union, get_args
@@ -62,6 +63,7 @@ __all__ = [
     "cached_owners",
     "check_distributed",
     "check_shardable",
+    "comm_debug_mode",
     "gather_rows",
     "install_owner_state_hooks",
     "load_balance",
@@ -82,11 +84,9 @@ Layout = Union[tuple[int, ...], list[Union[tuple[int, ...], None]]]
 
 
 def _is_dtensor(t: Any) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+    # no DTensor exists before torch.distributed.tensor is imported (and importing it costs seconds)
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -467,6 +467,73 @@ def owner_compute(topo: Topology, jobs: Sequence[MatrixJob]) -> list[list[Tensor
     for j, t in zip(where, spread(topo, items)):
         results[j].append(t)
     return results
+
+
+# --- measuring what a step moves ---------------------------------------------------------------------
+
+
+def comm_debug_mode() -> Any:
+    """A ``torch.distributed.tensor.debug.CommDebugMode`` that also counts the bytes of each collective.
+
+    ``mode.get_comm_counts()`` as torch's; ``mode.comm_bytes``: ``{op name: {"sent": bytes,
+    "received": bytes}}`` for this rank, counting only what crosses to or from other ranks
+    (``all_to_all``: the splits of the other ranks; ``broadcast``: the root sends, the others
+    receive; ``all_reduce``/``all_gather``: the tensors' bytes both ways).
+
+    Example:
+        >>> with comm_debug_mode() as mode:
+        ...     opt.step()
+        >>> mode.comm_bytes["c10d.alltoall_base_"]["sent"]
+    """
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    class _CommBytes(CommDebugMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.comm_bytes: dict[str, dict[str, int]] = {}
+
+        def _record(self, name: str, sent: int, received: int) -> None:
+            rec = self.comm_bytes.setdefault(name, {"sent": 0, "received": 0})
+            rec["sent"] += sent
+            rec["received"] += received
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = str(getattr(func, "_overloadpacket", func))
+            plain = not any(getattr(t, "__name__", "") == "DTensor" for t in types)
+            if plain and name.startswith(("c10d.", "_c10d_functional.", "c10d_functional.")):
+                self._count(name, args)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _count(self, name: str, args: tuple[Any, ...]) -> None:
+            from torch._C._distributed_c10d import ProcessGroup
+
+            def pg(x: Any) -> Any:  # the dispatcher hands the group over as a ScriptObject
+                return x if isinstance(x, ProcessGroup) else ProcessGroup.unbox(x)
+
+            def nbytes(x: Any) -> int:
+                if isinstance(x, Tensor):
+                    return x.numel() * x.element_size()
+                if isinstance(x, (list, tuple)):
+                    return sum(nbytes(y) for y in x)
+                return 0
+
+            if name == "c10d.alltoall_base_":
+                out, inp, group, out_splits, in_splits = args[:5]
+                group = pg(group)
+                rank, world = group.rank(), group.size()
+                esize = inp.element_size()
+                ins = list(in_splits) or [inp.numel() // world] * world
+                outs = list(out_splits) or [out.numel() // world] * world
+                self._record(name, (sum(ins) - ins[rank]) * esize, (sum(outs) - outs[rank]) * esize)
+            elif name == "c10d.broadcast_":
+                tensors, group, root = args[0], pg(args[1]), args[2]
+                size = nbytes(tensors)
+                self._record(name, size if group.rank() == root else 0, 0 if group.rank() == root else size)
+            else:
+                size = nbytes(args[0])
+                self._record(name, size, size)
+
+    return _CommBytes()
 
 
 # --- owner-held state in checkpoints ------------------------------------------------------------------

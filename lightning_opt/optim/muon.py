@@ -41,6 +41,15 @@ from lightning_opt.optim.base import (
     reject_sparse_grad,
     run_closure,
 )
+from lightning_opt.optim.distributed import (
+    Distributed,
+    MatrixJob,
+    assign_owners,
+    check_distributed,
+    local,
+    owner_compute,
+    topology,
+)
 from lightning_opt.optim.engine import Impl, dispatch
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -338,15 +347,24 @@ def muon_direction(
     return zeropower_via_newtonschulz(update, ns_steps, ns_dtype, coefficients=ns_coefficients, eps=eps)
 
 
-def muon_apply_(param: Tensor, ortho: Tensor, *, lr: float, weight_decay: float, adjust_lr_fn: AdjustLR) -> None:
+def muon_apply_(
+    param: Tensor,
+    ortho: Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    adjust_lr_fn: AdjustLR,
+    matrix_shape: tuple[int, int] | None = None,
+) -> None:
     """Phase 3 (elementwise): ``p <- p (1 - lr wd)``; ``p <- p - adjusted_lr(lr) O``, in place.
 
     The decay uses the unadjusted lr, as in torch and Keller; the lr adjustment uses the shape of
-    the whole ``(dim0, -1)`` matrix. A bf16/fp16 parameter is decayed and updated in float32 and
+    the whole ``(dim0, -1)`` matrix: ``param``'s, or ``matrix_shape`` when ``param`` is a shard's
+    rows (the owner-compute path). A bf16/fp16 parameter is decayed and updated in float32 and
     rounded once.
     """
     dt = compute_dtype(param)
-    step = adjusted_lr(lr, _matrix_shape(param), adjust_lr_fn)
+    step = adjusted_lr(lr, matrix_shape or _matrix_shape(param), adjust_lr_fn)
     # a bf16/fp16 parameter is decayed and updated in float32 and rounded once, not once per op
     p = param if param.dtype == dt else param.to(dt)
     if weight_decay != 0:
@@ -431,6 +449,51 @@ def _muon_foreach(
         torch._foreach_add_([p32[i] for i in idx], [orthos[i].reshape(params[i].shape) for i in idx], alpha=-step)
     if low:
         torch._foreach_copy_(params, p32)
+
+
+def muon_owner_compute_(groups: Sequence[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]]) -> None:
+    """The Muon side of ``(group, params, grads, momentum_buffers)`` on FSDP2 shards or DDP replicas.
+
+    :func:`muon_momentum_` on this rank's rows, :func:`muon_direction` of each whole matrix on its
+    owner (:func:`lightning_opt.optim.distributed.owner_compute`: one packed exchange for all
+    groups, owners by :func:`~lightning_opt.optim.distributed.assign_owners` with the cost
+    :func:`newton_schulz_flops`), :func:`muon_apply_` on this rank's rows. The math is
+    :func:`muon_update_`'s, one matrix at a time (``impl`` does not batch here).
+    """
+    topo = topology([p for _, ps, _, _ in groups for p in ps])
+    entries = []
+    for group, params, grads, buffers in groups:
+        for p, g, b in zip(params, grads, buffers):
+            entries.append((group, p, g, b, _matrix_shape(p)))
+    owners, _ = assign_owners(
+        [newton_schulz_flops(*shape, group["ns_steps"]) for group, *_, shape in entries],
+        [shape for *_, shape in entries],
+        topo.world,
+    )
+    jobs = []
+    for (group, p, g, b, shape), owner in zip(entries, owners):
+        lb = local(b)
+        update = muon_momentum_(local(g), lb, momentum=group["momentum"], nesterov=group["nesterov"])
+        hp = {
+            "ns_steps": group["ns_steps"],
+            "ns_coefficients": group["ns_coefficients"],
+            "eps": group["eps"],
+            "ns_dtype": group["ns_dtype"] or default_ns_dtype(local(p)),
+        }
+
+        def compute(full: list[Tensor], hp: dict[str, Any] = hp, dt: torch.dtype = lb.dtype) -> list[Tensor]:
+            return [muon_direction(full[0], **hp).to(dt)]
+
+        jobs.append(MatrixJob(owner, [update.reshape(lb.size(0), shape[1])], shape[0], [shape], compute))
+    for (group, p, _, _, shape), (ortho,) in zip(entries, owner_compute(topo, jobs)):
+        muon_apply_(
+            local(p),
+            ortho,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            adjust_lr_fn=group["adjust_lr_fn"],
+            matrix_shape=shape,
+        )
 
 
 #: Muon's matrix-side implementations, by ``impl`` name (``for_loop`` is the reference)
@@ -603,6 +666,7 @@ class Muon(Optimizer):
         ),
         "adamw_betas": lambda cls, key, value: check_betas(cls, value, key=key),
         "adamw_patterns": compile_patterns,
+        "distributed": lambda cls, key, value: check_distributed(cls, value),
     }
 
     def __init__(
@@ -625,6 +689,7 @@ class Muon(Optimizer):
         adamw_patterns: Sequence[str] = DEFAULT_ADAMW_PATTERNS,
         flatten_conv: bool = False,
         impl: Impl = "auto",
+        distributed: Distributed = "auto",
     ) -> None:
         check_arg("Muon", "lr", lr, is_number(lr) and lr >= 0, "lr must be a finite number >= 0")
         check_arg(
@@ -706,6 +771,7 @@ class Muon(Optimizer):
             "adamw_patterns": compile_patterns("Muon", "adamw_patterns", adamw_patterns),
             "flatten_conv": check_flag("Muon", "flatten_conv", flatten_conv),
             "impl": impl,
+            "distributed": distributed,
         }
         # the same checks every param group's own options get (base.check_options)
         defaults = check_options("Muon", defaults, impls=MUON_IMPLS, checks=self.option_checks)
@@ -723,7 +789,7 @@ class Muon(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        backfill_group_defaults(self, impl="auto")
+        backfill_group_defaults(self, impl="auto", distributed="auto")
 
     def _muon_mask(self, group: dict[str, Any]) -> list[bool]:
         return route_matrices(
@@ -734,6 +800,7 @@ class Muon(Optimizer):
             override=group.get("use_muon"),
             exclude=group["adamw_patterns"],
             flatten_conv=group["flatten_conv"],
+            distributed=group.get("distributed", "auto"),
         )
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -761,6 +828,7 @@ class Muon(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
+        shared = []  # the groups whose Muon side runs owner-compute (FSDP2 shards, DDP replicas)
         for group in self.param_groups:
             mp, mg, mb = [], [], []
             ap, ag, am, av, steps = [], [], [], [], []
@@ -785,6 +853,9 @@ class Muon(Optimizer):
                     am.append(state["exp_avg"])
                     av.append(state["exp_avg_sq"])
                     steps.append(state["step"])
+            if mp and topology(mp, group["distributed"]).mode != "single":
+                shared.append((group, mp, mg, mb))
+                mp, mg, mb = [], [], []
             muon(
                 mp,
                 mg,
@@ -815,6 +886,8 @@ class Muon(Optimizer):
                 impl=group["impl"],
                 cls="Muon",
             )
+        if shared:
+            muon_owner_compute_(shared)
         return loss
 
 

@@ -139,7 +139,9 @@ def soap_eigenbasis(L: Tensor) -> Tensor:
     except RuntimeError:  # eigh fails to converge on some ill-conditioned float32 inputs
         _, q = torch.linalg.eigh(L.double() + 1e-30 * eye.double())
         q = q.to(L.dtype)
-    return q.flip(1)
+    # row-major: LAPACK returns column-major bases, and a basis restored from a checkpoint into
+    # fresh (contiguous) tensors must give the same matmul rounding to resume bitwise
+    return q.flip(1).contiguous()
 
 
 def soap_refresh_eigenbasis(
@@ -161,7 +163,7 @@ def soap_refresh_eigenbasis(
         LQ = L @ q
         order = torch.argsort((q * LQ).sum(dim=0), descending=True)
         exp_avg_sq = exp_avg_sq.index_select(dim, order)
-        new_Q.append(torch.linalg.qr(LQ.index_select(1, order))[0])
+        new_Q.append(torch.linalg.qr(LQ.index_select(1, order))[0].contiguous())  # row-major: see soap_eigenbasis
     return new_Q, exp_avg_sq
 
 

@@ -233,10 +233,12 @@ def test_registered() -> None:
     assert get_optimizer_info("adalomo").cls is AdaLomo
 
 
-def test_rejects_sharded_parameters() -> None:
+def test_refuses_dtensor_layouts_it_cannot_step() -> None:
+    """FSDP2's Shard(0) is taken (tests/distributed/test_matrix_owner_compute.py steps it); other
+    placements are refused at construction, fused_backward on shards when called."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     if dist.is_initialized():
         pytest.skip("a process group already exists")
@@ -244,8 +246,12 @@ def test_rejects_sharded_parameters() -> None:
     try:
         mesh = init_device_mesh("cpu", (1,))
         param = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="AdaLomo got a DTensor"):
-            AdaLomo([param])
+        opt = AdaLomo([param])
+        with pytest.raises(NotImplementedError, match="fused_backward does not run on FSDP2"):
+            opt.fused_backward((param.to_local() ** 2).sum())
+        other = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        with pytest.raises(NotImplementedError, match="AdaLomo got a DTensor parameter.*fully_shard"):
+            AdaLomo([other])
     finally:
         dist.destroy_process_group()
 

@@ -378,16 +378,20 @@ def test_rejects_sharded_dtensor_parameters(tmp_path) -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
         w = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Shard(0)]))
         b = nn.Parameter(distribute_tensor(torch.randn(4), mesh, [Shard(0)]))
-        with pytest.raises(NotImplementedError, match="DTensor.*'fc.weight'.*later issue"):
-            Muon([("fc.weight", w)])
-        Muon([("fc.bias", b)])  # the elementwise AdamW side is shard-safe
+        Muon([("fc.weight", w)])  # FSDP2's Shard(0): owner-compute (tests/distributed)
+        with pytest.raises(ValueError, match=r"Muon\(distributed='local'\) got a DTensor .*'fc.weight'"):
+            Muon([("fc.weight", w)], distributed="local")
+        r = nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh, [Replicate()]))
+        with pytest.raises(NotImplementedError, match="Muon got a DTensor parameter 'fc.weight'.*fully_shard"):
+            Muon([("fc.weight", r)])
+        Muon([("fc.bias", b)], distributed="local")  # the elementwise AdamW side is shard-safe
     finally:
         dist.destroy_process_group()
 

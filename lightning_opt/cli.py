@@ -40,15 +40,47 @@ DEMO_DEFAULTS = [
 ]
 
 
+def _resume_in_the_last_run(trainer: Any) -> None:
+    """Before ``fit --ckpt_path last``: point checkpoint callbacks at the newest ``last*.ckpt`` of earlier runs.
+
+    With a versioned logger (the default) a restarted process logs to a new ``version_N+1`` and a
+    ``ModelCheckpoint`` without ``dirpath`` would look for ``last.ckpt`` only there, find nothing and
+    silently start over; so each such callback gets the directory of the newest ``last*.ckpt`` under
+    the logger's earlier versions (it keeps saving there; the new logs go to the new version).
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if not trainer.loggers or getattr(trainer.loggers[0], "_version", None) is not None:
+        return  # no logger (default_root_dir/checkpoints) or a fixed version: the directory is stable
+    logger = trainer.loggers[0]
+    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+    if "://" in str(save_dir):
+        return
+    lasts = list((Path(save_dir) / str(logger.name)).glob("version_*/checkpoints/last*.ckpt"))
+    if not lasts:
+        return
+    newest = str(max(lasts, key=lambda p: p.stat().st_mtime).parent)
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+            callback.dirpath = newest
+
+
 def _cli(args: Sequence[str], *, run: bool = True, save_config: bool = True) -> Any:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+    class _OptLightningCLI(LightningCLI):
+        def before_fit(self) -> None:
+            if self.config[self.subcommand].get("ckpt_path") == "last":
+                _resume_in_the_last_run(self.trainer)
 
     # ``args`` is the whole command line (main() took it from sys.argv or was given it), so
     # LightningCLI must not also see sys.argv: with both it warns that they may disagree
     argv, sys.argv = sys.argv, sys.argv[:1]
     try:
-        return LightningCLI(
+        return _OptLightningCLI(
             LightningModule,
             LightningDataModule,
             subclass_mode_model=True,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,6 +45,36 @@ class _Windows(Dataset):
         o = int(self.offsets[i])
         chunk = self.tokens[o : o + self.block_size + 1].long()
         return chunk[:-1], chunk[1:]
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch: it reports the batches it yielded this epoch
+    (``state_dict``, saved in every checkpoint) and, once loaded, skips that many at its next iteration.
+
+    Without it a checkpoint taken inside an epoch resumes at the epoch's first batch (Lightning warns
+    "your dataloader is not resumable") and the resumed run sees other data than the uninterrupted one.
+    The order is fixed (``shuffle=False`` over windows drawn once from the seed), so skipping is exact.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._yielded = 0
+        self._skip = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        # a checkpoint at an epoch's last batch resumes at the next epoch's first: modulo the length
+        skip, self._skip = self._skip % max(len(self), 1), 0
+        self._yielded = 0
+        for batch in super().__iter__():
+            self._yielded += 1
+            if self._yielded > skip:
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_yielded": self._yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._skip = int(state_dict["batches_yielded"])
 
 
 class CharDataModule(L.LightningDataModule):
@@ -90,7 +122,7 @@ class CharDataModule(L.LightningDataModule):
         self.val_set = _Windows(val, val_offsets, hp.block_size)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers)
+        return _ResumableLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False, num_workers=self.hparams.num_workers)

@@ -9,6 +9,7 @@ while timm is imported, and every use of one of its names raises.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.machinery
 import sys
@@ -102,10 +103,16 @@ def _per_parameter(groups: list[dict], *, timm_style: bool) -> dict[int, tuple[f
     return out
 
 
-@pytest.fixture(scope="module", params=MODELS)
+@functools.cache
+def _create(name: str) -> nn.Module:
+    # grouping reads names and shapes only: build on the meta device, without initializing storage
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False)
+
+
+@pytest.fixture(params=MODELS)
 def model(request: pytest.FixtureRequest) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(request.param, pretrained=False)
+    return _create(request.param)
 
 
 @pytest.mark.parametrize("layer_decay", [0.75, 0.6])
@@ -125,8 +132,7 @@ def test_every_parameter_gets_timms_lr_and_weight_decay(model: nn.Module, layer_
 
 def test_wrapped_timm_model_gets_timms_ids() -> None:
     """A LightningModule-like wrapper: the inner timm model's group_matcher() is used, names relative to it."""
-    torch.manual_seed(0)
-    inner = timm.create_model("convnext_atto", pretrained=False)
+    inner = _create("convnext_atto")
     wrapper = nn.Module()
     wrapper.model = inner
     ref = _per_parameter(timm.optim.create_optimizer_v2(inner, "adamw", lr=1.0, weight_decay=0.1, layer_decay=0.75).param_groups, timm_style=True)
@@ -135,8 +141,7 @@ def test_wrapped_timm_model_gets_timms_ids() -> None:
 
 
 def test_swin_downsample_joins_the_next_stages_first_block() -> None:
-    torch.manual_seed(0)
-    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False)
+    swin = _create("swin_tiny_patch4_window7_224")
     where = {n: g["lr_scale"] for g in param_groups(swin, lr=1.0, weight_decay=0.0, layer_decay=0.5) for n in g["param_names"]}
     assert where["layers.1.downsample.reduction.weight"] == where["layers.1.blocks.0.attn.qkv.weight"]
     # blocks are numbered cumulatively: stage 1's first block is block 3 (stage 0 has 2), of 12; head 13

@@ -65,17 +65,12 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         self.hparams = {k: tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in dict(self.hparams or {}).items()}
         info, _ = validate_hparams(self.name, lr=self.resolved_lr(), weight_decay=self.weight_decay, hparams=self.hparams)
-        check_grouping(
-            layer_decay=self.layer_decay,
-            no_decay=self.no_decay,
-            lr_multipliers=self.lr_multipliers,
-            mup_base_width=self.mup_base_width,
-            mup_width=self.mup_width,
-            mup_base_shapes=self.mup_base_shapes,
-            what="OptimizerConfig",
-        )
+        check_grouping(**self._grouping(), what="OptimizerConfig")
         if self.mup_base_width is not None or self.mup_base_shapes is not None:
             mup_rule_for(info.name)
+
+    def _grouping(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("layer_decay", "no_decay", "lr_multipliers", "mup_base_width", "mup_width", "mup_base_shapes")}
 
     def resolved_lr(self) -> float:
         """``lr``, or the algorithm's default learning rate when ``lr`` is ``None``."""
@@ -92,12 +87,7 @@ class OptimizerConfig:
             self.name,
             lr=self.resolved_lr(),
             weight_decay=self.weight_decay,
-            layer_decay=self.layer_decay,
-            no_decay=self.no_decay,
-            lr_multipliers=self.lr_multipliers,
-            mup_base_width=self.mup_base_width,
-            mup_width=self.mup_width,
-            mup_base_shapes=self.mup_base_shapes,
+            **self._grouping(),
             **self.hparams,
         )
 

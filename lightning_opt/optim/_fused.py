@@ -48,9 +48,18 @@ class FusedBackward:
         """``loss.backward(retain_graph=...)``, calling ``fn(p, group)`` on each gradient as it is ready, then freeing it.
 
         Raises:
-            RuntimeError: some parameter already holds a gradient (accumulation is not supported).
+            RuntimeError: some parameter already holds a gradient (accumulation is not supported), or
+                more than one process (DDP/FSDP: the gradients would be used before they are reduced).
         """
         name = type(self).__name__
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                raise RuntimeError(
+                    f"{name}.fused_backward runs in a single process only (world size here: {world}): it updates each "
+                    "parameter inside backward, before DDP/FSDP would reduce its gradient across processes, so the "
+                    "ranks would drift apart. Use backward() + step() (automatic optimization) under DDP."
+                )
         # looked up per call: load_state_dict replaces the group dicts
         groups = {p: g for g in self.param_groups for p in g["params"]}  # type: ignore[attr-defined]
         if any(p.grad is not None for p in groups):

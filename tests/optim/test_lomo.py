@@ -247,3 +247,14 @@ def test_registered_with_the_huggingface_name() -> None:
     assert (info.cls, dict(fixed)) == (Lomo, {})
     opt = build_optimizer(nn.Linear(2, 2), "lomo", lr=1e-3, clip_grad_norm=1.0)
     assert isinstance(opt, Lomo) and opt.clip_grad_norm == 1.0
+
+
+def test_fused_backward_refuses_more_than_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_opt.optim.adalomo import AdaLomo
+
+    model = _Params()
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+    for opt in (Lomo(model.parameters()), AdaLomo(model.parameters())):
+        with pytest.raises(RuntimeError, match=r"fused_backward runs in a single process only \(world size here: 2\)"):
+            opt.fused_backward(_linear_loss(model, _grads(steps=1)[0]))

@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_opt.callbacks._sharding import reshard_fsdp
+
 __all__ = ["ScheduleFreeMode", "is_schedule_free"]
 
 
@@ -64,12 +66,18 @@ class ScheduleFreeMode(Callback):
             if any(g["train_mode"] for g in opt.param_groups):
                 opt.eval()
                 switched = True
+        if switched:
+            reshard_fsdp(trainer.lightning_module)
         return switched
 
     def _train(self, trainer: pl.Trainer) -> None:
+        switched = False
         for opt in self._optimizers(trainer):
             if not all(g["train_mode"] for g in opt.param_groups):
                 opt.train()
+                switched = True
+        if switched:  # a validation forward may have left FSDP2's gathered x in place
+            reshard_fsdp(trainer.lightning_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(isinstance(cb, ModelCheckpoint) and cb.save_weights_only for cb in trainer.callbacks):

@@ -16,6 +16,42 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.sophia import gnb_estimate, hutchinson_estimate
 
+
+def _sharded(params: list[Tensor]) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+def _refuse_hutchinson_on_shards(params: list[Tensor]) -> None:
+    if _sharded(params):
+        raise RuntimeError(
+            "SophiaHessian: sophia_h's Hutchinson estimate needs Hessian-vector products "
+            "(torch.autograd.grad with create_graph), but on FSDP2-sharded parameters autograd "
+            "returns no gradient (the graph holds FSDP2's gathered copies); use sophia (SophiaG, "
+            "whose estimate goes through the regular backward) under FSDP2, or DDP for sophia_h"
+        )
+
+
+def _grads_through_backward(loss: Tensor, params: list[Tensor], live: list[int]) -> list[Tensor | None]:
+    """``d loss / d params[live]`` of FSDP2-sharded parameters, through ``backward``.
+
+    ``torch.autograd.grad`` gives ``None`` for FSDP2 shards (the graph holds the gathered copies);
+    ``backward`` reaches them through FSDP2's reduce-scatter, which also averages over the ranks (as
+    the DDP path's all-reduce does). The training gradients are set aside and put back.
+    """
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        grads = [params[i].grad for i in live]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return grads
+
+
 __all__ = ["SophiaHessian", "sophia_optimizer"]
 
 Distribution = Literal["gaussian", "rademacher"]
@@ -172,6 +208,8 @@ class SophiaHessian(Callback):
             )
         for opt in found:
             self._require_fn(pl_module, opt.hessian_estimator)
+            if opt.hessian_estimator == "hutchinson":
+                _refuse_hutchinson_on_shards([p for g in opt.param_groups for p in g["params"]])
         self._remove_hooks()
         self._estimates = {}
         for opt in found:
@@ -263,11 +301,15 @@ class SophiaHessian(Callback):
                 with torch.no_grad():
                     labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=gen).squeeze(-1)
                 loss = F.cross_entropy(logits, labels)
-                grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
-                grads = [None if g is None else self._mean(trainer, g) for g in grads]
+                if _sharded([params[i] for i in live]):
+                    grads = _grads_through_backward(loss, params, live)
+                else:
+                    grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)
+                    grads = [None if g is None else self._mean(trainer, g) for g in grads]
                 for i, est in zip(live, gnb_estimate(grads)):
                     estimates[i] = est
             else:
+                _refuse_hutchinson_on_shards(params)
                 if out.dim() != 0:
                     raise ValueError(
                         f"SophiaHessian: sophia_loss/loss_fn must return a scalar, got shape {tuple(out.shape)}"

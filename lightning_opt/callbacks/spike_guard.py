@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.callbacks._sharding import reshard_fsdp
 from lightning_opt.callbacks.gradient_monitor import global_grad_norm
 
 __all__ = ["RunningStats", "SpikeError", "SpikeGuard"]
@@ -502,6 +503,7 @@ class SpikeGuard(Callback):
             # clones: Optimizer.load_state_dict keeps the very tensors it is given as its state
             snap = _clone_tree(self._snapshot)
         module.load_state_dict(snap["model"])
+        reshard_fsdp(module)  # FSDP2 may hold gathered copies of the old parameters
         # the snapshot cadence counts from the restored step
         self._steps_taken = int(snap["steps_taken"])
         for opt, state in zip(trainer.optimizers, snap["optimizers"]):

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from lightning_opt.optim.base import is_number
 
 __all__ = ["z_loss"]
 
@@ -42,7 +42,7 @@ def z_loss(logits: Tensor, weight: float = 1e-4) -> Tensor:
         >>> logits = model(x)                       # (batch, seq, vocab)
         >>> loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()) + z_loss(logits, 1e-4)
     """
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+    if not (is_number(weight) and weight >= 0):
         raise ValueError(f"z_loss(weight={weight!r}) is invalid; it must be a finite number >= 0")
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         what = logits.dtype if isinstance(logits, Tensor) else type(logits).__name__

@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_opt.losses import z_loss
 from lightning_opt.mixin import OptimizerConfig, OptimizerMixin
+from lightning_opt.optim.base import is_number
 from lightning_opt.throughput import gpt_flops
 
 __all__ = ["TinyGPT"]
@@ -79,12 +80,7 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
         super().__init__()
         if n_embd % n_head:
             raise ValueError(f"TinyGPT(n_embd={n_embd}, n_head={n_head}): n_embd must be divisible by n_head")
-        if (
-            isinstance(z_loss_weight, bool)
-            or not isinstance(z_loss_weight, (int, float))
-            or not math.isfinite(z_loss_weight)
-            or z_loss_weight < 0
-        ):
+        if not (is_number(z_loss_weight) and z_loss_weight >= 0):
             raise ValueError(f"TinyGPT(z_loss_weight={z_loss_weight!r}) is invalid; it must be a finite number >= 0 (0 = off)")
         self.z_loss_weight = float(z_loss_weight)
         self._batch_shape: tuple[int, int] | None = None  # (batch, seq) of the last batch, for flops_per_batch

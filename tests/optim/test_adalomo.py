@@ -177,7 +177,12 @@ def test_state_dict_round_trip(dtype: torch.dtype, impl: str) -> None:
         assert torch.equal(a, b)
 
 
-def test_lightning_manual_optimization_with_fused_backward() -> None:
+def fit_manual_fused(name: str, **hparams) -> tuple:
+    """Train a small MLP one epoch (4 batches) under Lightning's manual optimization with ``fused_backward``.
+
+    Returns ``(module, optimizer, before, data)``: the trained module, its optimizer, the initial
+    parameters and the data (shared by the LOMO tests).
+    """
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -193,7 +198,7 @@ def test_lightning_manual_optimization_with_fused_backward() -> None:
             return loss
 
         def configure_optimizers(self):
-            return build_optimizer(self, "adalomo", lr=1e-2)
+            return build_optimizer(self, name, **hparams)
 
     torch.manual_seed(0)
     x = torch.randn(32, 4)
@@ -209,7 +214,11 @@ def test_lightning_manual_optimization_with_fused_backward() -> None:
         enable_model_summary=False,
     )
     trainer.fit(module, data)
-    opt = trainer.optimizers[0]
+    return module, trainer.optimizers[0], before, data
+
+
+def test_lightning_manual_optimization_with_fused_backward() -> None:
+    module, opt, before, _ = fit_manual_fused("adalomo", lr=1e-2)
     assert all(opt.state[p]["step"] == 4 for p in module.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 

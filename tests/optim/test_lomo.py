@@ -18,7 +18,7 @@ from torch import nn
 from lightning_opt import build_optimizer, get_optimizer_info
 from lightning_opt.optim.lomo import Lomo
 from lightning_opt.optim.registry import resolve
-from tests.optim.test_adalomo import SHAPES, _grads, _linear_loss, _Params
+from tests.optim.test_adalomo import SHAPES, _grads, _linear_loss, _Params, fit_manual_fused
 
 STEPS = 12
 HP = {"lr": 3e-2, "weight_decay": 0.2}
@@ -176,42 +176,15 @@ def test_step_refuses_forced_loss_scaling_and_fused_refuses_accumulation() -> No
 
 
 def test_lightning_manual_optimization_with_fused_backward_and_clipping() -> None:
-    import lightning.pytorch as pl
-
-    class Module(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = nn.functional.mse_loss(self.net(x), y)
-            self.optimizers().optimizer.fused_backward(loss)
-            return loss
-
-        def configure_optimizers(self):
-            return build_optimizer(self, "lomo", lr=1e-2, clip_grad_norm=1.0)
-
-    torch.manual_seed(0)
-    x = torch.randn(32, 4)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
-    module = Module()
-    expected = copy.deepcopy(module.net)
+    module, _, before, data = fit_manual_fused("lomo", lr=1e-2, clip_grad_norm=1.0)
+    expected = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    for p, b in zip(expected.parameters(), before):
+        p.data.copy_(b)
     ref = Lomo(expected.parameters(), lr=1e-2, clip_grad_norm=1.0)
-    for xb, yb in data:  # the same four steps by hand
+    for xb, yb in data:  # the same four steps by hand, with backward() + step()
         nn.functional.mse_loss(expected(xb), yb).backward()
         ref.step()
         ref.zero_grad(set_to_none=True)
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, data)
     for a, b in zip(module.net.parameters(), expected.parameters()):
         assert torch.equal(a, b)
 

@@ -9,21 +9,47 @@ the contract suite); ``lookahead`` with ``base=...`` reaches every other one.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import compute_dtype
+from lightning_opt.optim.base import OptionCheck, check_arg, check_options, is_int, is_number
 from lightning_opt.optim.build import normalize_groups
+from lightning_opt.optim.precision import compute_dtype
 from lightning_opt.optim.registry import OptimInfo, accepted_hparams, get_optimizer_info, register, validate_hparams
 
 __all__ = ["LOOKAHEAD_BASES", "Lookahead", "lookahead_sync_"]
 
 #: the bases that get a ``lookahead_<name>`` registry entry
 LOOKAHEAD_BASES = ("adamw", "sgd", "radam", "lion", "lamb")
+
+
+def _check_k(cls: str, key: str, k: Any) -> int:
+    check_arg(cls, key, k, is_int(k) and k >= 1, "it must be an integer >= 1 (fast steps per sync)")
+    return k
+
+
+def _check_alpha(cls: str, key: str, alpha: Any) -> float:
+    check_arg(cls, key, alpha, is_number(alpha) and 0 < alpha <= 1, "it must lie in (0, 1]")
+    return float(alpha)
+
+
+def _as_groups(params: Any, *, lr: float, weight_decay: float) -> list[Any]:
+    """``params`` as groups for the inner optimizer; a bad argument gets torch's own error."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + torch.typename(params)
+        )
+    items = list(params)
+    if not items:
+        raise ValueError("optimizer got an empty parameter list")
+    try:
+        return normalize_groups(items, lr=lr, weight_decay=weight_decay)
+    except TypeError:
+        return items  # a mixture torch judges: the inner optimizer raises torch's error for it
 
 
 def lookahead_sync_(param: torch.Tensor, slow: torch.Tensor, *, alpha: float) -> None:
@@ -73,6 +99,15 @@ class Lookahead(Optimizer):
     back", arXiv:1907.08610.
     """
 
+    #: the wrapper's own group options (a group may set its own k and alpha), checked by
+    #: base.check_options in the constructor and in add_param_group
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "k": _check_k,
+        "alpha": _check_alpha,
+        "lookahead_k": _check_k,
+        "lookahead_alpha": _check_alpha,
+    }
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -84,15 +119,8 @@ class Lookahead(Optimizer):
         weight_decay: float = 0.0,
         base_hparams: Mapping[str, Any] | None = None,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"Lookahead(k={k!r}) is invalid; it must be an integer >= 1 (fast steps per sync)")
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not math.isfinite(alpha)
-            or not 0 < alpha <= 1
-        ):
-            raise ValueError(f"Lookahead(alpha={alpha!r}) is invalid; it must lie in (0, 1]")
+        checked = check_options("Lookahead", {"k": k, "alpha": alpha}, checks=self.option_checks)
+        k, alpha = checked["k"], checked["alpha"]
         info = get_optimizer_info(base)
         if info.cls is Lookahead or info.name.startswith("lookahead"):
             raise ValueError(f"Lookahead(base={base!r}) would nest Lookahead; pick the inner optimizer's name")
@@ -103,14 +131,17 @@ class Lookahead(Optimizer):
             )
         lr = info.default_lr if lr is None else lr
         info, kwargs = validate_hparams(base, lr=lr, weight_decay=weight_decay, hparams=dict(base_hparams or {}))
-        groups = normalize_groups(params, lr=lr, weight_decay=weight_decay)
+        groups = _as_groups(params, lr=lr, weight_decay=weight_decay)
         if "weight_decay" in accepted_hparams(info) or "weight_decay" in info.fixed:
             kwargs.setdefault("weight_decay", weight_decay)
-        elif any(g.get("weight_decay", 0.0) for g in groups):
+        elif any(isinstance(g, dict) and g.get("weight_decay", 0.0) for g in groups):
             raise TypeError(f"Lookahead(base={base!r}): {info.name} takes no weight decay, but a param group sets one")
         self.base_optimizer: Optimizer = info.cls(groups, lr=lr, **kwargs)
         self.base = info.name
-        defaults = {"lookahead_k": k, "lookahead_alpha": float(alpha), "lookahead_step": 0}
+        for group in groups:  # a group's own k/alpha, checked before any group is built
+            if isinstance(group, dict):
+                self._check_group(group)
+        defaults = {"lookahead_k": k, "lookahead_alpha": alpha, "lookahead_step": 0}
         # torch's __init__ writes the defaults into the inner optimizer's group dicts (shared below)
         super().__init__(self.base_optimizer.param_groups, defaults)
         self.defaults = {**self.base_optimizer.defaults, **defaults}
@@ -139,11 +170,22 @@ class Lookahead(Optimizer):
     def __repr__(self) -> str:
         return f"Lookahead(base={self.base!r}, {self.base_optimizer!r})"
 
+    def _check_group(self, group: dict[str, Any]) -> dict[str, Any]:
+        own = {k: group[k] for k in ("lookahead_k", "lookahead_alpha") if k in group}
+        group.update(check_options("Lookahead", own, checks=self.option_checks))
+        return group
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the inner optimizer (with this wrapper's ``k``/``alpha`` unless it sets them)."""
+        """Add a group to the inner optimizer (with this wrapper's ``k``/``alpha`` unless it sets them).
+
+        The group's own ``lookahead_k``/``lookahead_alpha`` are checked here and its other options
+        by the inner optimizer, before it is added.
+        """
         if not getattr(self, "_shared", False):  # Optimizer.__init__ registering the inner groups
             super().add_param_group(param_group)
             return
+        if isinstance(param_group, dict):
+            param_group = self._check_group(dict(param_group))
         self.base_optimizer.add_param_group(param_group)
         for key in ("lookahead_k", "lookahead_alpha", "lookahead_step"):
             self.base_optimizer.param_groups[-1].setdefault(key, self.defaults[key])
@@ -152,17 +194,63 @@ class Lookahead(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.base_optimizer.state_dict()
+        """The inner optimizer's state dict (its hooks run), with this wrapper's state-dict hooks around it."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self.base_optimizer.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the inner optimizer's state (slow weights included); a checkpoint of the bare base
-        optimizer loads too: its groups get this wrapper's k/alpha and slow weights start anew."""
+        optimizer loads too: its groups get this wrapper's k/alpha and slow weights start anew.
+
+        This wrapper's load-state-dict hooks run around the inner load (a pre-hook may return a
+        replacement state dict), as torch runs an optimizer's own.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         # the inner load replaces its state and group objects; share the new ones again
         self.base_optimizer.load_state_dict(state_dict)
         self._share_inner()
         for group in self.param_groups:
             for key in ("lookahead_k", "lookahead_alpha", "lookahead_step"):
                 group.setdefault(key, self.defaults[key])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _inner_step(self, closure: Callable[[], Any] | None) -> Any:
+        """The inner optimizer's step with its own step hooks but not the global ones.
+
+        torch wraps every optimizer class's ``step`` to run the global hooks
+        (``register_optimizer_step_pre_hook``) and the instance's; calling the inner ``step``
+        through that wrapper would run the global hooks a second time in this wrapper's step.
+        """
+        inner = self.base_optimizer
+        wrapped = type(inner).step
+        raw = getattr(wrapped, "__wrapped__", None)
+        if raw is None or not getattr(wrapped, "hooked", False):
+            return inner.step(closure)
+        args: tuple[Any, ...] = (inner, closure)
+        kwargs: dict[str, Any] = {}
+        for pre_hook in inner._optimizer_step_pre_hooks.values():
+            result = pre_hook(inner, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
+                args, kwargs = result
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+            out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for post_hook in inner._optimizer_step_post_hooks.values():
+            post_hook(inner, args, kwargs)
+        return out
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -179,7 +267,7 @@ class Lookahead(Optimizer):
             and (closure is not None or p.grad is not None)
             and "lookahead_slow" not in self.state.get(p, ())
         }
-        loss = self.base_optimizer.step(closure)
+        loss = self._inner_step(closure)
         for p, slow in pending.items():
             if p.grad is not None:
                 self.state[p]["lookahead_slow"] = slow

@@ -48,6 +48,17 @@ def _linear_loss(model: nn.Module, grads: dict[str, torch.Tensor]) -> torch.Tens
     return sum((p * grads[n].to(p.dtype)).sum() for n, p in model.named_parameters())
 
 
+def one_step(model: nn.Module, opt, step_grads: dict[str, torch.Tensor], mode: str) -> None:
+    """One step with ``backward()`` + ``step()`` (``mode="step"``) or ``fused_backward`` (gradients freed)."""
+    if mode == "step":
+        _linear_loss(model, step_grads).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.fused_backward(_linear_loss(model, step_grads))
+        assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.fixture
 def reference(monkeypatch: pytest.MonkeyPatch):
     lomo_optim = pytest.importorskip("lomo_optim")
@@ -291,11 +302,6 @@ def test_explicit_for_loop_equals_the_default(mode: str) -> None:
     for impl, model in models.items():
         opt = AdaLomo(model.parameters(), **HP, impl=impl)
         for step_grads in grads:
-            if mode == "step":
-                _linear_loss(model, step_grads).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt.fused_backward(_linear_loss(model, step_grads))
+            one_step(model, opt, step_grads, mode)
     for a, b in zip(models["auto"].parameters(), models["for_loop"].parameters()):
         assert torch.equal(a, b)

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_opt import build_optimizer, get_optimizer_info
 from lightning_opt.optim.lomo import Lomo
 from lightning_opt.optim.registry import resolve
-from tests.optim.test_adalomo import SHAPES, _grads, _linear_loss, _Params, fit_manual_fused
+from tests.optim.test_adalomo import SHAPES, _grads, _linear_loss, _Params, fit_manual_fused, one_step
 
 STEPS = 12
 HP = {"lr": 3e-2, "weight_decay": 0.2}
@@ -29,16 +29,6 @@ def reference(monkeypatch: pytest.MonkeyPatch):
     lomo_optim = pytest.importorskip("lomo_optim")
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)
     return lomo_optim.Lomo
-
-
-def _ours_step(model: nn.Module, opt: Lomo, step_grads: dict, mode: str) -> None:
-    if mode == "step":
-        _linear_loss(model, step_grads).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    else:
-        opt.fused_backward(_linear_loss(model, step_grads))
-        assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("mode", ["step", "fused_backward"])
@@ -53,7 +43,7 @@ def test_matches_reference(reference, dtype: torch.dtype, clip: dict, mode: str)
         if "clip_grad_norm" in clip:
             ref.grad_norm(_linear_loss(ref_model, step_grads))
         ref.fused_backward(_linear_loss(ref_model, step_grads), HP["lr"])
-        _ours_step(our_model, ours, step_grads, mode)
+        one_step(our_model, ours, step_grads, mode)
     for (n, a), b in zip(our_model.named_parameters(), ref_model.parameters()):
         # the global norm sums the per-tensor norms in hook order here and in name order there
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
@@ -119,7 +109,7 @@ def test_matches_paper_recurrence_float64(mode: str) -> None:
     expected = _hand_recurrence({n: p.detach() for n, p in model.named_parameters()}, grads, **hp)
     opt = Lomo(model.parameters(), **hp)
     for step_grads in grads:
-        _ours_step(model, opt, step_grads, mode)
+        one_step(model, opt, step_grads, mode)
     assert opt.state_dict()["state"] == {}  # LOMO keeps no optimizer state
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-12, atol=1e-14, msg=lambda m, n=n: f"{n}: {m}")
@@ -135,7 +125,7 @@ def test_param_groups_and_fused_equals_step() -> None:
         ]
         opt = Lomo(groups, lr=2e-2, clip_grad_norm=1.5)
         for step_grads in grads:
-            _ours_step(model, opt, step_grads, mode)
+            one_step(model, opt, step_grads, mode)
     for a, b in zip(models["step"].parameters(), models["fused_backward"].parameters()):
         assert torch.equal(a, b)
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     check_arg,
     check_flag,
@@ -486,6 +487,7 @@ class Adafactor(Optimizer):
         }
         _check_options("Adafactor", defaults)
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "factors each matrix's second moment by rows and columns")
         keep_state_dtype_on_load(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

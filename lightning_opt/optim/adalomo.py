@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._fused import FusedBackward
 from lightning_opt.optim.base import (
     backfill_group_defaults,
@@ -294,6 +295,7 @@ class AdaLomo(FusedBackward, Optimizer):
         keep_state_dtype_on_load(self)
         self._init_fused()
 
+        guard_param_layout(self, type(self).__name__, "factors each matrix's second moment by rows and columns")
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; an invalid ``impl`` is refused before it is added."""
         if "impl" in param_group:

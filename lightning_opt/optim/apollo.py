@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._hybrid import adamw_side, adamw_state_, route_matrices
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
@@ -569,6 +570,7 @@ class APOLLO(Optimizer):
         if target_modules is not None:
             self._check_targets(name, target_modules)
         keep_state_dtype_on_load(self)
+        guard_param_layout(self, type(self).__name__, "projects each whole matrix to a low-rank space")
         install_owner_state_hooks(self, self._owner_state)
         self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
 

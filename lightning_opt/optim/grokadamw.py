@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
@@ -387,6 +388,7 @@ class GrokAdamW(Optimizer):
         }
         super().__init__(params, defaults)
 
+        guard_param_layout(self, type(self).__name__, "clips each parameter's gradient by its whole norm")
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults/state/param_groups; keep the signal functions on copies
         return {**super().__getstate__(), "grokking_signal_fns": self.grokking_signal_fns}

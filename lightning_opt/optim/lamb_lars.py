@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
@@ -612,6 +613,7 @@ class Lamb(Optimizer):
         # the clip is global over every group, so it is one number for the optimizer
         self.max_grad_norm = float(max_grad_norm)
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "takes per-tensor norms of each whole parameter (trust ratios)")
         _warn_if_nothing_adapted(self, "Lamb")
 
     def __getstate__(self) -> dict[str, Any]:
@@ -762,6 +764,7 @@ class Lars(Optimizer):
             "impl": check_impl("Lars", impl, tuple(LARS_IMPLS)),
         }
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "takes per-tensor norms of each whole parameter (trust ratios)")
         _warn_if_nothing_adapted(self, "Lars")
 
     def __setstate__(self, state: dict[str, Any]) -> None:

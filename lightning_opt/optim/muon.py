@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._hybrid import adamw_side, adamw_state_, compile_patterns, route_matrices
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
@@ -776,6 +777,7 @@ class Muon(Optimizer):
         # the same checks every param group's own options get (base.check_options)
         defaults = check_options("Muon", defaults, impls=MUON_IMPLS, checks=self.option_checks)
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "orthogonalizes each whole matrix")
         if not any(any(g["muon_mask"]) for g in self.param_groups):
             warnings.warn(
                 "Muon: no parameter is a 2-D hidden matrix (all are 1-D, conv or named like embeddings/the "

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_flag,
@@ -584,6 +585,7 @@ class SOAP(Optimizer):
         keep_state_dtype_on_load(self)
         install_owner_state_hooks(self, self._owner_state)
 
+        guard_param_layout(self, type(self).__name__, "preconditions each whole matrix in its eigenbasis")
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         backfill_group_defaults(self, impl="auto", distributed="auto")

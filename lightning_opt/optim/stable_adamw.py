@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
@@ -332,6 +333,7 @@ class StableAdamW(Optimizer):
         }
         super().__init__(params, defaults)
 
+        guard_param_layout(self, type(self).__name__, "clips each parameter's lr by the RMS of its whole update")
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
         # a group's own options are checked as the constructor's, before it is added

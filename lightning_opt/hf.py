@@ -575,6 +575,11 @@ def hf_lr_schedule(args: Any, total_steps: int | None = None) -> Any:
         if "eps" in k:
             opts["eps"] = float(k["eps"]) / lr  # torch compares absolute lrs, LRSchedule multipliers
         min_lr = float(k.get("min_lr", 0.0))
+        if any(warm.values()):
+            warnings.warn(
+                "Hugging Face's 'reduce_lr_on_plateau' scheduler ignores warmup_steps; so does this schedule",
+                stacklevel=2,
+            )
         return LRSchedule("plateau", min_lr_ratio=min_lr / lr, **opts)
     raise ValueError(
         f"lr_scheduler_type={kind!r} cannot be expressed as an LRSchedule (greedy adapts to the loss with its own "

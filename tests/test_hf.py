@@ -22,6 +22,15 @@ from transformers.training_args import OptimizerNames  # noqa: E402
 STEPS = 10
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest (and does not spin against other test processes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Net(nn.Module):
     """An embedding and a linear layer of 4096 elements (8-bit sized), a LayerNorm, biases, a ``*_norm`` gain."""
 
@@ -172,6 +181,11 @@ def test_bad_input_errors() -> None:
         from_hf_training_args({"optim": "adamw_torch", "learnig_rate": 1e-3}, Net())
     with pytest.raises(ValueError, match="needs optim_target_modules"):
         from_hf_training_args({"optim": "apollo_adamw"}, Net())
+    with pytest.warns(UserWarning, match="no weight_decay"):
+        opt = from_hf_training_args({"optim": "lomo", "weight_decay": 0.1}, Net())
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0]
+    with pytest.warns(UserWarning, match="ignores warmup_steps"):
+        hf_lr_schedule({"lr_scheduler_type": "constant", "warmup_steps": 5}, total_steps=10)
     with pytest.raises(ValueError, match="cannot be expressed"):
         hf_lr_schedule({"lr_scheduler_type": "greedy"})
     with pytest.raises(ValueError, match="num_cycles"):

@@ -377,6 +377,11 @@ class Lomo(FusedBackward, Optimizer):
         if scaler is not None:
             self.loss_scaler = dict(scaler)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups; the optimizer-wide options go along
+        keys = ("clip_grad_norm", "loss_scaling", "_scaling_options", "loss_scaler")
+        return {**super().__getstate__(), **{k: self.__dict__[k] for k in keys}}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         backfill_group_defaults(self, impl="auto", clip_grad_value=None)

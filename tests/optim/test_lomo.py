@@ -155,6 +155,15 @@ def test_fused_round_trip_with_loss_scaler() -> None:
         assert torch.equal(a, b)
 
 
+def test_deepcopy_keeps_the_optimizer_wide_options() -> None:
+    model = _Params()
+    opt = Lomo(model.parameters(), clip_grad_norm=0.5, loss_scaling=True, init_scale=64.0, scale_window=3)
+    opt.fused_backward(_linear_loss(model, _grads(steps=1)[0]))
+    twin = copy.deepcopy(opt)
+    assert (twin.clip_grad_norm, twin.loss_scaling, twin.loss_scaler) == (0.5, True, opt.loss_scaler)
+    assert twin._scaling_options == opt._scaling_options and twin._hooked == []
+
+
 def test_step_refuses_forced_loss_scaling_and_fused_refuses_accumulation() -> None:
     model = _Params()
     with pytest.raises(RuntimeError, match="GradScaler"):

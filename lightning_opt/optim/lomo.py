@@ -174,7 +174,8 @@ class Lomo(FusedBackward, Optimizer):
             Optimizer-wide (the norm is over every group); two backward passes in ``fused_backward``.
         clip_grad_value: clamp each gradient element to ``[-v, v]`` (``None``: off); a group option.
         loss_scaling: dynamic loss scaling in ``fused_backward``: ``None`` (default) turns it on when
-            the first loss is float16 (as ``lomo_optim``), ``True``/``False`` force it.
+            the first loss is float16 (as ``lomo_optim``), ``True``/``False`` force it. Under autocast
+            (``precision="16-mixed"``) the loss is usually float32: pass ``True`` for fp16 activations.
         init_scale: the first loss scale (default ``2**32``, the reference's).
         scale_factor: the scale is divided by it on overflow and multiplied after ``scale_window``
             clean steps (default ``2.0``). scale_window: default ``1000``.

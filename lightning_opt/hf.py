@@ -344,8 +344,8 @@ def from_hf_training_args(args: Any, model: nn.Module) -> Optimizer:
 
     Raises:
         ValueError: an ``optim`` name we do not build (the message lists those we do), ``optim_args``
-            the Trainer would not read for that name, a bad ``optim_args`` value, a mapping key that
-            is not a ``TrainingArguments`` field.
+            or ``optim_target_modules`` the Trainer would not read for that name, a bad ``optim_args``
+            value, a mapping key that is not a ``TrainingArguments`` field.
 
     Example:
         >>> opt = from_hf_training_args({"optim": "adafactor", "learning_rate": 1e-3}, model)
@@ -364,6 +364,11 @@ def from_hf_training_args(args: Any, model: nn.Module) -> Optimizer:
     ctx = _Ctx(args, str(name))
     target, kwargs, grouping = handler(ctx)
     ctx.check_all_used()
+    if grouping != "low_rank" and _field(args, "optim_target_modules") is not None:
+        raise ValueError(
+            f"optim_target_modules is not read by Hugging Face's Trainer for optim={name!r} (only by GaLore and "
+            "APOLLO); remove it: lightning_opt does not drop arguments silently"
+        )
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if grouping == "decay":
         decay = set(hf_decay_parameter_names(model))

@@ -179,6 +179,8 @@ def test_bad_input_errors() -> None:
         from_hf_training_args({"optim": "sgd", "optim_args": "weight_decay=0.1"}, Net())
     with pytest.raises(ValueError, match="not TrainingArguments fields"):
         from_hf_training_args({"optim": "adamw_torch", "learnig_rate": 1e-3}, Net())
+    with pytest.raises(ValueError, match="optim_target_modules is not read"):
+        from_hf_training_args({"optim": "adamw_torch", "optim_target_modules": ["fc1"]}, Net())
     with pytest.raises(ValueError, match="needs optim_target_modules"):
         from_hf_training_args({"optim": "apollo_adamw"}, Net())
     with pytest.warns(UserWarning, match="no weight_decay"):

@@ -7,6 +7,13 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from lightning_opt.optim.adafactor import TRANSFORMERS_ADAFACTOR, Adafactor
 from tests.distributed._harness import UnevenNet, fsdp2_shard, run_ranks
@@ -41,7 +48,7 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list[tor
         opt.step()
 
 
-def _rank(rank: int, world: int) -> dict:
+def _rank(rank: int, world: int, path: str) -> dict:
     out: dict = {"params": {}, "all_reduces": {}, "placements": {}}
     real_all_reduce = dist.all_reduce
     for name, make in CONFIGS.items():
@@ -72,6 +79,8 @@ def _rank(rank: int, world: int) -> dict:
     local = [x[rank * per : (rank + 1) * per] for x in _batches()]
     _train(model, opt, local[:2])
     saved = copy.deepcopy(opt.state_dict())
+    # and a distributed checkpoint of the same point, which the test loads on one process
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path)
     opt = CONFIGS["groups"](list(model.parameters()))
     opt.load_state_dict(saved)
     _train(model, opt, local[2:])
@@ -79,8 +88,15 @@ def _rank(rank: int, world: int) -> dict:
     return out
 
 
-def test_fsdp2_shards_equal_the_unsharded_run() -> None:
-    results = run_ranks(_rank, world_size=2)
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[list[dict], str]:
+    """One 2-rank run for the tests below: its per-rank results and its distributed checkpoint."""
+    path = str(tmp_path_factory.mktemp("adafactor_fsdp2") / "dcp")
+    return run_ranks(_rank, path, world_size=2), path
+
+
+def test_fsdp2_shards_equal_the_unsharded_run(ranks) -> None:
+    results = ranks[0]
     for name, make in CONFIGS.items():
         model = UnevenNet(seed=0)
         _train(model, make(list(model.parameters())), _batches())
@@ -100,3 +116,21 @@ def test_fsdp2_shards_equal_the_unsharded_run() -> None:
     for rank, res in enumerate(results):
         for n, p in res["resumed"].items():
             torch.testing.assert_close(p, res["params"]["groups"][n], rtol=0, atol=0, msg=lambda m: f"resume rank {rank} {n}: {m}")
+
+
+def test_distributed_checkpoint_saved_on_2_ranks_resumes_on_1(ranks) -> None:
+    """DCP save of the sharded state (2 ranks, after 2 steps), load into one process, 3 more steps == 5 straight."""
+    path = ranks[1]
+    model = UnevenNet(seed=0)
+    opt = CONFIGS["groups"](list(model.parameters()))
+    sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=path)
+    set_model_state_dict(model, sd["model"])
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    assert opt.state[model.a.weight]["row_var"].shape == (7, 1) and opt.state[model.a.weight]["col_var"].shape == (1, 12)
+    _train(model, opt, _batches()[2:])
+    ref = UnevenNet(seed=0)
+    _train(ref, CONFIGS["groups"](list(ref.parameters())), _batches())
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        err = float((a - b).detach().abs().max() / b.detach().abs().max())
+        assert err < 1e-6, f"{n}: resumed on 1 process differs by {err:.2e} (relative)"

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from lightning_opt.optim.build import build_optimizer
+from lightning_opt.optim.build import build_optimizer, check_buildable
+from lightning_opt.optim.layout import refuse_flat_param_strategy
 from lightning_opt.optim.param_groups import check_grouping, mup_rule_for
-from lightning_opt.optim.registry import validate_hparams
 
 __all__ = ["OptimizerConfig", "OptimizerMixin"]
 
@@ -64,7 +64,8 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         self.hparams = {k: tuple(v) if k == "betas" and isinstance(v, list) else v for k, v in dict(self.hparams or {}).items()}
-        info, _ = validate_hparams(self.name, lr=self.resolved_lr(), weight_decay=self.weight_decay, hparams=self.hparams)
+        # the registry's checks and the algorithm's own (built once over a stand-in parameter)
+        info = check_buildable(self.name, lr=self.resolved_lr(), weight_decay=self.weight_decay, hparams=self.hparams)
         check_grouping(**self._grouping(), what="OptimizerConfig")
         if self.mup_base_width is not None or self.mup_base_shapes is not None:
             mup_rule_for(info.name)
@@ -142,7 +143,11 @@ class OptimizerMixin:
         self.optimizer = replace(self.optimizer_config(), lr=value)
 
     def configure_optimizers(self) -> Optimizer:
-        return self.optimizer_config().build(self)  # type: ignore[arg-type]
+        optimizer = self.optimizer_config().build(self)  # type: ignore[arg-type]
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:  # FSDP1/DeepSpeed would flatten what per-tensor/matrix optimizers need whole
+            refuse_flat_param_strategy(optimizer, trainer.strategy)
+        return optimizer
 
     def configure_callbacks(self) -> list[Any]:
         from lightning_opt.optim.registry import get_optimizer_info, make_callbacks

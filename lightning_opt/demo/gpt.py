@@ -104,6 +104,23 @@ class TinyGPT(OptimizerMixin, L.LightningModule):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: FSDP2, each block sharded on its own, then the rest.
+
+        ``fully_shard`` over the strategy's data-parallel mesh (``self.device_mesh``); other
+        strategies set no mesh and nothing happens. Runs once (a model already sharded is left as is).
+        """
+        mesh = self.device_mesh
+        if mesh is None or any(hasattr(p, "device_mesh") for p in self.parameters()):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        for block in self.transformer["h"]:
+            fully_shard(block, mesh=dp)
+        # the root: the embeddings, final norm and head (a ModuleDict has no forward to hook)
+        fully_shard(self, mesh=dp)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         t = idx.shape[1]
         if t > self.block_size:

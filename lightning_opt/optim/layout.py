@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
-__all__ = ["ParamsReplacedError", "guard_param_layout"]
+__all__ = ["ParamsReplacedError", "guard_param_layout", "refuse_flat_param_strategy"]
 
 
 class ParamsReplacedError(RuntimeError):
@@ -59,3 +59,28 @@ def guard_param_layout(optimizer: Optimizer, name: str, needs: str) -> None:
         needs: what it computes per whole parameter, e.g. ``"takes per-tensor norms"``.
     """
     optimizer.register_step_pre_hook(_LayoutGuard(optimizer, name, needs))
+    optimizer._lightning_opt_needs_whole_params = needs  # read by refuse_flat_param_strategy
+
+
+# Lightning strategies that hand the optimizer flat partitions: DeepSpeed ZeRO swaps them in after the
+# optimizer is built (the step guard sees that), FSDP1 builds the optimizer on its flat views already
+_FLAT_PARAM_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+
+
+def refuse_flat_param_strategy(optimizer: Optimizer, strategy: Any) -> None:
+    """Raise :class:`ParamsReplacedError` if ``strategy`` would flatten an optimizer that needs whole
+    parameters (Lightning's ``FSDPStrategy``/``DeepSpeedStrategy``; ``ModelParallelStrategy`` and DDP
+    keep parameters whole). Called when the optimizer is configured, before anything runs."""
+    needs = getattr(optimizer, "_lightning_opt_needs_whole_params", None)
+    names = {c.__name__ for c in type(strategy).__mro__}
+    flat = names.intersection(_FLAT_PARAM_STRATEGIES)
+    if needs is None or not flat:
+        return
+    name = type(optimizer).__name__
+    raise ParamsReplacedError(
+        f"{name} cannot run under Lightning's {flat.pop()}: it hands the optimizer flat 1-D partitions of "
+        f"the parameters, and {name} {needs}, so it would train silently wrong. Use "
+        f"strategy=ModelParallelStrategy() (FSDP2: parameters stay whole DTensor shards; lightning_opt's "
+        f"{name} is exact there) or DDP; or keep FSDPStrategy/DeepSpeed with an elementwise optimizer "
+        "(adamw, lion, sgd) or DeepSpeed's own optimizer in its config"
+    )

@@ -101,3 +101,39 @@ def test_deepspeed_zero_refused_on_gpu(tmp_path) -> None:
     )  # fmt: skip
     with pytest.raises(ParamsReplacedError):
         trainer.fit(Module(), data)
+
+
+class DeepSpeedStrategy:  # stands in for Lightning's (which needs deepspeed to be built): matched by name
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed"])
+def test_mixin_refuses_flattening_strategies_for_whole_param_optimizers(strategy: str) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_opt.demo import TinyGPT
+    from lightning_opt.mixin import OptimizerConfig
+
+    flat = FSDPStrategy() if strategy == "fsdp1" else DeepSpeedStrategy()
+    model = TinyGPT(n_layer=1, n_embd=16, optimizer=OptimizerConfig(name="lamb", weight_decay=0.01))
+    model._trainer = SimpleNamespace(strategy=flat, callbacks=[])
+    with pytest.raises(ParamsReplacedError, match=r"Lamb cannot run under Lightning's .*ModelParallelStrategy"):
+        model.configure_optimizers()
+    model.optimizer = OptimizerConfig(name="adamw")
+    model.configure_optimizers()  # elementwise: fine on flat partitions
+
+
+def test_mixin_keeps_model_parallel_and_ddp() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from lightning_opt.demo import TinyGPT
+    from lightning_opt.mixin import OptimizerConfig
+
+    for strategy in (ModelParallelStrategy(), DDPStrategy()):
+        model = TinyGPT(n_layer=1, n_embd=16, optimizer=OptimizerConfig(name="muon"))
+        model._trainer = SimpleNamespace(strategy=strategy, callbacks=[])
+        model.configure_optimizers()

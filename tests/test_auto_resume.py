@@ -91,12 +91,21 @@ def _equal(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+@pytest.fixture
+def one_thread():
+    # the runs are tiny: on a loaded 2-core machine two OpenMP threads spin far longer than they compute
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
-def test_sigkill_then_ckpt_path_last_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+def test_sigkill_then_ckpt_path_last_equals_the_uninterrupted_run(tmp_path: Path, one_thread) -> None:
     (tmp_path / "config.yaml").write_text(CONFIG)
     crashed, straight = tmp_path / "crashed", tmp_path / "straight"
     marker = tmp_path / "hanging"
-    env = {**os.environ, "LIGHTNING_OPT_TEST_HANG_AT": str(KILL_AT), "LIGHTNING_OPT_TEST_MARKER": str(marker)}
+    env = {**os.environ, "LIGHTNING_OPT_TEST_HANG_AT": str(KILL_AT), "LIGHTNING_OPT_TEST_MARKER": str(marker), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lightning_opt", "fit", "--config", str(tmp_path / "config.yaml")]
     cmd += [f"--trainer.default_root_dir={crashed}"]
     cmd += [f"--trainer.logger={{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {crashed}}}}}"]

@@ -381,17 +381,22 @@ class BF16Precision(Precision):
                         "master_weights='stochastic'"
                     )
                 group["kahan_sum"] = True
-        elif route == "staged":
+        if self.mode == "true":
+            inner = getattr(optimizer, "base_optimizer", optimizer)  # Lookahead loads through its base
+            if not getattr(inner, "_bf16_keeps_state_dtype", False):
+                # torch's load_state_dict casts all floating state of a bf16 weight to bf16: the float32
+                # masters, the float32 state of the staged path, float32 scalars (NAdam's mu_product)
+                keep_state_dtype_on_load(inner)
+                inner._bf16_keeps_state_dtype = True
+            keys = getattr(inner, "non_castable_tensor_keys", None)
+            if isinstance(keys, set):  # bitsandbytes' own load_state_dict casts every other tensor
+                keys.update((MASTER_KEY, COMP_KEY))
+        if route == "staged":
             if isinstance(optimizer, torch.optim.LBFGS):
                 raise TypeError(
                     f"{self!r} steps float32 stand-ins of the bf16 weights, which LBFGS's closure re-evaluations "
                     "cannot see; use master_weights='none' or mode='mixed' with LBFGS"
                 )
-            inner = getattr(optimizer, "base_optimizer", optimizer)  # Lookahead loads through its base
-            if not getattr(inner, "_bf16_keeps_state_dtype", False):
-                # torch's load_state_dict would cast the float32 masters and state of bf16 weights to bf16
-                keep_state_dtype_on_load(inner)
-                inner._bf16_keeps_state_dtype = True
 
     def optimizer_step(  # type: ignore[override]
         self,
@@ -466,7 +471,7 @@ class BF16Precision(Precision):
                     own = {k: st.pop(k) for k in _ALL_KEYS if k in st}
                     if self.master_weights == "fp32":
                         value = own.get(MASTER_KEY)
-                        if value is None:
+                        if value is None or value.dtype != torch.float32:
                             value = p.detach().float()
                         else:
                             # re-seed elements changed outside the step (loaded weights, user code)

@@ -1,0 +1,95 @@
+"""FP8Precision (torch backend) on 2 gloo ranks: DDP with delayed scaling reduces the amaxes over the ranks;
+FSDP2 with layers converted before fully_shard equals the per-rank reference; converting after it is refused."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lightning_opt.plugins import FP8Precision
+from lightning_opt.plugins._fp8_torch import FP8Linear
+from tests.distributed._harness import fsdp2_shard, run_ranks
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(16, 32, generator=g) * (1 + rank + step)  # ranks see different amaxes
+
+
+def _ddp_delayed(rank: int, world: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model()
+    plugin = FP8Precision(recipe="delayed", precision="32-true", amax_history_len=4)
+    plugin.convert_layers(model)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        with plugin.forward_context():
+            loss = ddp(_batch(rank, step)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        plugin.after_optimizer_step()
+    return {"state": plugin.state_dict(), "weight": model[0].weight.detach().clone()}
+
+
+def test_ddp_delayed_scaling_reduces_amax_over_ranks() -> None:
+    r0, r1 = run_ranks(_ddp_delayed)
+    assert torch.equal(r0["weight"], r1["weight"])
+    for name in ("0", "2"):
+        a, b = r0["state"]["layers"][name], r1["state"]["layers"][name]
+        assert torch.equal(a["amax_history"], b["amax_history"]) and torch.equal(a["scale"], b["scale"])
+    # the first layer's input amax of each step is the max over both ranks' batches (newest first after the roll)
+    want = [max(_batch(r, s).abs().max().item() for r in range(2)) for s in (2, 1, 0)]
+    assert r0["state"]["layers"]["0"]["amax_history"][0, 1:].tolist() == want
+
+
+def _fsdp2(rank: int, world: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    model = _model()
+    plugin = FP8Precision(recipe="tensorwise", precision="32-true")
+    plugin.convert_layers(model)  # before fully_shard, as configure_model does
+    fsdp2_shard(model)
+    assert isinstance(model[0], FP8Linear) and isinstance(model[0].weight, DTensor)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        model(_batch(rank, step)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    late = _model()
+    fsdp2_shard(late)
+    try:
+        FP8Precision().convert_layers(late)
+        refused = ""
+    except RuntimeError as err:
+        refused = str(err)
+    return {"weights": [p.full_tensor().detach().clone() for p in model.parameters()], "refused": refused}
+
+
+def test_fsdp2_converted_before_sharding_equals_reference() -> None:
+    results = run_ranks(_fsdp2)
+    ref = _model()
+    FP8Precision(recipe="tensorwise", precision="32-true").convert_layers(ref)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(2):  # each rank's FP8 forward on its own batch, gradients averaged
+        grads = []
+        for rank in range(2):
+            replica = copy.deepcopy(ref)
+            replica(_batch(rank, step)).pow(2).mean().backward()
+            grads.append([p.grad for p in replica.parameters()])
+        for p, g0, g1 in zip(ref.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        opt.step()
+    for got in results:
+        for a, b in zip(got["weights"], ref.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        assert "already sharded (DTensor parameters)" in got["refused"] and "configure_model" in got["refused"]

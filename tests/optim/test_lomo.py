@@ -155,6 +155,22 @@ def test_fused_round_trip_with_loss_scaler() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_fused_backward_holds_one_gradient_at_a_time(clip) -> None:
+    model = _Params()
+    alive: list[int] = []
+
+    def count(*args, **kwargs) -> None:
+        alive.append(sum(p.grad is not None for p in model.parameters()))
+
+    opt = Lomo(model.parameters(), clip_grad_norm=clip)
+    for p in model.parameters():  # before the optimizer's own hook (added by fused_backward): sees the fresh gradient
+        p.register_post_accumulate_grad_hook(count)
+    opt.fused_backward(_linear_loss(model, _grads(steps=1)[0]))
+    passes = 1 if clip is None else 2  # the norm pass, then the update pass
+    assert alive == [1] * (passes * len(SHAPES))
+
+
 def test_deepcopy_keeps_the_optimizer_wide_options() -> None:
     model = _Params()
     opt = Lomo(model.parameters(), clip_grad_norm=0.5, loss_scaling=True, init_scale=64.0, scale_window=3)

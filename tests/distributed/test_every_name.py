@@ -32,8 +32,6 @@ REFUSES = {
     "paged_lion_8bit": r"cannot step FSDP2 \(DTensor\) shards.*use the 32-bit 'lion'",
     # LOMO updates inside the backward hook, before FSDP2 has reduced the gradient
     "lomo": r"DTensor",
-    # Shampoo's owner-compute path is not wired yet (its phases follow SOAP's)
-    "shampoo": r"DTensor \(sharded\) parameter",
 }
 # per-tensor statistics (norms, RMS, factored moments) summed over shards: 1e-6
 REDUCES = {"lamb", "lars", "stable_adamw", "grokadamw", "adafactor", "lookahead_lamb"}

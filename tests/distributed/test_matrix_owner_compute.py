@@ -156,17 +156,24 @@ def _clone(x):
     return x
 
 
-def _checkpoint_run(rank: int, world: int) -> dict:
+def _checkpoint_run(rank: int, world: int, strategy: str, names: tuple[str, ...]) -> dict:
     from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make(seed: int = 0):
+        model = UnevenNet(seed)
+        if strategy == "fsdp":
+            return fsdp2_shard(model), None
+        return model, DistributedDataParallel(model)
 
     x = _batch()
     out = {}
-    for name in CASES:
+    for name in names:
         _, ref_opt = _reference(name, x, steps=3)
-        model = fsdp2_shard(UnevenNet())
-        opt = _train(model, name, CASES[name], x, steps=3)
+        model, wrapper = make()
+        opt = _train(model, name, CASES[name], x, steps=3, wrapper=wrapper)
         saved = _clone(opt.state_dict())  # a collective when state lives on owners
-        params = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        params = {n: (p.to_local() if isinstance(p, DTensor) else p).clone() for n, p in model.named_parameters()}
         # every state of every parameter is on every rank, whole or a DTensor of the full shape, and equal
         ref_sd = ref_opt.state_dict()
         problems = []
@@ -176,6 +183,8 @@ def _checkpoint_run(rank: int, world: int) -> dict:
                 pairs = zip(ref_value, values) if isinstance(ref_value, list) else [(ref_value, values)]
                 for a, b in pairs:
                     if isinstance(a, torch.Tensor):
+                        if isinstance(b, DTensor) != (strategy == "fsdp" and a.ndim > 0):
+                            problems.append(f"{name} {i} {key}: {type(b).__name__} (FSDP2: DTensors; DDP: whole)")
                         if isinstance(b, DTensor):
                             if b.placements[0].is_shard() and b.ndim == 0:
                                 problems.append(f"{name} {i} {key}: a 0-dim shard")
@@ -186,29 +195,25 @@ def _checkpoint_run(rank: int, world: int) -> dict:
                     elif a != b:
                         problems.append(f"{name} {i} {key}: {a!r} != {b!r}")
         # resume: a fresh model and optimizer load the parameters and the state, 2 more steps == 5 straight
-        for _ in range(2):
-            opt.zero_grad()
-            model(x).pow(2).mean().backward()
-            opt.step()
-        model2 = fsdp2_shard(UnevenNet(seed=5))
+        _train_more(wrapper or model, opt, x)
+        model2, wrapper2 = make(seed=5)
         with torch.no_grad():
             for n, p in model2.named_parameters():
-                p.to_local().copy_(params[n])
+                (p.to_local() if isinstance(p, DTensor) else p).copy_(params[n])
         opt2 = build_optimizer(model2, name, **CASES[name])
         opt2.load_state_dict(saved)
-        for _ in range(2):
-            opt2.zero_grad()
-            model2(x).pow(2).mean().backward()
-            opt2.step()
+        _train_more(wrapper2 or model2, opt2, x)
         a, b = _full(model), _full(model2)
         out[name] = (problems, all(torch.equal(a[n], b[n]) for n in a))
     return out
 
 
-def test_owner_state_is_portable_and_resumes() -> None:
-    """``state_dict()`` on FSDP2 has every key of every parameter, owner-held state as row-sharded
-    DTensors equal to the 1-process state; loading it into a fresh sharded optimizer resumes exactly."""
-    for rank_result in run_ranks(_checkpoint_run):
+@pytest.mark.parametrize(("strategy", "names"), [("fsdp", tuple(CASES)), ("ddp", ("soap", "apollo"))])
+def test_owner_state_is_portable_and_resumes(strategy: str, names: tuple[str, ...]) -> None:
+    """``state_dict()`` has every key of every parameter on every rank, equal to the 1-process state:
+    under FSDP2 owner-held state as row-sharded DTensors (sharded state too), under DDP whole tensors
+    on every rank; loading it into a fresh optimizer resumes exactly."""
+    for rank_result in run_ranks(_checkpoint_run, strategy, names):
         for name, (problems, resumed) in rank_result.items():
             assert not problems, problems
             assert resumed, f"{name}: 3 steps + state_dict + load_state_dict + 2 steps != 5 steps"

@@ -236,7 +236,12 @@ def _adafactor_tensor(
         mean_r = sum_r.div_(rows)
         if eps1_mode == "clamp":
             mean_r.clamp_(min=eps1)
-        v = (row_var * col_var).div_(mean_r)  # the rank-1 outer product R C (torch: row_var @ col_var)
+        if eps1_mode == "clamp":
+            v = (row_var * col_var).div_(mean_r)  # the rank-1 outer product R C (torch: row_var @ col_var)
+        else:
+            # transformers' order, R / mean(R) first: with eps1 = 1e-30 added, R C itself underflows
+            # float32 (1e-60) for zero gradients (DCP's zero-lr state init) and rsqrt(0) * 0 is NaN
+            v = (row_var / mean_r) * col_var
     else:
         v = variance.clone()
     if eps1_mode == "clamp":

@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's; 1 is faster for these tiny CPU GEMMs on a busy machine)")
     parser.add_argument("--only", default="", help="comma-separated config names, e.g. 'bf16-mixed,fp8 torch delayed'")
     parser.add_argument("--baseline", choices=("bf16-mixed", "32-true"), default=None,
                         help="the reference run, also the precision of the layers not in FP8 (default: bf16-mixed on "
@@ -154,6 +156,8 @@ def main() -> None:
     args.seq, args.batch = (1024, 8) if gpu else (64, 32)
     args.lr = 3e-4 if gpu else 1e-3
     args.val_samples, args.val_batches = 256, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     results, missing = [], []

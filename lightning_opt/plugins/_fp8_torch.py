@@ -37,6 +37,7 @@ block-scaled tensor cores (use ``backend="transformer_engine"`` for those).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -177,19 +178,32 @@ def _gemm(
     qa, sa = quantize(a, a_dtype, a_block, pow2=pow2, scale=a_scale)
     qb, sb = quantize(b, b_dtype, b_block, pow2=pow2, scale=b_scale)
     # _scaled_mm needs k and n multiples of 16 (m too for the weight-gradient GEMM, whose k is tokens)
-    if matmul == "scaled_mm" and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0:
-        rowwise = sa.numel() > 1 or sb.numel() > 1
+    rowwise = sa.numel() > 1 or sb.numel() > 1
+    kind = (a.device.type, rowwise, a_dtype, b_dtype)
+    if matmul == "scaled_mm" and a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0 and kind not in _REFUSED:
         # row scales: the FP8 GEMM writes bf16 only; per-tensor scales: any output dtype
         mm_dtype = torch.bfloat16 if rowwise else out_dtype
-        out = torch._scaled_mm(
-            qa.contiguous(),
-            qb.t().contiguous().t(),  # column-major right operand
-            scale_a=sa.contiguous() if rowwise else sa.reshape(()),
-            scale_b=sb.contiguous() if rowwise else sb.reshape(()),
-            out_dtype=mm_dtype,
-        )
-        return out.to(out_dtype)
+        try:
+            out = torch._scaled_mm(
+                qa.contiguous(),
+                qb.t().contiguous().t(),  # column-major right operand
+                scale_a=sa.contiguous() if rowwise else sa.reshape(()),
+                scale_b=sb.contiguous() if rowwise else sb.reshape(()),
+                out_dtype=mm_dtype,
+            )
+            return out.to(out_dtype)
+        except RuntimeError as err:  # a kernel this torch/GPU lacks (e.g. row scales with an e5m2 operand)
+            _REFUSED.add(kind)
+            warnings.warn(
+                f"torch._scaled_mm refused {a_dtype} x {b_dtype} with {'row' if rowwise else 'tensor'} scales on "
+                f"{a.device.type} ({str(err).splitlines()[0]}); those GEMMs run dequantized from now on",
+                stacklevel=2,
+            )
     return (dequantize(qa, sa, a_block) @ dequantize(qb, sb, b_block)).to(out_dtype)
+
+
+# (device type, row scales, dtype of a, dtype of b) that torch._scaled_mm refused in this process
+_REFUSED: set[tuple[str, bool, torch.dtype, torch.dtype]] = set()
 
 
 class DelayedState:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -264,3 +265,151 @@ def test_state_dict_round_trip(name: str, impl: str | None) -> None:
         _step(resumed, opt2, x, y)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name}: {k} differs after save/load ({(a - b).abs().max():.3e})"
+
+
+# -- torch.optim's contract beyond stepping: hooks, bad params, per-group options, complex tensors.
+# Cheap tests (a 4x4 weight, one step): one case per name, not per impl, except the complex test.
+
+def _written_here(name: str) -> bool:
+    """The class behind ``name`` is ours (not torch's own class, not bitsandbytes')."""
+    info = get_optimizer_info(name)
+    return not hasattr(info.cls, "torch_class") and info.extra != "bnb"
+
+
+NAME_CASES = [pytest.param(name, id=name) for name in NAMES if _written_here(name)]
+OUR_CASES = [c for c in CASES if _written_here(c.values[0])]
+
+
+def _small(name: str, params=None, **kw):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4))
+    b = nn.Parameter(torch.randn(4))
+    spec = _spec(name)
+    lr = spec.get("lr", get_optimizer_info(name).default_lr)
+    if params is None:
+        params = [{"params": [w, b], "param_names": ["fc.weight", "fc.bias"]}]
+    return build_optimizer(params, name, lr=lr, **{**spec["hparams"], **kw}), w, b
+
+
+def _ours(opt: torch.optim.Optimizer) -> bool:
+    return type(opt).__module__.startswith("lightning_opt.")
+
+
+@pytest.mark.parametrize("name", NAME_CASES)
+def test_hooks_run_as_on_a_torch_optimizer(name: str) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    opt, w, b = _small(name)
+    calls: list[str] = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global_pre") if o is opt else None),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global_post") if o is opt else None),
+    ]
+    handles += [
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+        opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre")),
+        opt.register_state_dict_post_hook(lambda o, sd: (calls.append("sd_post"), {**sd, "marker": 1})[1]),
+        opt.register_load_state_dict_pre_hook(lambda o, sd: (calls.append("load_pre"), {k: v for k, v in sd.items() if k != "marker"})[1]),
+        opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post")),
+    ]
+    # every optimizer object a step reaches (a wrapper's inner one too): the global hook runs once
+    inner: list[str] = []
+    handles.append(register_optimizer_step_pre_hook(lambda o, a, k: inner.append(type(o).__name__)))
+    try:
+        w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+        opt.step()
+        sd = opt.state_dict()
+        assert sd.get("marker") == 1, f"{name}: a state-dict post-hook's returned dict was not used"
+        opt.load_state_dict(sd)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global_pre", "pre", "post", "global_post", "sd_pre", "sd_post", "load_pre", "load_post"], (
+        f"{name}: hooks ran as {calls}"
+    )
+    assert len(inner) == 1, f"{name}: a global step pre-hook ran {len(inner)} times in one step ({inner})"
+
+
+@pytest.mark.parametrize("name", NAME_CASES)
+def test_bad_params_get_torchs_errors(name: str) -> None:
+    info = get_optimizer_info(name)
+    w = nn.Parameter(torch.randn(4, 4))
+    v = nn.Parameter(torch.randn(4))
+    with pytest.raises(TypeError, match="should be an iterable of Tensors or dicts, but got torch.FloatTensor"):
+        info.cls(w)
+    with pytest.raises(ValueError, match="optimizer got an empty parameter list"):
+        info.cls([])
+    with pytest.raises(ValueError, match="all optimizer param groups should be with/without names"):
+        info.cls([{"params": [("fc.weight", w)]}, {"params": [v]}])
+
+
+def _bad_group_options(opt: torch.optim.Optimizer) -> list[dict]:
+    d = opt.defaults
+    bad: list[dict] = []
+    inner = getattr(opt, "base_optimizer", None)
+    if inner is not None:  # Lookahead: its own options here, the inner optimizer's checked by it
+        bad += [{"lookahead_k": 0}, {"lookahead_alpha": 1.5}]
+        if not _ours(inner):
+            return bad  # torch's classes check no group option in add_param_group
+        d = inner.defaults
+    bad += [{"lr": -1.0}, {"weight_decay": float("nan")}]
+    if "impl" in d:
+        bad.append({"impl": "fast"})
+    if isinstance(d.get("betas"), tuple) and None not in d["betas"]:
+        bad += [{"betas": (*d["betas"], 0.9)}, {"betas": d["betas"][:1]}, {"betas": (1.5,) * len(d["betas"])}]
+    if "eps" in d and isinstance(d["eps"], float):
+        bad.append({"eps": -1.0})
+    if "momentum" in d and isinstance(d["momentum"], float):
+        bad.append({"momentum": 1.5})
+    bad += [{key: "false"} for key, value in d.items() if isinstance(value, bool)]
+    if "kahan_sum" in d and "stochastic_rounding" in d:
+        bad.append({"kahan_sum": True, "stochastic_rounding": True})
+    return bad
+
+
+@pytest.mark.parametrize("name", NAME_CASES)
+def test_group_options_are_checked_before_the_group_is_added(name: str) -> None:
+    opt, w, b = _small(name)
+    n = len(opt.param_groups)
+    for options in _bad_group_options(opt):
+        extra = nn.Parameter(torch.randn(3, 3))
+        with pytest.raises(ValueError, match="is invalid"):
+            opt.add_param_group({"params": [extra], "param_names": ["extra.weight"], **options})
+        assert len(opt.param_groups) == n, f"{name}: a refused group {options} stayed in param_groups"
+    # a valid group with its own options steps with them
+    extra = nn.Parameter(torch.randn(3, 3))
+    opt.add_param_group({"params": [extra], "param_names": ["extra.weight"], "lr": 0.0})
+    extra.grad = torch.ones_like(extra)
+    before = extra.detach().clone()
+    opt.step()
+    assert torch.equal(extra, before), f"{name}: a group added with lr=0 moved"
+
+
+def _complex_runs(name: str, impl: str | None) -> tuple:
+    spec = _spec(name)
+    lr = spec.get("lr", get_optimizer_info(name).default_lr)
+    hparams = dict(spec["hparams"]) if impl is None else {**spec["hparams"], "impl": impl}
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(4, 3, dtype=torch.complex128, generator=g)
+    grads = [torch.randn(4, 3, dtype=torch.complex128, generator=g) for _ in range(3)]
+    z = nn.Parameter(z0.clone())
+    r = nn.Parameter(torch.view_as_real(z0).clone())
+    return z, r, grads, lambda p: build_optimizer([{"params": [p], "param_names": ["z"]}], name, lr=lr, weight_decay=0.01, **hparams)
+
+
+@pytest.mark.parametrize(("name", "impl"), OUR_CASES)
+def test_complex_parameters_step_as_their_real_pair_or_are_refused(name: str, impl: str | None) -> None:
+    z, r, grads, make = _complex_runs(name, impl)
+    try:
+        opt_z = make(z)
+    except ValueError as err:
+        # ours: per-tensor/matrix statistics; torch's fused kernels (inside Lookahead): torch's refusal
+        assert re.search(r"does not support complex parameters|kernel does not update torch.complex", str(err)), err
+        return
+    opt_r = make(r)
+    for grad in grads:
+        z.grad, r.grad = grad.clone(), torch.view_as_real(grad).clone()
+        opt_z.step()
+        opt_r.step()
+    torch.testing.assert_close(torch.view_as_real(z.detach()), r.detach(), rtol=1e-12, atol=1e-14)

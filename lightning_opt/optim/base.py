@@ -284,9 +284,9 @@ def reject_complex(cls: str, params: Any) -> None:
         t = item[1] if isinstance(item, tuple) and len(item) == 2 else item
         if isinstance(t, Tensor) and torch.is_complex(t):
             raise ValueError(
-                f"{cls} does not support complex parameters: its per-tensor or matrix statistics have no "
-                "complex form here; pass torch.view_as_real(p) as the parameter, or use an elementwise "
-                "optimizer (adamw, lion, schedule_free_adamw)"
+                f"{cls} does not support complex parameters: its statistics (norms, matrices, Hessian "
+                "estimates) are defined for real tensors here; optimize torch.view_as_real(p) instead, or "
+                "use an elementwise optimizer (adamw, lion, schedule_free_adamw)"
             )
 
 

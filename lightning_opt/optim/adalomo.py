@@ -41,6 +41,7 @@ from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._fused import FusedBackward
 from lightning_opt.optim.base import (
     backfill_group_defaults,
+    check_param_group,
     compute_dtype,
     keep_state_dtype_on_load,
     reject_sparse_grad,
@@ -242,6 +243,8 @@ class AdaLomo(FusedBackward, Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(ADALOMO_IMPLS)
+    #: factored moments and the update norm have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -297,10 +300,8 @@ class AdaLomo(FusedBackward, Optimizer):
 
         guard_param_layout(self, type(self).__name__, "factors each matrix's second moment by rows and columns")
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; an invalid ``impl`` is refused before it is added."""
-        if "impl" in param_group:
-            check_impl("AdaLomo", param_group["impl"], tuple(ADALOMO_IMPLS))
-        super().add_param_group(param_group)
+        """Add a group; its own options are checked as the constructor's, before it is added."""
+        super().add_param_group(check_param_group(self, param_group))
         group = self.param_groups[-1]
         names = group.get("param_names") or [None] * len(group["params"])
         for p, name in zip(group["params"], names):

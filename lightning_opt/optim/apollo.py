@@ -50,6 +50,7 @@ from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_arg,
     check_flag,
+    check_param_group,
     compute_dtype,
     is_int,
     is_number,
@@ -466,6 +467,8 @@ class APOLLO(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (they choose the AdamW side's impl)
     impls: ClassVar[tuple[str, ...]] = ("for_loop", "foreach")
+    #: projected matrix statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -612,10 +615,9 @@ class APOLLO(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its APOLLO/AdamW split is decided here and stored as ``group["apollo_mask"]``."""
-        super().add_param_group(param_group)
+        # its own options checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
         group = self.param_groups[-1]
-        if "impl" in param_group:
-            check_impl(type(self).__name__, group["impl"], APOLLO.impls)
         group["apollo_mask"] = self._apollo_mask(group)
 
     @staticmethod

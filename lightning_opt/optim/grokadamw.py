@@ -29,6 +29,7 @@ from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
     check_lr_wd,
+    check_param_group,
     check_rounding,
     init_state,
     reject_sparse_grad,
@@ -328,6 +329,8 @@ class GrokAdamW(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(GROKADAMW_IMPLS)
+    #: per-tensor statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
 

@@ -17,9 +17,11 @@ from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_betas,
     check_lr_wd,
+    check_param_group,
     check_rounding,
     init_state,
     params_with_grad,
+    real_view,
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
@@ -198,16 +200,8 @@ class Lion(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its own ``impl`` and roundings are checked first (a refused group is not added)."""
-        if "impl" in param_group:
-            check_impl("Lion", param_group["impl"], tuple(LION_IMPLS))
-        if "kahan_sum" in param_group or "stochastic_rounding" in param_group:
-            check_rounding(
-                "Lion",
-                param_group.get("kahan_sum", self.defaults["kahan_sum"]),
-                param_group.get("stochastic_rounding", self.defaults["stochastic_rounding"]),
-            )
-        super().add_param_group(param_group)
+        """Add a group; its own options are checked first, as the constructor's (a refused group is not added)."""
+        super().add_param_group(check_param_group(self, param_group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -222,9 +216,10 @@ class Lion(Optimizer):
             for p in params_with_grad(group, "Lion"):
                 state = self.state[p]
                 init_state(state, p, "exp_avg", step=False, kahan_sum=group["kahan_sum"])
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
+                # elementwise: a complex tensor steps as its (real, imag) pair, as torch's optimizers
+                params.append(real_view(p))
+                grads.append(real_view(p.grad))
+                exp_avgs.append(real_view(state["exp_avg"]))
                 comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
             beta1, beta2 = group["betas"]
             lion(

@@ -47,8 +47,10 @@ from lightning_opt.optim.base import (
     LOW_PRECISION,
     backfill_group_defaults,
     check_flag,
+    check_param_group,
     keep_state_dtype_on_load,
     params_with_grad,
+    real_view,
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
@@ -475,11 +477,8 @@ class ScheduleFreeBase(Optimizer):
         keep_state_dtype_on_load(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its own ``stochastic_rounding`` and ``impl`` are checked as the constructor's."""
-        super().add_param_group(param_group)
-        group, name = self.param_groups[-1], type(self).__name__
-        check_flag(name, "stochastic_rounding", group["stochastic_rounding"])
-        check_impl(name, group["impl"], self.impls)
+        """Add a group; its own options are checked as the constructor's, before it is added."""
+        super().add_param_group(check_param_group(self, param_group))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -566,10 +565,11 @@ class ScheduleFreeBase(Optimizer):
                 state = self.state[p]
                 if "z" not in state:
                     self._init_state(p, state)
-                params.append(p)
-                grads.append(p.grad)
-                zs.append(state["z"])
-                exp_avg_sqs.append(state.get("exp_avg_sq"))
+                # elementwise: a complex tensor steps as its (real, imag) pair, as torch's optimizers
+                params.append(real_view(p))
+                grads.append(real_view(p.grad))
+                zs.append(real_view(state["z"]))
+                exp_avg_sqs.append(real_view(state.get("exp_avg_sq")))
             if params:
                 self._update(group, k, lr, c, params, grads, zs, exp_avg_sqs)
             group["k"] = k + 1

@@ -28,6 +28,7 @@ from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     backfill_group_defaults,
     check_flag,
+    check_param_group,
     compute_dtype,
     is_int,
     is_number,
@@ -516,6 +517,8 @@ class SOAP(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(SOAP_IMPLS)
+    #: eigenbases of per-tensor statistics have no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -592,8 +595,8 @@ class SOAP(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; an invalid ``impl`` and DTensor (sharded) parameters are refused here, before any step."""
-        if "impl" in param_group:  # before adding: a refused group must not stay in param_groups
-            check_impl("SOAP", param_group["impl"], tuple(SOAP_IMPLS))
+        # its own options checked as the constructor's, before adding: a refused group must not stay
+        param_group = check_param_group(self, param_group)
         if "distributed" in param_group:
             check_distributed("SOAP", param_group["distributed"])
         super().add_param_group(param_group)

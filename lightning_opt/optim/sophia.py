@@ -46,6 +46,7 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     backfill_group_defaults,
+    check_param_group,
     check_rounding,
     compute_dtype,
     ensure_kahan_comp,
@@ -327,6 +328,9 @@ class _Sophia(Optimizer):
     hessian_estimator: ClassVar[str] = ""
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(SOPHIA_IMPLS)
+    #: the diagonal-Hessian estimators (GNB's g*g, Hutchinson's u*Hu) are written for real
+    #: parameters; a complex one is refused (base.reject_complex) rather than estimated wrongly
+    supports_complex: ClassVar[bool] = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -338,11 +342,8 @@ class _Sophia(Optimizer):
         backfill_group_defaults(self, kahan_sum=False, stochastic_rounding=False, impl="auto")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group, cls = self.param_groups[-1], type(self).__name__
-        # a param group may set its own impl/rounding: checked when it is added
-        check_impl(cls, group["impl"], self.impls)
-        check_rounding(cls, group["kahan_sum"], group["stochastic_rounding"])
+        # a group's own options are checked as the constructor's, before it is added
+        super().add_param_group(check_param_group(self, param_group))
 
     def _scale(self, group: dict[str, Any]) -> float:
         raise NotImplementedError

@@ -19,6 +19,7 @@ from lightning_opt.optim.base import (
     check_betas,
     check_flag,
     check_lr_wd,
+    check_param_group,
     check_rounding,
     init_state,
     params_with_grad,
@@ -294,6 +295,8 @@ class StableAdamW(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(STABLE_ADAMW_IMPLS)
+    #: the per-tensor RMS clip has no complex form here (base.reject_complex)
+    supports_complex: ClassVar[bool] = False
     #: the per-tensor RMS clip has no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
 

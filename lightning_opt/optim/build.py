@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -10,9 +11,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from lightning_opt.optim.param_groups import mup_rule_for, param_groups
-from lightning_opt.optim.registry import accepted_hparams, validate_hparams
+from lightning_opt.optim.registry import OptimInfo, accepted_hparams, validate_hparams
 
-__all__ = ["build_optimizer", "normalize_groups"]
+__all__ = ["build_optimizer", "check_buildable", "normalize_groups"]
 
 
 def normalize_groups(params: Iterable[Any], *, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -41,6 +42,30 @@ def normalize_groups(params: Iterable[Any], *, lr: float, weight_decay: float) -
     if all(isinstance(x, torch.Tensor) for x in items):
         return [{"params": items, "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay}]
     raise TypeError("build_optimizer takes an nn.Module, or an iterable of tensors, (name, tensor) pairs or param-group dicts")
+
+
+def check_buildable(
+    name: str, *, lr: float, weight_decay: float = 0.0, hparams: Mapping[str, Any] | None = None
+) -> OptimInfo:
+    """Check an optimizer request without a model: build it once over a 2x2 stand-in parameter.
+
+    :func:`~lightning_opt.optim.registry.validate_hparams` checks what the registry knows (names,
+    lr, betas, flags); building the class runs its own checks too (SOAP's
+    ``precondition_frequency``, Muon's ``ns_steps``), so a config fails when it is made, not at
+    fit start. A missing optional dependency is left to the real build (it says what to install).
+
+    Raises:
+        ValueError, TypeError: what the registry or the class refuses.
+    """
+    info, _ = validate_hparams(name, lr=lr, weight_decay=weight_decay, hparams=hparams)
+    stand_in = {"params": [nn.Parameter(torch.zeros(2, 2))], "param_names": ["stand_in.weight"]}
+    with warnings.catch_warnings():  # "no 2-D hidden matrix", "wd=0 groups not adapted": the stand-in's
+        warnings.simplefilter("ignore")
+        try:
+            build_optimizer([stand_in], name, lr=lr, weight_decay=weight_decay, **dict(hparams or {}))
+        except ImportError:
+            pass
+    return info
 
 
 def build_optimizer(

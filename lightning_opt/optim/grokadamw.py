@@ -331,8 +331,6 @@ class GrokAdamW(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(GROKADAMW_IMPLS)
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
-    #: per-tensor statistics have no complex form here (base.reject_complex)
-    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -390,8 +388,8 @@ class GrokAdamW(Optimizer):
             "impl": check_impl("GrokAdamW", impl, tuple(GROKADAMW_IMPLS)),
         }
         super().__init__(params, defaults)
-
         guard_param_layout(self, type(self).__name__, "clips each parameter's gradient by its whole norm")
+
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles only defaults/state/param_groups; keep the signal functions on copies
         return {**super().__getstate__(), "grokking_signal_fns": self.grokking_signal_fns}

@@ -574,8 +574,6 @@ class Lamb(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(LAMB_IMPLS)
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
-    #: per-tensor statistics have no complex form here (base.reject_complex)
-    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -722,8 +720,6 @@ class Lars(Optimizer):
 
     #: the ``impl`` values this class takes besides ``"auto"`` (the contract suite runs each)
     impls: ClassVar[tuple[str, ...]] = tuple(LARS_IMPLS)
-    #: per-tensor statistics have no complex form here (base.reject_complex)
-    supports_complex: ClassVar[bool] = False
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
 

@@ -297,8 +297,6 @@ class StableAdamW(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(STABLE_ADAMW_IMPLS)
     #: the per-tensor RMS clip has no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
-    #: the per-tensor RMS clip has no complex form here (base.reject_complex)
-    supports_complex: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -335,8 +333,8 @@ class StableAdamW(Optimizer):
             "impl": check_impl("StableAdamW", impl, tuple(STABLE_ADAMW_IMPLS)),
         }
         super().__init__(params, defaults)
-
         guard_param_layout(self, type(self).__name__, "clips each parameter's lr by the RMS of its whole update")
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
         # a group's own options are checked as the constructor's, before it is added

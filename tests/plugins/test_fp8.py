@@ -144,6 +144,16 @@ def test_delayed_scaling_history() -> None:
     assert torch.equal(state.amax_history, before)
 
 
+def test_delayed_scaling_takes_the_max_over_accumulated_micro_batches() -> None:
+    lin = FP8Linear(16, 16, recipe="delayed")
+    for scale in (3.0, 1.0):  # two micro-batches, one optimizer step
+        (lin(torch.full((4, 16), scale)) * scale).sum().backward()
+    hist = lin.fp8_state.amax_history
+    assert hist[0, 0].item() == 3.0 and hist[2, 0].item() == 3.0  # input and output-gradient amaxes
+    lin.fp8_state.update()
+    assert lin.fp8_state.scale[2].item() == pytest.approx(57344.0 / 3.0)  # e5m2 for the gradient
+
+
 def test_fp8_linear_keeps_dtype_device_bias_and_state_dict_keys() -> None:
     lin = nn.Linear(32, 48, dtype=torch.float64)
     f = FP8Linear.from_linear(lin, recipe="rowwise")
@@ -307,6 +317,15 @@ def _data(n: int = 64, d: int = 32) -> DataLoader:
     return DataLoader(TensorDataset(x, x[:, :4].sum(-1) + 0.1 * x[:, 5]), batch_size=16)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny GEMMs: OpenMP spinning costs more than it gives, most of all on a loaded machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _trainer(tmp_path: Path, plugin: FP8Precision | None, **kw) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu", devices=1, plugins=[plugin] if plugin else None, logger=False,
@@ -344,23 +363,23 @@ def test_checkpoint_into_other_recipe_or_no_fp8_warns(tmp_path: Path) -> None:
     ckpt = tr.checkpoint_callback.best_model_path
     with pytest.warns(UserWarning, match="recipe='delayed'.*this run uses backend='torch', recipe='rowwise'"):
         _fit(tmp_path / "r", FP8Precision(recipe="rowwise", precision="32-true"), 2, ckpt=ckpt)
-    plain, _ = _fit(tmp_path / "p", None, 2, ckpt=ckpt)  # no FP8: the same state_dict keys load
-    _, tr_plain = _fit(tmp_path / "q", None, 1)
+    _, tr_plain = _fit(tmp_path / "p", None, 2, ckpt=ckpt)  # no FP8: the same state_dict keys load
+    assert tr_plain.global_step == 8
     with pytest.warns(UserWarning, match="saved without FP8Precision"):
-        _fit(tmp_path / "s", FP8Precision(recipe="delayed", precision="32-true"), 2,
+        _fit(tmp_path / "s", FP8Precision(recipe="delayed", precision="32-true"), 3,
              ckpt=tr_plain.checkpoint_callback.best_model_path)
 
 
-def test_trainer_recipes_train_close_to_fp32(tmp_path: Path) -> None:
+def test_trainer_fp8_with_bf16_autocast_trains_close_to_fp32(tmp_path: Path) -> None:
     losses = {}
-    for recipe in ("fp32", "tensorwise", "mxfp8"):
-        plugin = None if recipe == "fp32" else FP8Precision(recipe=recipe, precision="32-true")
+    for recipe in ("fp32", "tensorwise"):
+        plugin = None if recipe == "fp32" else FP8Precision(recipe=recipe)  # the rest in bf16-mixed
         model, _ = _fit(tmp_path / recipe, plugin, 4, enable_checkpointing=False)
         x, y = _data().dataset.tensors
         with torch.no_grad():
             losses[recipe] = float(nn.functional.mse_loss(model(x), y))
     assert losses["fp32"] < 0.5  # it learned
-    for recipe in ("tensorwise", "mxfp8"):
+    for recipe in ("tensorwise",):
         assert losses[recipe] == pytest.approx(losses["fp32"], rel=0.1, abs=0.02), losses
 
 

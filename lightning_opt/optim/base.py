@@ -22,6 +22,7 @@ __all__ = [
     "backfill_group_defaults",
     "check_arg",
     "OptionCheck",
+    "beta_or_none",
     "check_betas",
     "check_flag",
     "check_hparam",
@@ -34,6 +35,7 @@ __all__ = [
     "is_number",
     "ensure_kahan_comp",
     "init_state",
+    "int_at_least",
     "keep_state_dtype_on_load",
     "params_with_grad",
     "real_view",
@@ -233,6 +235,22 @@ def check_options(
         pair = [options.get(k, defaults.get(k, False)) for k in _ROUNDINGS]
         out.update({k: v for k, v in check_rounding(cls, *pair).items() if k in options})
     return out
+
+
+def int_at_least(low: int) -> OptionCheck:
+    """An ``option_checks`` entry: an int (not a bool) >= ``low``."""
+
+    def check(cls: str, key: str, value: Any) -> int:
+        check_arg(cls, key, value, is_int(value) and value >= low, f"it must be an int >= {low}")
+        return value
+
+    return check
+
+
+def beta_or_none(cls: str, key: str, value: Any) -> float | None:
+    """An ``option_checks`` entry: ``None`` or a float in [0, 1)."""
+    check_arg(cls, key, value, value is None or (is_number(value) and 0 <= value < 1), "expected None or a float in [0, 1)")
+    return value
 
 
 def check_param_group(optimizer: Optimizer, param_group: Any, cls: str | None = None) -> dict[str, Any]:

@@ -26,11 +26,14 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
+    OptionCheck,
+    beta_or_none,
+    check_options,
+    int_at_least,
     backfill_group_defaults,
     check_flag,
     check_param_group,
     compute_dtype,
-    is_int,
     is_number,
     keep_state_dtype_on_load,
     params_with_grad,
@@ -519,6 +522,12 @@ class SOAP(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(SOAP_IMPLS)
     #: eigenbases of per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "shampoo_beta": beta_or_none,
+        "precondition_frequency": int_at_least(1),
+        "max_precond_dim": int_at_least(1),
+    }
 
     def __init__(
         self,
@@ -544,30 +553,12 @@ class SOAP(Optimizer):
             isinstance(betas, (tuple, list)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
             "expected two floats in [0, 1)",
         )
-        _check(
-            "shampoo_beta",
-            shampoo_beta,
-            shampoo_beta is None or (is_number(shampoo_beta) and 0 <= shampoo_beta < 1),
-            "expected None (use beta2) or a float in [0, 1)",
-        )
         _check("eps", eps, is_number(eps) and eps >= 0, "it must be a finite number >= 0")
         _check(
             "weight_decay",
             weight_decay,
             is_number(weight_decay) and weight_decay >= 0,
             "it must be a finite number >= 0",
-        )
-        _check(
-            "precondition_frequency",
-            precondition_frequency,
-            is_int(precondition_frequency) and precondition_frequency >= 1,
-            "it must be an int >= 1",
-        )
-        _check(
-            "max_precond_dim",
-            max_precond_dim,
-            is_int(max_precond_dim) and max_precond_dim >= 1,
-            "it must be an int >= 1",
         )
         defaults = {
             "lr": lr,
@@ -584,6 +575,8 @@ class SOAP(Optimizer):
             "impl": check_impl("SOAP", impl, tuple(SOAP_IMPLS)),
             "distributed": check_distributed("SOAP", distributed),
         }
+        # shampoo_beta, precondition_frequency, max_precond_dim: the checks every group's own get
+        defaults = check_options("SOAP", defaults, impls=SOAP_IMPLS, checks=self.option_checks)
         super().__init__(params, defaults)
         keep_state_dtype_on_load(self)
         install_owner_state_hooks(self, self._owner_state)

@@ -365,7 +365,28 @@ def _bad_group_options(opt: torch.optim.Optimizer) -> list[dict]:
     bad += [{key: "false"} for key, value in d.items() if isinstance(value, bool)]
     if "kahan_sum" in d and "stochastic_rounding" in d:
         bad.append({"kahan_sum": True, "stochastic_rounding": True})
+    # a class's own option_checks: the bad values known here for its keys
+    checks = getattr(type(inner if inner is not None else opt), "option_checks", {})
+    bad += [{k: _OWN_BAD[k]} for k in checks if k in d and k in _OWN_BAD]
     return bad
+
+
+#: a bad value for each key of a class's ``option_checks`` (Muon, SOAP, Lookahead, ...)
+_OWN_BAD = {
+    "ns_dtype": "float8",
+    "ns_steps": 0,
+    "eps": 0.0,
+    "adjust_lr_fn": "rms",
+    "adamw_lr_ratio": -1.0,
+    "adamw_eps": -1.0,
+    "adamw_betas": (0.9,),
+    "adamw_patterns": "embed",
+    "shampoo_beta": 1.0,
+    "precondition_frequency": 0,
+    "max_precond_dim": 0,
+    "lookahead_k": 0,
+    "lookahead_alpha": 0.0,
+}
 
 
 @pytest.mark.parametrize("name", NAME_CASES)

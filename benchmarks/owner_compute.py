@@ -29,16 +29,18 @@ import time
 from datetime import date
 
 import torch
-import torch._dynamo  # noqa: F401 - imported before forking the ranks, not in each
-import torch.distributed.tensor  # noqa: F401
+
+# imported before forking the ranks, not in each
+import torch._dynamo
+import torch.distributed.tensor
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lightning_opt.optim.distributed import assign_owners, comm_debug_mode, load_balance, shard_rows  # noqa: E402
-from lightning_opt.optim.muon import Muon, newton_schulz_flops  # noqa: E402
-from lightning_opt.optim.soap import SOAP, soap_cost, soap_layout  # noqa: E402
-from tests.distributed._harness import fsdp2_shard, run_ranks  # noqa: E402
+from lightning_opt.optim.distributed import assign_owners, comm_debug_mode, load_balance, shard_rows
+from lightning_opt.optim.muon import Muon, newton_schulz_flops
+from lightning_opt.optim.soap import SOAP, soap_cost, soap_layout
+from tests.distributed._harness import run_ranks
 
 GPT2_124M = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
 
@@ -107,11 +109,15 @@ def table_bytes() -> str:
     ddp = run_ranks(_bytes_rank, shapes, "ddp", world_size=world)
     gather_in = [sum((m - shard_rows(m, world)[r]) * n for m, n in shapes) * 4 for r in range(world)]
     lines = [
-        f"Set: {len(shapes)} matrices of a d=128, 2-layer GPT (qkv, proj, fc, fc2), P = {P:,} float32 elements "
-        f"({P * 4 / 2**20:.2f} MiB); {world} gloo ranks; one optimizer step after warm-up.",
+        (
+            f"Set: {len(shapes)} matrices of a d=128, 2-layer GPT (qkv, proj, fc, fc2), P = {P:,} float32 elements "
+            f"({P * 4 / 2**20:.2f} MiB); {world} gloo ranks; one optimizer step after warm-up."
+        ),
         "",
-        "| optimizer | strategy | rank | collectives in the step | sent (KiB) | received (KiB) "
-        "| full all-gather would receive (KiB) | model 2(W-1)P/W^2 (KiB) |",
+        (
+            "| optimizer | strategy | rank | collectives in the step | sent (KiB) | received (KiB) "
+            "| full all-gather would receive (KiB) | model 2(W-1)P/W^2 (KiB) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     model_kib = 2 * (world - 1) * P / world**2 * 4 / 1024
@@ -149,11 +155,15 @@ def predicted_bytes(shapes: list[tuple[int, int]], world: int, costs: list[float
 def table_predicted() -> str:
     P = sum(m * n for m, n in GPT2_124M)
     lines = [
-        f"GPT-2 124M hidden matrices (P = {P / 1e6:.1f}M float32), Muon's owners; the formula the 2-rank "
-        "measurement above matches exactly, evaluated for more ranks (no processes).",
+        (
+            f"GPT-2 124M hidden matrices (P = {P / 1e6:.1f}M float32), Muon's owners; the formula the 2-rank "
+            "measurement above matches exactly, evaluated for more ranks (no processes)."
+        ),
         "",
-        "| ranks | owner-compute: most any rank sends (MiB) | same received | full all-gather: each rank "
-        "receives (MiB) | ratio |",
+        (
+            "| ranks | owner-compute: most any rank sends (MiB) | same received | full all-gather: each rank "
+            "receives (MiB) | ratio |"
+        ),
         "|---|---|---|---|---|",
     ]
     costs = [newton_schulz_flops(m, n) for m, n in GPT2_124M]
@@ -197,7 +207,9 @@ def _time_rank(rank: int, world: int, shapes: list[tuple[int, int]], steps: int,
     torch.set_num_threads(threads)
     model = Matrices(shapes)
     forward = DistributedDataParallel(model) if world > 1 else model
-    opt = Muon(list(model.named_parameters()), lr=0.02, ns_dtype="float32", distributed="auto" if world > 1 else "local")
+    opt = Muon(
+        list(model.named_parameters()), lr=0.02, ns_dtype="float32", distributed="auto" if world > 1 else "local"
+    )
     xs = _inputs(shapes)
     opt.zero_grad()
     forward(xs).backward()
@@ -225,16 +237,20 @@ def table_time(steps: int, rounds: int) -> str:
     one2 = _time_rank(0, 1, shapes, steps, rounds, 2)
     torch.set_num_threads(threads)
     lines = [
-        f"Set: {len(shapes)} matrices of a d=128, 4-layer GPT, P = {P / 1e6:.2f}M; float32 Newton-Schulz; best of "
-        f"{rounds} rounds of {steps} steps (optimizer step only, fixed gradients). CPU = the process's CPU "
-        "time per step: the work it did, whatever else shares the machine.",
+        (
+            f"Set: {len(shapes)} matrices of a d=128, 4-layer GPT, P = {P / 1e6:.2f}M; float32 Newton-Schulz; best of "
+            f"{rounds} rounds of {steps} steps (optimizer step only, fixed gradients). CPU = the process's CPU "
+            "time per step: the work it did, whatever else shares the machine."
+        ),
         "",
         "| processes | threads each | per-rank Muon step, wall (ms) | per-rank CPU (ms) |",
         "|---|---|---|---|",
         f"| 1 | 1 | {one[0] * 1e3:.1f} | {one[1] * 1e3:.1f} |",
         f"| 1 | 2 | {one2[0] * 1e3:.1f} | {one2[1] * 1e3:.1f} |",
-        f"| 2 (DDP, owner-compute) | 1 | {statistics.mean(t[0] for t in two) * 1e3:.1f} "
-        f"| {statistics.mean(t[1] for t in two) * 1e3:.1f} (ranks: {', '.join(f'{t[1] * 1e3:.1f}' for t in two)}) |",
+        (
+            f"| 2 (DDP, owner-compute) | 1 | {statistics.mean(t[0] for t in two) * 1e3:.1f} "
+            f"| {statistics.mean(t[1] for t in two) * 1e3:.1f} (ranks: {', '.join(f'{t[1] * 1e3:.1f}' for t in two)}) |"
+        ),
     ]
     return "\n".join(lines)
 
@@ -244,8 +260,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"# owner-compute, {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"# owner-compute, {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}\n"
+    )
     print("## (a) bytes per step per rank\n")
     print(table_bytes())
     print()

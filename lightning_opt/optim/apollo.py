@@ -690,16 +690,9 @@ class APOLLO(Optimizer):
                     state["proj"],
                     step=state["step"],
                     lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
                     weight_decay=group["weight_decay"],
-                    scale=group["scale"],
-                    scale_type=group["scale_type"],
-                    scale_front=group["scale_front"],
-                    norm_growth_limit=group["norm_growth_limit"],
                     prev_norm=state.get("update_norm"),
-                    convention=group["convention"],
+                    **self._direction_options(group),
                 )
                 if new_norm is not None:
                     state["update_norm"] = new_norm
@@ -740,6 +733,12 @@ class APOLLO(Optimizer):
         return topo, cached_owners(self, topo, items)
 
     @staticmethod
+    def _direction_options(group: dict[str, Any]) -> dict[str, Any]:
+        """The group's options :func:`apollo_direction` takes (besides the state and the step)."""
+        keys = ("eps", "scale", "scale_type", "scale_front", "norm_growth_limit", "convention")
+        return {"beta1": group["betas"][0], "beta2": group["betas"][1], **{k: group[k] for k in keys}}
+
+    @staticmethod
     def _layout(shape: Sequence[int], group: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
         m, n = shape
         r = group["rank"]
@@ -768,7 +767,6 @@ class APOLLO(Optimizer):
         jobs = []
         for group, p, refresh in shared:
             state = self.state[p]
-            beta1, beta2 = group["betas"]
             dt = compute_dtype(p)
 
             def compute(full: list[Tensor], state=state, group=group, refresh=refresh, dt=dt) -> list[Tensor]:
@@ -787,15 +785,8 @@ class APOLLO(Optimizer):
                     state["exp_avg_sq"],
                     state["proj"],
                     step=state["step"],
-                    beta1=group["betas"][0],
-                    beta2=group["betas"][1],
-                    eps=group["eps"],
-                    scale=group["scale"],
-                    scale_type=group["scale_type"],
-                    scale_front=group["scale_front"],
-                    norm_growth_limit=group["norm_growth_limit"],
                     prev_norm=state.get("update_norm"),
-                    convention=group["convention"],
+                    **self._direction_options(group),
                 )
                 if new_norm is not None:
                     state["update_norm"] = new_norm

@@ -47,7 +47,7 @@ import math
 import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -80,7 +80,7 @@ __all__ = [
 Distributed = Literal["auto", "local"]
 Mode = Literal["single", "fsdp", "ddp"]
 #: the full shape of an owner-held state tensor, or of each entry of a list-valued key (``None``: no tensor)
-Layout = Union[tuple[int, ...], list[Union[tuple[int, ...], None]]]
+Layout = tuple[int, ...] | list[tuple[int, ...] | None]
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -236,9 +236,7 @@ def assign_owners(
     return owners, final
 
 
-def cached_owners(
-    opt: Optimizer, topo: Topology, items: Sequence[tuple[Tensor, Hashable, float]]
-) -> dict[int, int]:
+def cached_owners(opt: Optimizer, topo: Topology, items: Sequence[tuple[Tensor, Hashable, float]]) -> dict[int, int]:
     """The owners (``id(param) -> rank``) of ``(param, bucket, cost)`` items, cached on ``opt``.
 
     For optimizers whose state lives on the owner: ``items`` must list every matrix (with a
@@ -277,16 +275,27 @@ def _trail(shape: Sequence[int]) -> int:
     return math.prod(shape[1:])
 
 
-def gather_rows(
-    topo: Topology, items: Sequence[tuple[int, Tensor, tuple[int, ...]]]
-) -> list[Tensor | None]:
+def _all_to_all(
+    topo: Topology, send_parts: list[list[Tensor]], recv_sizes: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """One packed ``all_to_all_single``: ``send_parts[r]`` (flat tensors) go to rank ``r``; returns
+    the flat receive buffer, ``recv_sizes[r]`` elements from each rank ``r`` in rank order."""
+    import torch.distributed as dist
+
+    send_sizes = [sum(t.numel() for t in parts) for parts in send_parts]
+    flat = [t for parts in send_parts for t in parts]
+    send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
+    dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=topo.group)
+    return recv
+
+
+def gather_rows(topo: Topology, items: Sequence[tuple[int, Tensor, tuple[int, ...]]]) -> list[Tensor | None]:
     """Send the rows of each ``(owner, local_rows, full_shape)`` to its owner (FSDP2 layout).
 
     ``local_rows`` is this rank's ``Shard(0)`` piece (``shard_rows(full_shape[0], W)[rank]`` rows).
     One ``all_to_all_single`` per (dtype, device). Returns the full tensor on the owner, ``None`` elsewhere.
     """
-    import torch.distributed as dist
-
     out: list[Tensor | None] = [None] * len(items)
     W, me = topo.world, topo.rank
     for (dtype, device), idx in _groups(items, lambda it: (it[1].dtype, it[1].device)).items():
@@ -306,12 +315,7 @@ def gather_rows(
                 mine.append(i)
                 for src in range(W):
                     recv_sizes[src] += counts[src] * _trail(shape)
-        send_sizes = [sum(t.numel() for t in parts) for parts in send_parts]
-        send = torch.cat([t for parts in send_parts for t in parts]) if any(send_sizes) else None
-        if send is None:
-            send = torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=topo.group)
+        recv = _all_to_all(topo, send_parts, recv_sizes, dtype, device)
         # recv: for each source rank, the rows it holds of each of my matrices, in item order
         pieces: dict[int, list[Tensor]] = {i: [] for i in mine}
         offset = 0
@@ -335,8 +339,6 @@ def scatter_rows(
     The owner holds the full tensor (``None`` elsewhere). One ``all_to_all_single`` per (dtype,
     device). Returns this rank's ``Shard(0)`` piece of every tensor (new, contiguous).
     """
-    import torch.distributed as dist
-
     out: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
     W, me = topo.world, topo.rank
     for (dtype, device), idx in _groups(items, lambda it: (it[3], it[4])).items():
@@ -355,12 +357,7 @@ def scatter_rows(
                     send_parts[dst].append(flat[start : start + counts[dst]].reshape(-1))
                     start += counts[dst]
             recv_sizes[owner] += counts[me] * _trail(shape)
-        send_sizes = [sum(t.numel() for t in parts) for parts in send_parts]
-        send = torch.cat([t for parts in send_parts for t in parts]) if any(send_sizes) else None
-        if send is None:
-            send = torch.empty(0, dtype=dtype, device=device)
-        recv = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
-        dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=topo.group)
+        recv = _all_to_all(topo, send_parts, recv_sizes, dtype, device)
         # recv: for each owner rank, my rows of each of its tensors, in item order
         offsets = [0] * W
         for r in range(1, W):
@@ -497,7 +494,7 @@ def comm_debug_mode() -> Any:
             rec["sent"] += sent
             rec["received"] += received
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(getattr(func, "_overloadpacket", func))
             plain = not any(getattr(t, "__name__", "") == "DTensor" for t in types)
             if plain and name.startswith(("c10d.", "_c10d_functional.", "c10d_functional.")):
@@ -550,9 +547,7 @@ class OwnerStateEntry:
     device: torch.device
 
 
-def install_owner_state_hooks(
-    opt: Optimizer, entries: Callable[[], tuple[Topology, list[OwnerStateEntry]]]
-) -> None:
+def install_owner_state_hooks(opt: Optimizer, entries: Callable[[], tuple[Topology, list[OwnerStateEntry]]]) -> None:
     """Make the owner-held state of ``opt`` portable through ``state_dict`` / ``load_state_dict``.
 
     ``entries()`` returns the topology and, for every parameter whose whole-matrix state lives on
@@ -598,7 +593,11 @@ def install_owner_state_hooks(
 
                 shape = rows_items[pos][2]
                 value = DTensor.from_local(
-                    rows[pos], topo.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                    rows[pos],
+                    topo.mesh,
+                    [Shard(0)],
+                    run_check=False,
+                    shape=torch.Size(shape),
                     stride=torch.empty(shape, device="meta").stride(),
                 )
             else:

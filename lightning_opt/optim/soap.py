@@ -700,7 +700,7 @@ class SOAP(Optimizer):
     def _local_shard_step(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         # no rotated dim: SOAP is Adam, elementwise; the moments are DTensors sharded like p (and
         # the moments' shape is p's: merging only joins dims that are then rotated)
-        shape, rotated = self._layout(p.shape, group)
+        shape, _ = self._layout(p.shape, group)
         if "step" not in state:  # the first step only builds the (empty) preconditioners
             state["step"] = 0
             for key in ("exp_avg", "exp_avg_sq"):

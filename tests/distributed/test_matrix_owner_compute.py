@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch._dynamo  # noqa: F401 - torch.optim imports these on first use; once here, not in every forked rank
-import torch.distributed.checkpoint  # noqa: F401
-import torch.distributed.checkpoint.state_dict  # noqa: F401
-import torch.distributed.tensor  # noqa: F401
+
+# torch.optim, DCP and FSDP2 import these on first use: once here, not in every forked rank
+import torch._dynamo
+import torch.distributed.checkpoint
+import torch.distributed.checkpoint.state_dict
+import torch.distributed.tensor
 from torch import nn
 
 from lightning_opt.optim import build_optimizer
@@ -59,7 +61,9 @@ def _train(model: nn.Module, name: str, kw: dict, x: torch.Tensor, steps: int = 
 
 
 def _full(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
+    }
 
 
 def _reference(name: str, x: torch.Tensor, steps: int = STEPS):
@@ -75,7 +79,7 @@ def _equality_run(rank: int, world: int, strategy: str) -> dict:
 
     x = _batch()
     out = {}
-    for name in CASES:
+    for name, kw in CASES.items():
         ref = _full(_reference(name, x)[0])
         for design in ("same", "halves"):
             if design == "halves" and name == "soap":
@@ -83,10 +87,10 @@ def _equality_run(rank: int, world: int, strategy: str) -> dict:
             xb = x if design == "same" else x.chunk(world)[rank]
             if strategy == "fsdp":
                 model = fsdp2_shard(UnevenNet())
-                _train(model, name, CASES[name], xb)
+                _train(model, name, kw, xb)
             else:
                 model = UnevenNet()
-                _train(model, name, CASES[name], xb, wrapper=DistributedDataParallel(model))
+                _train(model, name, kw, xb, wrapper=DistributedDataParallel(model))
             out[name, design] = (ref, _full(model))
     return out
 
@@ -226,7 +230,7 @@ GPT2 = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12
 
 def test_shard_rows_is_dtensors_chunk_rule() -> None:
     for world in range(1, 9):
-        for rows in range(0, 20):
+        for rows in range(20):
             chunks = [len(c) for c in torch.arange(rows).chunk(world)] if rows else []
             assert shard_rows(rows, world) == chunks + [0] * (world - len(chunks)), (rows, world)
 
@@ -272,7 +276,9 @@ def _dcp_save(rank: int, world: int, root: str) -> dict:
     for name in ("soap", "apollo"):
         model = fsdp2_shard(UnevenNet())
         opt = _train(model, name, CASES[name], x, steps=3)
-        dcp.save({"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{root}/{name}")
+        dcp.save(
+            {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{root}/{name}"
+        )
         _train_more(model, opt, x)
         out[name] = _full(model)
     return out

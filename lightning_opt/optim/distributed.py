@@ -28,6 +28,12 @@ needs the whole matrix, and only on one rank:
 
 Single process, or ``distributed="local"``: nothing here runs; the optimizers take their usual path.
 
+Users: Muon (no owner state: its momentum is elementwise and stays with the rows), SOAP (unrotated
+tensors stay local), APOLLO / APOLLO-Mini, Shampoo. AdaLomo does not need it: its factored
+statistics are sums over rows or columns, so on shards it runs on local sums plus two coalesced
+all-reduces (:func:`lightning_opt.optim.adalomo.adalomo_sharded_`), moving ``O(rows + cols)`` per
+matrix instead of the matrix; under DDP every rank runs its (cheap, elementwise) step.
+
 State that lives with a whole matrix (SOAP's preconditioners, eigenbases and rotated moments;
 APOLLO's projection and low-rank moments) lives on the owner only. For checkpoints
 (:func:`install_owner_state_hooks`) ``state_dict()`` turns every such tensor into a portable form:

@@ -626,13 +626,22 @@ class Muon(Optimizer):
             one at a time on the CPU, where batching measured no faster). The AdamW
             side runs :func:`~lightning_opt.optim._hybrid.adamw_side` with the same impl
             (``"auto"``: the fused C kernel on the CPU, Triton on CUDA).
+        distributed: ``"auto"`` (default) or ``"local"``. With ``"auto"``, on FSDP2 shards
+            (``fully_shard``) and under DDP (a process group of more than one rank) each matrix's
+            Newton-Schulz runs on one owning rank (:func:`muon_owner_compute_`: FSDP2 sends its
+            rows there and the result's rows back with two packed ``all_to_all_single`` per step,
+            DDP owners broadcast their results), one matrix at a time whatever ``impl`` says (it
+            still picks the AdamW side's kernel); the momentum stays with the rows, so the state is
+            sharded like the parameters. ``"local"``: every process steps its own tensors alone
+            (refused for shards). A group may set its own.
 
     Raises:
         ValueError: invalid lr, weight decay, momentum, betas, eps, ns_steps, coefficients,
-            ns_dtype, adjust_lr_fn, impl or pattern; both ``adamw_lr`` and ``adamw_lr_ratio``; ``use_muon=True``
-            on a parameter with fewer than 2 dims (or more than 2 without ``flatten_conv``); a flag
-            (``nesterov``, ``flatten_conv``, a group's ``use_muon``) that is not a bool.
-        NotImplementedError: a DTensor (FSDP2-sharded) parameter on the Muon side.
+            ns_dtype, adjust_lr_fn, impl, distributed or pattern; both ``adamw_lr`` and ``adamw_lr_ratio``;
+            ``use_muon=True`` on a parameter with fewer than 2 dims (or more than 2 without
+            ``flatten_conv``); a flag (``nesterov``, ``flatten_conv``, a group's ``use_muon``) that is
+            not a bool; a DTensor on the Muon side with ``distributed="local"``.
+        NotImplementedError: a DTensor on the Muon side that is not FSDP2's ``Shard(0)`` on a 1-D mesh.
 
     Example:
         >>> opt = Muon(model.named_parameters(), lr=0.02, weight_decay=0.01)

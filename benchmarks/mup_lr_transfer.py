@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--columns", nargs="+", choices=["base", "sp", "mup"], default=["base", "sp", "mup"], help="which sweeps to run")
     parser.add_argument("--plot", default=None, help="write a PNG of loss vs lr here (needs matplotlib)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,7 +84,8 @@ def main() -> None:
     train, val = list(data.train_dataloader()), list(data.val_dataloader())
     lrs = [2.0**k for k in range(args.log2_lr[0], args.log2_lr[1] + 1)]
     base_w, wide = args.widths
-    columns = {f"width {base_w} (SP = μP)": (base_w, False), f"width {wide} SP": (wide, False), f"width {wide} μP": (wide, True)}
+    every = {"base": (f"width {base_w} (SP = μP)", base_w, False), "sp": (f"width {wide} SP", wide, False), "mup": (f"width {wide} μP", wide, True)}
+    columns = {every[c][0]: every[c][1:] for c in args.columns}
     results: dict[str, list[float]] = {}
     start = time.perf_counter()
     for label, (width, mup) in columns.items():

@@ -310,7 +310,9 @@ def test_hooks_run_as_on_a_torch_optimizer(name: str) -> None:
         opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
         opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre")),
         opt.register_state_dict_post_hook(lambda o, sd: (calls.append("sd_post"), {**sd, "marker": 1})[1]),
-        opt.register_load_state_dict_pre_hook(lambda o, sd: (calls.append("load_pre"), {k: v for k, v in sd.items() if k != "marker"})[1]),
+        opt.register_load_state_dict_pre_hook(
+            lambda o, sd: (calls.append("load_pre"), {k: v for k, v in sd.items() if k != "marker"})[1]
+        ),
         opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post")),
     ]
     # every optimizer object a step reaches (a wrapper's inner one too): the global hook runs once
@@ -416,7 +418,10 @@ def _complex_runs(name: str, impl: str | None) -> tuple:
     grads = [torch.randn(4, 3, dtype=torch.complex128, generator=g) for _ in range(3)]
     z = nn.Parameter(z0.clone())
     r = nn.Parameter(torch.view_as_real(z0).clone())
-    return z, r, grads, lambda p: build_optimizer([{"params": [p], "param_names": ["z"]}], name, lr=lr, weight_decay=0.01, **hparams)
+    def make(p: nn.Parameter) -> torch.optim.Optimizer:
+        return build_optimizer([{"params": [p], "param_names": ["z"]}], name, lr=lr, weight_decay=0.01, **hparams)
+
+    return z, r, grads, make
 
 
 @pytest.mark.parametrize(("name", "impl"), OUR_CASES)

@@ -99,7 +99,10 @@ def test_a_scheduler_block_is_never_dropped_silently() -> None:
 
 # the seed configs users copy, in their own spelling (issue 10)
 LION = {"type": "LionOptimizer", "params": {"lr": "auto", "weight_decay": "auto", "beta1": 0.9, "beta2": 0.99}}
-SOPHIA = {"type": "SophiaOptimizer", "params": {"lr": 2e-4, "weight_decay": 0.1, "beta1": 0.965, "beta2": 0.99, "rho": 0.01}}
+SOPHIA = {
+    "type": "SophiaOptimizer",
+    "params": {"lr": 2e-4, "weight_decay": 0.1, "beta1": 0.965, "beta2": 0.99, "rho": 0.01},
+}
 ADAFACTOR = {
     "type": "AdaFactorOptimizer",
     "params": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps1": 1e-30, "eps2": 1e-3, "cliping_threshold": 1.0},

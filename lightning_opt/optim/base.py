@@ -249,7 +249,8 @@ def int_at_least(low: int) -> OptionCheck:
 
 def beta_or_none(cls: str, key: str, value: Any) -> float | None:
     """An ``option_checks`` entry: ``None`` or a float in [0, 1)."""
-    check_arg(cls, key, value, value is None or (is_number(value) and 0 <= value < 1), "expected None or a float in [0, 1)")
+    ok = value is None or (is_number(value) and 0 <= value < 1)
+    check_arg(cls, key, value, ok, "expected None or a float in [0, 1)")
     return value
 
 

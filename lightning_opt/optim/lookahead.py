@@ -243,7 +243,9 @@ class Lookahead(Optimizer):
             result = pre_hook(inner, args, kwargs)
             if result is not None:
                 if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}")
+                    raise RuntimeError(
+                        f"{pre_hook} must return None or a tuple of (new_args, new_kwargs), got {result}"
+                    )
                 args, kwargs = result
         with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
             out = raw(*args, **kwargs)

@@ -1,10 +1,13 @@
-"""FP8Precision (torch backend) on 2 gloo ranks: DDP with delayed scaling reduces the amaxes over the ranks;
-FSDP2 with layers converted before fully_shard equals the per-rank reference; converting after it is refused."""
+"""FP8Precision on 2 gloo ranks: DDP with delayed scaling reduces the amaxes over the ranks; FSDP2 with layers
+converted before fully_shard equals the per-rank reference; converting after it is refused; torchao's FP8
+all-gather under FSDP2 gets its scales precomputed after each step and equals the high-precision all-gather."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
+import pytest
 import torch
 from torch import nn
 
@@ -93,3 +96,35 @@ def test_fsdp2_converted_before_sharding_equals_reference() -> None:
         for a, b in zip(got["weights"], ref.parameters()):
             torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
         assert "already sharded (DTensor parameters)" in got["refused"] and "configure_model" in got["refused"]
+
+
+def _torchao_fsdp2(rank: int, world: int, all_gather: bool) -> dict:
+    model = _model()
+    plugin = FP8Precision(backend="torchao", recipe="tensorwise", precision="32-true",
+                          fsdp_float8_all_gather=all_gather)
+    plugin.convert_layers(model)
+    fsdp2_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        model(_batch(rank, step)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        plugin.after_optimizer_step()
+    local = model[0].weight._local_tensor
+    return {
+        "kind": type(local).__name__,
+        "precomputed": getattr(local, "_precomputed_scale", None) is not None,
+        "weights": [p.full_tensor().detach().clone() for p in model.parameters()],
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao not installed")
+def test_torchao_fp8_all_gather_under_fsdp2() -> None:
+    import torchao.float8  # noqa: F401 - imported once here; the forked ranks inherit it
+
+    fp8 = run_ranks(_torchao_fsdp2, True)
+    plain = run_ranks(_torchao_fsdp2, False)
+    assert fp8[0]["kind"] == "WeightWithDynamicFloat8CastTensor" and fp8[0]["precomputed"]
+    assert not plain[0]["precomputed"]
+    for a, b in zip(fp8[0]["weights"], plain[0]["weights"]):  # same FP8 numerics, cast before or after the gather
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

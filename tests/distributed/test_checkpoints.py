@@ -1,4 +1,5 @@
-"""Sharded checkpoints through ``torch.distributed.checkpoint`` for every name that runs on shards.
+"""Sharded checkpoints through ``torch.distributed.checkpoint`` for every name that runs on shards
+(the matrix optimizers' owner-held state included).
 
 N steps on 2 FSDP2 ranks + ``dcp.save`` (``get_model_state_dict`` / ``get_optimizer_state_dict``),
 then ``dcp.load`` into a 1-process model and optimizer + N steps equals 2N uninterrupted steps; and
@@ -26,7 +27,7 @@ from tests.distributed.test_every_name import OWNER_COMPUTE, REDUCES, REFUSES
 
 N = 3
 X = torch.randn(8, 12, generator=torch.Generator().manual_seed(2))
-NAMES = [n for n in available_optimizers() if n not in REFUSES and n not in OWNER_COMPUTE]
+NAMES = [n for n in available_optimizers() if n not in REFUSES]
 
 
 def _build(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -83,7 +84,8 @@ def _sharded_resume_rank(rank: int, world_size: int, names: list[str], root: str
 
 
 def _check(name: str, got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    tol = 1e-6 if name in REDUCES else 1e-7
+    # matrix optimizers (owner-compute): float32 Newton-Schulz / eigenbases, 1e-5 as the issue allows
+    tol = 1e-5 if name in OWNER_COMPUTE else 1e-6 if name in REDUCES else 1e-7
     for key, w in want.items():
         err = ((got[key] - w).abs().max() / w.abs().max().clamp_min(1e-30)).item()
         assert err <= tol, f"{name}: {key} after resume differs from the uninterrupted run by {err:.2e}"

@@ -1,12 +1,14 @@
 """FP8Precision on 2 gloo ranks: DDP with delayed scaling reduces the amaxes over the ranks; FSDP2 with layers
 converted before fully_shard equals the per-rank reference; converting after it is refused; torchao's FP8
-all-gather under FSDP2 gets its scales precomputed after each step and equals the high-precision all-gather."""
+all-gather under FSDP2 gets its scales precomputed after each step and equals the high-precision all-gather;
+under Lightning's ModelParallelStrategy, converting in configure_model before fully_shard equals one process."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,59 @@ def test_torchao_fp8_all_gather_under_fsdp2() -> None:
     assert not plain[0]["precomputed"]
     for a, b in zip(fp8[0]["weights"], plain[0]["weights"]):  # same FP8 numerics, cast before or after the gather
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+class _Sharded(L.LightningModule):
+    """Converts its layers to FP8 in configure_model, then shards them (the documented order)."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        self.net, self.shard = _model(), shard
+
+    def configure_model(self) -> None:
+        self.trainer.precision_plugin.convert_layers(self)
+        if self.shard:
+            fsdp2_shard(self.net)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _lightning_fit(world: int) -> dict:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader
+
+    module = _Sharded(shard=world > 1)
+    plugin = FP8Precision(recipe="delayed", precision="32-true")
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1) if world > 1 else "auto"
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=world, plugins=[plugin], max_steps=3, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, num_sanity_val_steps=0,
+    )
+    # every rank trains on the same batches, so the sharded run must equal one process
+    trainer.fit(module, DataLoader([_batch(0, s) for s in range(3)], batch_size=None))
+    full = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in module.net.parameters()]
+    return {"weights": full, "fp8": isinstance(module.net[0], FP8Linear), "state": plugin.state_dict()}
+
+
+def _lightning_rank(rank: int, world: int) -> dict:
+    import os
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    return _lightning_fit(world)
+
+
+def test_model_parallel_strategy_converts_in_configure_model() -> None:
+    ranks = run_ranks(_lightning_rank)
+    ref = _lightning_fit(1)
+    for got in ranks:
+        assert got["fp8"]
+        for a, b in zip(got["weights"], ref["weights"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        for name, s in got["state"]["layers"].items():
+            assert torch.equal(s["amax_history"], ref["state"]["layers"][name]["amax_history"])

@@ -76,6 +76,20 @@ def test_scaled_mm_path_equals_dequantized_path(recipe: str) -> None:
         torch.testing.assert_close(a, b, rtol=1e-2 if recipe == "rowwise" else 1e-5, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)",
+)
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed", "rowwise"])
+def test_gpu_scaled_mm_equals_dequantized_and_keeps_sqnr(recipe: str) -> None:
+    x, w, gy, y_ref, dx_ref, dw_ref = (t.cuda() for t in _reference())
+    fast = _fp8_grads(recipe, "scaled_mm", x, w, gy)
+    for a, b in zip(fast, _fp8_grads(recipe, "dequantized", x, w, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    assert sqnr_db(y_ref, fast[0]) >= 27.0 and sqnr_db(dw_ref, fast[2]) >= 23.0
+
+
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (pip install 'lightning-opt[torchao]')")
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
 def test_forward_matches_torchao(recipe: str) -> None:

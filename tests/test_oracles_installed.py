@@ -23,6 +23,9 @@ ORACLES = [
     "lomo_optim",
     "matplotlib",
     "triton",  # impl="triton" runs in its interpreter
+    "torchao",  # FP8Precision's torch backend is checked against its Float8Linear
+    "accelerate",  # transformers.TrainingArguments (tests/test_hf.py)
+    "mup",  # tests/oracles-nodeps.txt: μP lrs equal mup's
 ]
 
 

@@ -258,6 +258,7 @@ class BF16Precision(Precision):
         self._device_type: str | None = None
         self._shells: dict[Tensor, nn.Parameter] = {}  # per parameter: the float32 stand-in object
         self._purged: set[int] = set()  # optimizers whose buffers of other settings are dropped
+        self._staging = False  # inside a staged step (the state is keyed to the stand-ins)
 
     def __repr__(self) -> str:
         return f"BF16Precision(mode={self.mode!r}, master_weights={self.master_weights!r})"
@@ -397,6 +398,12 @@ class BF16Precision(Precision):
                     f"{self!r} steps float32 stand-ins of the bf16 weights, which LBFGS's closure re-evaluations "
                     "cannot see; use master_weights='none' or mode='mixed' with LBFGS"
                 )
+            if not getattr(optimizer, "_bf16_buffer_hook", False):
+                # a step that bypasses the plugin (torch.distributed.checkpoint's zero-lr step that builds
+                # the state template a checkpoint loads into) must leave the buffers in the state too, or
+                # the load skips them
+                optimizer.register_step_post_hook(lambda opt, args, kwargs: self._ensure_buffers(opt))
+                optimizer._bf16_buffer_hook = True
 
     def optimizer_step(  # type: ignore[override]
         self,
@@ -429,13 +436,33 @@ class BF16Precision(Precision):
                 self.prepare_optimizer(optimizer)
             return optimizer.step(**kwargs)
         staged = self._stage(optimizer)
+        self._staging = True
         try:
             result = optimizer.step(**kwargs)
         except BaseException:
             self._unstage(optimizer, staged, write=False)
             raise
+        finally:
+            self._staging = False
         self._unstage(optimizer, staged, write=True)
         return result
+
+    def _ensure_buffers(self, optimizer: Optimizer) -> None:
+        """Give every bf16 parameter that has optimizer state the buffers of this setting."""
+        if getattr(self, "_staging", False) or self.route(optimizer) != "staged":
+            return
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    st = optimizer.state.get(p)
+                    if p.dtype != _BF16 or not st:
+                        continue
+                    if self.master_weights == "fp32" and MASTER_KEY not in st:
+                        st[MASTER_KEY] = p.detach().float()
+                    elif self.master_weights == "kahan" and COMP_KEY not in st:
+                        st[COMP_KEY] = new_kahan_comp(p)
+                    elif self.master_weights == "stochastic":
+                        st.setdefault(SEED_KEY, 0)
 
     def _purge_foreign(self, optimizer: Optimizer) -> None:
         # buffers of another master_weights setting (a checkpoint from another run) are dropped once

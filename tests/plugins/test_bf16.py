@@ -322,7 +322,9 @@ def test_ddp_ranks_stay_identical(tmp_path):
     assert r0["net.0.weight"].dtype == torch.bfloat16 and r0["net.1.weight"].dtype == torch.float32
 
 
-def _fsdp2_rank(rank: int, world_size: int, mw: str) -> dict:
+def _fsdp2_rank(rank: int, world_size: int, mw: str, root: str) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -330,8 +332,8 @@ def _fsdp2_rank(rank: int, world_size: int, mw: str) -> dict:
 
     torch.manual_seed(0)
     x = torch.randn(8, 12)
-    out = {}
-    for sharded in (False, True):
+
+    def build(sharded: bool):
         plugin = BF16Precision(mode="true", master_weights=mw, keep_fp32=[])
         model = UnevenNet()
         if sharded:
@@ -341,28 +343,94 @@ def _fsdp2_rank(rank: int, world_size: int, mw: str) -> dict:
         model = plugin.convert_module(model)
         opt = build_optimizer(model, "adamw", lr=1e-3)
         plugin.prepare_optimizer(opt)
-        for _ in range(3):
+        return plugin, model, opt
+
+    def steps(plugin, model, opt, sharded: bool, n: int) -> None:
+        for _ in range(n):
             # each rank takes its half of the batch under FSDP2 (gradients averaged), all of it alone
             xb = x[rank * 4 : rank * 4 + 4] if sharded else x
             model(xb.bfloat16()).float().pow(2).mean().backward()
             plugin.step(opt)
             opt.zero_grad()
-        full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
-        if sharded and mw != "stochastic":
-            key = MASTER_KEY if mw == "fp32" else COMP_KEY
-            bufs = [s[key] for s in opt.state.values() if key in s]
-            assert bufs and all(isinstance(b, DTensor) for b in bufs), "buffers must be sharded like their params"
-        out["sharded" if sharded else "single"] = full
+
+    def full(model):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+    out = {}
+    for sharded in (False, True):
+        plugin, model, opt = build(sharded)
+        steps(plugin, model, opt, sharded, 4)
+        out["sharded" if sharded else "single"] = full(model)
+    if mw != "stochastic":
+        key = MASTER_KEY if mw == "fp32" else COMP_KEY
+        bufs = [s[key] for s in opt.state.values() if key in s]
+        assert bufs and all(isinstance(b, DTensor) for b in bufs), "buffers must be sharded like their params"
+    # 2 steps, torch.distributed.checkpoint save, fresh model/optimizer/plugin, load, 2 steps
+    plugin, model, opt = build(True)
+    steps(plugin, model, opt, True, 2)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=root)
+    plugin, model, opt = build(True)
+    msd, osd = get_state_dict(model, opt)
+    loaded = {"model": msd, "optim": osd}
+    dcp.load(loaded, checkpoint_id=root)
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    steps(plugin, model, opt, True, 2)
+    out["resumed"] = full(model)
     return out
 
 
 @pytest.mark.parametrize("mw", ["fp32", "kahan", "stochastic"])
-def test_fsdp2_matches_single_process(mw):
+def test_fsdp2_matches_single_process_and_resumes(mw, tmp_path):
     """FSDP2 (fully_shard + MixedPrecisionPolicy, 2 gloo ranks) steps the bf16 shards like one process
-    steps the whole model (stochastic rounding draws its bits per shard, so it is compared loosely)."""
-    r0, r1 = run_ranks(_fsdp2_rank, mw)
+    steps the whole model (stochastic rounding draws its bits per shard, so it is compared loosely),
+    and the sharded master copies / buffers round-trip through torch.distributed.checkpoint."""
+    r0, r1 = run_ranks(_fsdp2_rank, mw, str(tmp_path))
     for n, single in r0["single"].items():
         assert torch.equal(r0["sharded"][n], r1["sharded"][n]), n
         assert r0["sharded"][n].dtype == torch.bfloat16
         tol = 2 ** -6 if mw == "stochastic" else 2 ** -7
         torch.testing.assert_close(r0["sharded"][n].float(), single.float(), atol=tol, rtol=tol)
+        assert torch.equal(r0["resumed"][n], r0["sharded"][n]), f"{n}: 2 + save/load + 2 != 4 steps"
+
+
+def _model_parallel_rank(rank: int, world_size: int) -> dict:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor import DTensor
+
+    os.environ.update({"LOCAL_RANK": str(rank), "RANK": str(rank), "WORLD_SIZE": str(world_size), "NODE_RANK": "0"})
+
+    class Sharded(_Reg):
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            policy = self.trainer.precision_plugin.fsdp_mp_policy()
+            for child in self.net:  # the float32 LayerNorm is its own unit (one dtype per unit)
+                fully_shard(child, mesh=self.device_mesh, mp_policy=policy)
+            fully_shard(self, mesh=self.device_mesh, mp_policy=policy)
+
+    model = Sharded("adamw")
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        devices=world_size,
+        strategy=ModelParallelStrategy(),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[BF16Precision(master_weights="fp32")],
+    )
+    trainer.fit(model, _loader())
+    masters = [s[MASTER_KEY] for s in trainer.optimizers[0].state.values() if MASTER_KEY in s]
+    return {
+        "dtypes": {n: (isinstance(p, DTensor), p.dtype) for n, p in model.named_parameters()},
+        "masters": [(isinstance(m, DTensor), m.dtype) for m in masters],
+    }
+
+
+def test_lightning_model_parallel_strategy_on_cpu():
+    """Lightning's ModelParallelStrategy (FSDP2 in configure_model) runs on CPU with gloo and the plugin."""
+    r0, _ = run_ranks(_model_parallel_rank)
+    assert r0["dtypes"]["net.0.weight"] == (True, torch.bfloat16) and r0["dtypes"]["net.1.weight"] == (True, torch.float32)
+    assert len(r0["masters"]) == 4 and set(r0["masters"]) == {(True, torch.float32)}

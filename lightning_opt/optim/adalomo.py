@@ -295,10 +295,10 @@ class AdaLomo(FusedBackward, Optimizer):
             "impl": check_impl("AdaLomo", impl, tuple(ADALOMO_IMPLS)),
         }
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "factors each matrix's second moment by rows and columns")
         keep_state_dtype_on_load(self)
         self._init_fused()
 
-        guard_param_layout(self, type(self).__name__, "factors each matrix's second moment by rows and columns")
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its own options are checked as the constructor's, before it is added."""
         super().add_param_group(check_param_group(self, param_group))

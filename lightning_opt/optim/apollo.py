@@ -570,10 +570,10 @@ class APOLLO(Optimizer):
             "distributed": check_distributed(name, distributed),
         }
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "projects each whole matrix to a low-rank space")
         if target_modules is not None:
             self._check_targets(name, target_modules)
         keep_state_dtype_on_load(self)
-        guard_param_layout(self, type(self).__name__, "projects each whole matrix to a low-rank space")
         install_owner_state_hooks(self, self._owner_state)
         self.register_load_state_dict_post_hook(APOLLO._backfill_masks)
 

@@ -578,10 +578,10 @@ class SOAP(Optimizer):
         # shampoo_beta, precondition_frequency, max_precond_dim: the checks every group's own get
         defaults = check_options("SOAP", defaults, impls=SOAP_IMPLS, checks=self.option_checks)
         super().__init__(params, defaults)
+        guard_param_layout(self, type(self).__name__, "preconditions each whole matrix in its eigenbasis")
         keep_state_dtype_on_load(self)
         install_owner_state_hooks(self, self._owner_state)
 
-        guard_param_layout(self, type(self).__name__, "preconditions each whole matrix in its eigenbasis")
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         backfill_group_defaults(self, impl="auto", distributed="auto")

@@ -170,7 +170,7 @@ def test_callbacks_under_fsdp2_equal_one_process(tmp_path) -> None:
         assert "use sophia (SophiaG" in sharded[rank].get("sophia_h", ""), "sophia_h trained on shards"
 
 
-CKPT_NAMES = ["lamb", "sophia", "schedule_free_adamw"]
+CKPT_NAMES = ["lamb", "sophia", "schedule_free_adamw", "soap"]  # soap: owner-held preconditioners
 
 
 def _ckpt_save_rank(rank: int, world_size: int, root: str, distributed: bool) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "backfill_group_defaults",
     "check_arg",
     "OptionCheck",
+    "as_option_check",
     "beta_or_none",
     "check_betas",
     "check_flag",
@@ -235,6 +236,17 @@ def check_options(
         pair = [options.get(k, defaults.get(k, False)) for k in _ROUNDINGS]
         out.update({k: v for k, v in check_rounding(cls, *pair).items() if k in options})
     return out
+
+
+def as_option_check(check: Callable[..., None], **kwargs: Any) -> OptionCheck:
+    """A family's ``check(cls, key, value, **kwargs)`` (raises or returns ``None``) as an
+    ``option_checks`` entry that keeps the value, so its constructor and its groups share it."""
+
+    def entry(cls: str, key: str, value: Any) -> Any:
+        check(cls, key, value, **kwargs)
+        return value
+
+    return entry
 
 
 def int_at_least(low: int) -> OptionCheck:

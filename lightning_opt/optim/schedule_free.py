@@ -45,6 +45,8 @@ from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
     LOW_PRECISION,
+    OptionCheck,
+    as_option_check,
     backfill_group_defaults,
     check_flag,
     check_param_group,
@@ -458,6 +460,14 @@ class ScheduleFreeBase(Optimizer):
     #: the ``impl`` values the schedule-free optimizers take besides ``"auto"``
     impls: ClassVar[tuple[str, ...]] = tuple(SCHEDULE_FREE_IMPLS)
     _has_exp_avg_sq: ClassVar[bool] = False
+    #: group options with the constructors' own checks (base.check_param_group runs them on a group)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "betas": lambda cls, key, value: _check_betas(cls, value),
+        "momentum": as_option_check(_check_interp),
+        "warmup_steps": as_option_check(_check_number, integer=True),
+        "r": as_option_check(_check_number),
+        "weight_lr_power": as_option_check(_check_number),
+    }
 
     def __init__(
         self, params: Iterable[Any], defaults: dict[str, Any], *, stochastic_rounding: bool = False, impl: str = "auto"

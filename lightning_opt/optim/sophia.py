@@ -45,6 +45,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_opt.optim.base import (
+    OptionCheck,
+    as_option_check,
     backfill_group_defaults,
     check_param_group,
     check_rounding,
@@ -331,6 +333,12 @@ class _Sophia(Optimizer):
     #: the diagonal-Hessian estimators (GNB's g*g, Hutchinson's u*Hu) are written for real
     #: parameters; a complex one is refused (base.reject_complex) rather than estimated wrongly
     supports_complex: ClassVar[bool] = False
+    #: group options with the constructors' own checks (base.check_param_group runs them on a group)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "betas": lambda cls, key, value: _check_betas(cls, value),
+        "rho": as_option_check(_check),
+        "bs": as_option_check(_check, positive=True),
+    }
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)

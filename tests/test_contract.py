@@ -388,6 +388,13 @@ _OWN_BAD = {
     "max_precond_dim": 0,
     "lookahead_k": 0,
     "lookahead_alpha": 0.0,
+    "betas": (0.9, 1.0),
+    "momentum": 0.0,  # schedule-free SGD interpolates with it: (0, 1)
+    "rho": -1.0,
+    "bs": 0,
+    "warmup_steps": 1.5,
+    "r": -1.0,
+    "weight_lr_power": -1.0,
 }
 
 

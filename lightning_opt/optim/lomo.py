@@ -56,6 +56,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch, is_dtensor
+from lightning_opt.optim.precision import total_norm
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["LOMO_IMPLS", "Lomo", "clip_coefficient", "lomo", "lomo_update_"]
@@ -184,7 +185,6 @@ class Lomo(FusedBackward, Optimizer):
 
     Raises:
         ValueError: invalid lr, weight_decay, clipping or loss-scaling option, or impl.
-        NotImplementedError: a DTensor (FSDP2-sharded) parameter.
 
     Example:
         >>> opt = build_optimizer(model, "lomo", lr=1e-3, clip_grad_norm=1.0)
@@ -243,13 +243,6 @@ class Lomo(FusedBackward, Optimizer):
             "impl": check_impl("Lomo", impl, tuple(LOMO_IMPLS)),
         }
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if any(is_dtensor(p) for p in group["params"]):
-                raise NotImplementedError(
-                    "Lomo got a DTensor (sharded) parameter; its fused update runs in the backward hook, before "
-                    "FSDP reduces the gradient, and its clipping norm would be a local shard's. Use a single "
-                    "process, or an ordinary optimizer (adamw, sgd) under FSDP."
-                )
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.loss_scaling = loss_scaling
         self._scaling_options = {
@@ -310,7 +303,11 @@ class Lomo(FusedBackward, Optimizer):
                 reject_sparse_grad(p, "Lomo")
         coef = None
         if self.clip_grad_norm is not None and any(per_group):
-            coef = clip_coefficient([_grad_norm(p, p.grad, None) for ps in per_group for p in ps], self.clip_grad_norm)
+            grads = [p.grad for ps in per_group for p in ps]
+            if any(is_dtensor(g) for g in grads):  # FSDP2 shards: local sums, one all-reduce
+                coef = torch.clamp(self.clip_grad_norm / (total_norm("Lomo", grads) + 1e-6), max=1.0)
+            else:
+                coef = clip_coefficient([_grad_norm(p, p.grad, None) for ps in per_group for p in ps], self.clip_grad_norm)
         for group, params in zip(self.param_groups, per_group):
             self._run(params, [p.grad for p in params], group, clip_coef=coef)
         return loss

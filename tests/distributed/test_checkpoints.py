@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lightning_opt import available_optimizers, build_optimizer, get_optimizer_info
 from tests.distributed._harness import UnevenNet, fsdp2_shard, run_ranks
-from tests.distributed.test_every_name import OWNER_COMPUTE, REDUCES, REFUSES
+from tests.distributed.test_every_name import HPARAMS, OWNER_COMPUTE, REDUCES, REFUSES
 
 N = 3
 X = torch.randn(8, 12, generator=torch.Generator().manual_seed(2))
@@ -31,7 +31,9 @@ NAMES = [n for n in available_optimizers() if n not in REFUSES]
 
 
 def _build(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    return build_optimizer(model, name, lr=get_optimizer_info(name).default_lr * 0.1, weight_decay=0.01)
+    return build_optimizer(
+        model, name, lr=get_optimizer_info(name).default_lr * 0.1, weight_decay=0.01, **HPARAMS.get(name, {})
+    )
 
 
 def _steps(model: nn.Module, opt: torch.optim.Optimizer, n: int) -> None:

@@ -30,12 +30,12 @@ REFUSES = {
     "paged_adamw_8bit": r"cannot step FSDP2 \(DTensor\) shards.*use the 32-bit 'adamw'",
     "lion_8bit": r"cannot step FSDP2 \(DTensor\) shards.*use the 32-bit 'lion'",
     "paged_lion_8bit": r"cannot step FSDP2 \(DTensor\) shards.*use the 32-bit 'lion'",
-    # LOMO updates inside the backward hook, before FSDP2 has reduced the gradient
-    "lomo": r"DTensor",
 }
 # per-tensor statistics (norms, RMS, factored moments) summed over shards: 1e-6
-REDUCES = {"lamb", "lars", "stable_adamw", "grokadamw", "adafactor", "lookahead_lamb"}
+REDUCES = {"lamb", "lars", "stable_adamw", "grokadamw", "adafactor", "lookahead_lamb", "lomo"}
 
+# options that switch on a name's reduction path (LOMO's global-norm clipping)
+HPARAMS = {"lomo": {"clip_grad_norm": 0.05}}
 STEPS = 5
 X = torch.randn(8, 12, generator=torch.Generator().manual_seed(1))
 
@@ -45,7 +45,9 @@ def _loss(model: nn.Module) -> torch.Tensor:
 
 
 def _build(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    return build_optimizer(model, name, lr=get_optimizer_info(name).default_lr * 0.1, weight_decay=0.01)
+    return build_optimizer(
+        model, name, lr=get_optimizer_info(name).default_lr * 0.1, weight_decay=0.01, **HPARAMS.get(name, {})
+    )
 
 
 def _train(name: str, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +129,7 @@ def _count_rank(rank: int, world_size: int, names: list[str]) -> dict[str, tuple
     for name in names:
         torch.manual_seed(0)
         model = fsdp2_shard(nn.Sequential(*[nn.Linear(9, 9) for _ in range(6)]))
-        opt = build_optimizer(model, name, lr=1e-3, weight_decay=0.1)
+        opt = build_optimizer(model, name, lr=1e-3, weight_decay=0.1, **HPARAMS.get(name, {}))
         model(torch.randn(4, 9)).sum().backward()
         with CommDebugMode() as comm:
             opt.step()

@@ -3,6 +3,7 @@ accumulation, clipping, CLI YAML), DDP and FSDP2 on 2 gloo ranks."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -434,3 +435,38 @@ def test_lightning_model_parallel_strategy_on_cpu():
     r0, _ = run_ranks(_model_parallel_rank)
     assert r0["dtypes"]["net.0.weight"] == (True, torch.bfloat16) and r0["dtypes"]["net.1.weight"] == (True, torch.float32)
     assert len(r0["masters"]) == 4 and set(r0["masters"]) == {(True, torch.float32)}
+
+
+def _gpt_val_loss(master_weights: str | None, steps: int) -> float:
+    """A 1-layer, 16-wide demo GPT trained ``steps`` steps (AdamW 1e-2, clipping 1.0) in float32
+    (``None``) or under BF16Precision(mode="true"); the validation loss on 64 held-out windows
+    (small: bf16 matmuls are slow on AVX2-only CPUs)."""
+    from lightning_opt.demo import CharDataModule, TinyGPT
+
+    torch.manual_seed(0)
+    data = CharDataModule(block_size=16, batch_size=8, max_chars=60_000, train_samples=steps * 8, val_samples=64)
+    data.setup("fit")
+    model = TinyGPT(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    plugin = BF16Precision(mode="true", master_weights=master_weights) if master_weights else None
+    if plugin:
+        model = plugin.convert_module(model)
+    opt = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.1)
+    if plugin:
+        plugin.prepare_optimizer(opt)
+    for batch in data.train_dataloader():
+        with plugin.forward_context() if plugin else torch.enable_grad():
+            model.loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        plugin.step(opt) if plugin else opt.step()
+        opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return sum(model.loss(b).item() for b in data.val_dataloader()) / len(data.val_dataloader())
+
+
+def test_demo_gpt_true_kahan_tracks_fp32():
+    """A short version of benchmarks/bf16_precision.py gpt (the full demo comparison is in
+    docs/BENCHMARKS.md): bf16 true + kahan ends within 2% of float32's validation loss."""
+    steps = 50
+    fp32, kahan = _gpt_val_loss(None, steps), _gpt_val_loss("kahan", steps)
+    assert fp32 < 0.8 * math.log(256)  # it learned something
+    assert abs(kahan / fp32 - 1) < 0.02, (fp32, kahan)

@@ -16,7 +16,7 @@ from lightning_opt import OptimizerConfig, build_optimizer
 @pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sophia", "schedule_free_adamw", "lookahead_adamw", "lamb"])
 @pytest.mark.parametrize("betas", [(0.9, 0.99, 0.9), (0.9,), (0.9, 1.0)])
 def test_betas_length_and_range_are_checked_at_construction(name: str, betas: tuple) -> None:
-    with pytest.raises(ValueError, match=r"betas=.*is invalid; (expected a tuple of 2 floats|each beta must lie)"):
+    with pytest.raises(ValueError, match=r"betas(\[0\])?=.*is invalid; (expected|each beta|beta2|it must lie)"):
         build_optimizer(nn.Linear(3, 3), name, lr=1e-3, betas=betas)
 
 

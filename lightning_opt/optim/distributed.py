@@ -612,7 +612,10 @@ def install_owner_state_hooks(opt: Optimizer, entries: Callable[[], tuple[Topolo
                 edited[i][key][k] = value
             else:
                 edited[i][key] = value
-        new_state.update(edited)
+        # one key order on every rank (the owner created its keys in another order than the others
+        # fill them in): a full state dict gathers the DTensors in iteration order, collective by
+        # collective, and ranks walking different orders deadlock gloo / abort
+        new_state.update({i: dict(sorted(entry.items())) for i, entry in edited.items()})
         return {**state_dict, "state": new_state}
 
     def load_hook(_opt: Optimizer) -> None:

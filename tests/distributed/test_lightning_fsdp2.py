@@ -5,7 +5,7 @@ gradient equals the 1-process gradient bit for bit and the sharded run must equa
 1-process Trainer run: the callbacks (``LRSchedule``, ``ScheduleFreeMode``, ``SophiaHessian``,
 ``GradientMonitor``, ``SpikeGuard`` skipping and rolling back a spike) and the resume from a
 Lightning checkpoint, both sharded (``save_distributed_checkpoint=True``) and full (``False``,
-which also loads into a 1-process run).
+which also loads into a 1-process run), for every name that runs on shards.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_opt import build_optimizer
+from lightning_opt import available_optimizers, build_optimizer
 from lightning_opt.callbacks import GradientMonitor, LRSchedule, ScheduleFreeMode, SophiaHessian, SpikeGuard
 from tests.distributed._harness import UnevenNet, fsdp2_shard, run_ranks
+from tests.distributed.test_every_name import HPARAMS, OWNER_COMPUTE, REDUCES, REFUSES
 
 STEPS = 4
 SPIKE_STEP = 6  # the batch of this step is scaled by 1e3 in the spike runs
@@ -64,7 +65,8 @@ class _Module(pl.LightningModule):
         self.log("val", (self.net(batch) ** 2).mean())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return build_optimizer(self.net, self.name, lr=1e-3, weight_decay=0.01, **self.opt_hparams)
+        hp = {**HPARAMS.get(self.name, {}), **self.opt_hparams}
+        return build_optimizer(self.net, self.name, lr=1e-3, weight_decay=0.01, **hp)
 
 
 def _trainer(root: str, world_size: int, callbacks: list, max_steps: int, **kw) -> pl.Trainer:
@@ -170,12 +172,25 @@ def test_callbacks_under_fsdp2_equal_one_process(tmp_path) -> None:
         assert "use sophia (SophiaG" in sharded[rank].get("sophia_h", ""), "sophia_h trained on shards"
 
 
-CKPT_NAMES = ["lamb", "sophia", "schedule_free_adamw", "soap"]  # soap: owner-held preconditioners
+# every name that runs on shards (the matrix optimizers' owner-held state included)
+CKPT_NAMES = [n for n in available_optimizers() if n not in REFUSES]
+
+
+# Optimizers without a >= 1-D state tensor cannot resume from a *full* checkpoint under
+# ModelParallelStrategy: Lightning 2.6.6's loader reads the first optimizer-state entry
+# (`_rekey_optimizer_state_if_needed`: IndexError on torch SGD without momentum, which keeps none) and
+# torch 2.13's full-state `set_optimizer_state_dict` takes the device from such a tensor ("Expected
+# device to be set"; LOMO keeps no state either). Sharded checkpoints resume them fine.
+NO_STATE = {"sgd", "lomo"}
+
+
+def _names(distributed: bool) -> list[str]:
+    return CKPT_NAMES if distributed else [n for n in CKPT_NAMES if n not in NO_STATE]
 
 
 def _ckpt_save_rank(rank: int, world_size: int, root: str, distributed: bool) -> None:
     _env(rank, world_size)
-    for name in CKPT_NAMES:
+    for name in _names(distributed):
         module = _Module(name)
         module.sharded = True
         trainer = _trainer(root, world_size, [], STEPS // 2, save_distributed_checkpoint=distributed)
@@ -186,7 +201,7 @@ def _ckpt_save_rank(rank: int, world_size: int, root: str, distributed: bool) ->
 def _ckpt_resume_rank(rank: int, world_size: int, root: str, distributed: bool) -> dict:
     _env(rank, world_size)
     out = {}
-    for name in CKPT_NAMES:
+    for name in _names(distributed):
         module = _Module(name)
         module.sharded = True
         with torch.no_grad():  # other weights: the checkpoint must bring them back
@@ -209,11 +224,12 @@ def test_lightning_checkpoint_resume_under_fsdp2(tmp_path, distributed: bool) ->
     root = str(tmp_path)
     run_ranks(_ckpt_save_rank, root, distributed)
     resumed = run_ranks(_ckpt_resume_rank, root, distributed)
-    for name in CKPT_NAMES:
+    for name in _names(distributed):
         want = _uninterrupted(name, f"{root}/ref_{name}")
-        _close(resumed[0][name], want, 1e-6, f"{name} resumed from a {'sharded' if distributed else 'full'} checkpoint")
+        tol = 1e-5 if name in OWNER_COMPUTE else 1e-6 if name in REDUCES else 1e-7
+        _close(resumed[0][name], want, tol, f"{name} resumed from a {'sharded' if distributed else 'full'} checkpoint")
         if not distributed:  # a full checkpoint also resumes on one process
             module = _Module(name)
             trainer = _trainer(f"{root}/one_{name}", 1, [], STEPS)
             trainer.fit(module, _loader(), ckpt_path=f"{root}/{name}.ckpt")
-            _close(_full(module), want, 1e-6, f"{name} saved on 2 ranks, resumed on 1")
+            _close(_full(module), want, tol, f"{name} saved on 2 ranks, resumed on 1")

@@ -80,12 +80,12 @@ def _same(a, b) -> bool:
 def test_every_optimizer_in_every_mode(name, mw):
     plugin, model, opt = _setup(name, mw)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _steps(plugin, model, opt, 0, 4)
+    _steps(plugin, model, opt, 0, 2)
     want = _snapshot(model, opt)
     for n, p in model.named_parameters():
         assert p.dtype == (torch.float32 if n.startswith("norm.") else torch.bfloat16), n
         assert torch.isfinite(p).all(), n
-    assert any(not torch.equal(p, start[n]) for n, p in want["params"].items()), "4 steps changed nothing"
+    assert any(not torch.equal(p, start[n]) for n, p in want["params"].items()), "2 steps changed nothing"
     bf16_states = [opt.state[p] for n, p in model.named_parameters() if p.dtype == torch.bfloat16 and opt.state.get(p)]
     keys = {k for s in bf16_states for k in s}
     if mw == "fp32":
@@ -101,7 +101,7 @@ def test_every_optimizer_in_every_mode(name, mw):
 
     # N + save/load + N == 2N
     plugin, model, opt = _setup(name, mw)
-    _steps(plugin, model, opt, 0, 2)
+    _steps(plugin, model, opt, 0, 1)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "plugin": plugin.state_dict()}, buf)
     buf.seek(0)
@@ -110,7 +110,7 @@ def test_every_optimizer_in_every_mode(name, mw):
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["opt"])
     plugin.load_state_dict(ckpt["plugin"])
-    _steps(plugin, model, opt, 2, 2)
+    _steps(plugin, model, opt, 1, 1)
     got = _snapshot(model, opt)
     for n, p in want["params"].items():
         assert torch.equal(p, got["params"][n]), f"{n} differs after resume"

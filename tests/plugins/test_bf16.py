@@ -295,19 +295,7 @@ def _ddp_rank(rank: int, world_size: int, root: str) -> dict:
         | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # never used: the group exists already
     )
     model = _Reg("adamw")
-    trainer = L.Trainer(
-        default_root_dir=root,
-        max_steps=4,
-        accelerator="cpu",
-        devices=world_size,
-        strategy="ddp",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[BF16Precision(master_weights="kahan")],
-        gradient_clip_val=1.0,
-    )
+    trainer = _trainer(Path(root), 4, BF16Precision(master_weights="kahan"), devices=world_size, strategy="ddp", gradient_clip_val=1.0)
     trainer.fit(model, _loader())
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -393,7 +381,7 @@ def test_fsdp2_matches_single_process_and_resumes(mw, tmp_path):
         assert torch.equal(r0["resumed"][n], r0["sharded"][n]), f"{n}: 2 + save/load + 2 != 4 steps"
 
 
-def _model_parallel_rank(rank: int, world_size: int) -> dict:
+def _model_parallel_rank(rank: int, world_size: int, root: str) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
 
@@ -409,17 +397,7 @@ def _model_parallel_rank(rank: int, world_size: int) -> dict:
             fully_shard(self, mesh=self.device_mesh, mp_policy=policy)
 
     model = Sharded("adamw")
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        devices=world_size,
-        strategy=ModelParallelStrategy(),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[BF16Precision(master_weights="fp32")],
-    )
+    trainer = _trainer(Path(root), 3, BF16Precision(master_weights="fp32"), devices=world_size, strategy=ModelParallelStrategy())
     trainer.fit(model, _loader())
     masters = [s[MASTER_KEY] for s in trainer.optimizers[0].state.values() if MASTER_KEY in s]
     return {
@@ -428,9 +406,9 @@ def _model_parallel_rank(rank: int, world_size: int) -> dict:
     }
 
 
-def test_lightning_model_parallel_strategy_on_cpu():
+def test_lightning_model_parallel_strategy_on_cpu(tmp_path):
     """Lightning's ModelParallelStrategy (FSDP2 in configure_model) runs on CPU with gloo and the plugin."""
-    r0, _ = run_ranks(_model_parallel_rank)
+    r0, _ = run_ranks(_model_parallel_rank, str(tmp_path))
     assert r0["dtypes"]["net.0.weight"] == (True, torch.bfloat16) and r0["dtypes"]["net.1.weight"] == (True, torch.float32)
     assert len(r0["masters"]) == 4 and set(r0["masters"]) == {(True, torch.float32)}
 

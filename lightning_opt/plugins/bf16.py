@@ -158,7 +158,7 @@ class _DefaultDtype:
         self.saved.append(torch.get_default_dtype())
         torch.set_default_dtype(self.dtype)
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         torch.set_default_dtype(self.saved.pop())
 
 

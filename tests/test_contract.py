@@ -395,7 +395,51 @@ _OWN_BAD = {
     "warmup_steps": 1.5,
     "r": -1.0,
     "weight_lr_power": -1.0,
+    "dampening": 2.0,
+    "trust_coeff": 0.0,
+    "max_lr": -1.0,
+    "alpha_init": 1.5,
+    "gamma": 1.0,
+    "lamb": float("inf"),
+    "grokking_signal_decay_rate": float("nan"),
+    "gradient_clipping": -1.0,
+    "rank": 0,
+    "scale": 0.0,
+    "scale_type": "row",
+    "update_proj_gap": 0,
+    "proj": "svd",
+    "norm_growth_limit": 0.5,
+    "convention": "galore",
+    "clip_threshold": 0.0,
+    "decay_rate": 0.5,
+    "k": 0,
+    "alpha": 0.0,
+    "distributed": "nccl",
+    "epsilon": -1.0,
+    "max_preconditioner_dim": 0,
+    "start_preconditioning_step": -1,
+    "inv_root_override": -1,
+    "grafting": "lion",
+    "grafting_beta2": 1.5,
+    "grafting_epsilon": -1.0,
+    "root_dtype": "float8",
+    "use_nesterov": "yes",
+    "use_bias_correction": "yes",
+    "use_decoupled_weight_decay": "yes",
+    "merge_dims": "yes",
+    "precondition_1d": "yes",
 }
+
+
+def test_every_own_option_check_has_a_known_bad_value() -> None:
+    """The group-options test tries ``_OWN_BAD[key]`` for every key of a class's ``option_checks``."""
+    missing = {
+        (name, key)
+        for name in NAMES
+        for key in getattr(get_optimizer_info(name).cls, "option_checks", {})
+        if key not in _OWN_BAD
+    }
+    assert not missing, f"add a bad value to _OWN_BAD for {sorted(missing)}"
 
 
 @pytest.mark.parametrize("name", NAME_CASES)

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     check_arg,
     check_flag,
@@ -46,6 +45,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, is_dtensor, resolve_impl
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import compute_dtype, matrix_state_dtype
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 from lightning_opt.optim.stable_adamw import debias_beta

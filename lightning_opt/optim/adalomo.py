@@ -37,18 +37,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._fused import FusedBackward
 from lightning_opt.optim.base import (
+    OptionCheck,
     backfill_group_defaults,
     check_param_group,
     compute_dtype,
     keep_state_dtype_on_load,
+    number_in,
     reject_sparse_grad,
     run_closure,
 )
 from lightning_opt.optim.distributed import check_shardable, local
 from lightning_opt.optim.engine import Impl, check_impl, dispatch, is_dtensor
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["ADALOMO_IMPLS", "AdaLomo", "adalomo", "adalomo_sharded_", "adalomo_update_"]
@@ -245,6 +247,11 @@ class AdaLomo(FusedBackward, Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(ADALOMO_IMPLS)
     #: factored moments and the update norm have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "clip_threshold": number_in(lambda x: x > 0, "it must be a finite number > 0 (the update RMS bound)"),
+        "decay_rate": number_in(lambda x: -1 <= x < 0, "it must lie in [-1, 0) (beta2_t = 1 - t^decay_rate)"),
+    }
 
     def __init__(
         self,

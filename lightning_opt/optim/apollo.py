@@ -42,19 +42,22 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._hybrid import adamw_side, adamw_state_, route_matrices
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
+    OptionCheck,
     adamw_update_,
     backfill_group_defaults,
     check_arg,
     check_flag,
     check_param_group,
     compute_dtype,
+    int_at_least,
     is_int,
     is_number,
     keep_state_dtype_on_load,
+    number_in,
+    one_of,
     reject_sparse_grad,
     run_closure,
 )
@@ -71,6 +74,7 @@ from lightning_opt.optim.distributed import (
     topology,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
@@ -469,6 +473,18 @@ class APOLLO(Optimizer):
     impls: ClassVar[tuple[str, ...]] = ("for_loop", "foreach")
     #: projected matrix statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "rank": int_at_least(1),
+        "scale": number_in(lambda x: x > 0, "it must be a finite number > 0 (the update is multiplied by sqrt(scale))"),
+        "scale_type": one_of(get_args(ScaleType)),
+        "update_proj_gap": int_at_least(1),
+        "proj": one_of(get_args(Proj)),
+        "norm_growth_limit": number_in(
+            lambda x: x >= 1, "it must be a number >= 1 (1.01 in the paper) or None to turn the limiter off", optional=True
+        ),
+        "convention": one_of(get_args(Convention)),
+    }
 
     def __init__(
         self,

@@ -259,6 +259,27 @@ def int_at_least(low: int) -> OptionCheck:
     return check
 
 
+def number_in(ok: Callable[[float], bool], hint: str, *, optional: bool = False) -> OptionCheck:
+    """An ``option_checks`` entry: a finite number (not a bool) with ``ok(value)``; ``None`` too if
+    ``optional``. ``hint`` completes ``"... is invalid; "``."""
+
+    def check(cls: str, key: str, value: Any) -> Any:
+        check_arg(cls, key, value, (optional and value is None) or (is_number(value) and ok(value)), hint)
+        return value
+
+    return check
+
+
+def one_of(choices: Sequence[Any]) -> OptionCheck:
+    """An ``option_checks`` entry: one of ``choices``."""
+
+    def check(cls: str, key: str, value: Any) -> Any:
+        check_arg(cls, key, value, value in choices, f"expected one of {tuple(choices)}")
+        return value
+
+    return check
+
+
 def beta_or_none(cls: str, key: str, value: Any) -> float | None:
     """An ``option_checks`` entry: ``None`` or a float in [0, 1)."""
     ok = value is None or (is_number(value) and 0 <= value < 1)

@@ -24,18 +24,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
+    OptionCheck,
     backfill_group_defaults,
     check_betas,
     check_lr_wd,
     check_param_group,
     check_rounding,
     init_state,
+    number_in,
     reject_sparse_grad,
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import (
     LOW_PRECISION,
     apply_update_,
@@ -331,6 +333,14 @@ class GrokAdamW(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(GROKADAMW_IMPLS)
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "alpha_init": number_in(lambda x: 0 <= x <= 1, "it must be a number in [0, 1]"),
+        "gamma": number_in(lambda x: 0 <= x < 1, "it must be a number in [0, 1)"),
+        "lamb": number_in(lambda x: True, "it must be a finite number"),
+        "grokking_signal_decay_rate": number_in(lambda x: True, "it must be a finite number"),
+        "gradient_clipping": number_in(lambda x: x >= 0, "it must be a finite number >= 0 (0 disables it)"),
+    }
 
     def __init__(
         self,

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
+    OptionCheck,
     backfill_group_defaults,
     check_betas,
     check_flag,
@@ -34,10 +34,12 @@ from lightning_opt.optim.base import (
     check_rounding,
     ensure_kahan_comp,
     init_state,
+    number_in,
     params_with_grad,
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import (
     LOW_PRECISION,
     apply_update_,
@@ -722,6 +724,11 @@ class Lars(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(LARS_IMPLS)
     #: per-tensor statistics have no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "dampening": number_in(lambda x: 0 <= x <= 1, "it must be a number in [0, 1]"),
+        "trust_coeff": number_in(lambda x: x > 0, "it must be a finite number > 0"),
+    }
 
     def __init__(
         self,

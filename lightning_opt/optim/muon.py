@@ -23,13 +23,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim._hybrid import adamw_side, adamw_state_, compile_patterns, route_matrices
 from lightning_opt.optim.base import (
     DEFAULT_ADAMW_PATTERNS,
+    OptionCheck,
     adamw_update_,
     backfill_group_defaults,
-    OptionCheck,
     check_arg,
     check_betas,
     check_flag,
@@ -52,6 +51,7 @@ from lightning_opt.optim.distributed import (
     topology,
 )
 from lightning_opt.optim.engine import Impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [

@@ -24,16 +24,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
     OptionCheck,
-    beta_or_none,
-    check_options,
-    int_at_least,
     backfill_group_defaults,
+    beta_or_none,
     check_flag,
+    check_options,
     check_param_group,
     compute_dtype,
+    int_at_least,
     is_number,
     keep_state_dtype_on_load,
     params_with_grad,
@@ -53,6 +52,7 @@ from lightning_opt.optim.distributed import (
     topology,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register
 

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.base import (
+    OptionCheck,
     backfill_group_defaults,
     check_betas,
     check_flag,
@@ -22,10 +22,12 @@ from lightning_opt.optim.base import (
     check_param_group,
     check_rounding,
     init_state,
+    number_in,
     params_with_grad,
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
+from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import (
     LOW_PRECISION,
     apply_update_,
@@ -297,6 +299,10 @@ class StableAdamW(Optimizer):
     impls: ClassVar[tuple[str, ...]] = tuple(STABLE_ADAMW_IMPLS)
     #: the per-tensor RMS clip has no complex form here (base.reject_complex)
     supports_complex: ClassVar[bool] = False
+    #: group options with their own checks (base.check_options: the constructor's and each group's)
+    option_checks: ClassVar[dict[str, OptionCheck]] = {
+        "max_lr": number_in(lambda x: x > 0, "it must be a finite number > 0 (or None)", optional=True),
+    }
 
     def __init__(
         self,
@@ -337,21 +343,20 @@ class StableAdamW(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with ``decouple_lr`` its ``max_lr`` defaults to its ``lr`` (checked here, not in step)."""
-        # a group's own options are checked as the constructor's, before it is added
-        super().add_param_group(check_param_group(self, param_group))
-        group = self.param_groups[-1]
-        max_lr = group["max_lr"]
-        if max_lr is not None:
-            if not isinstance(max_lr, (int, float)) or not math.isfinite(max_lr) or max_lr <= 0:
-                raise ValueError(f"StableAdamW(max_lr={max_lr!r}) is invalid; it must be a finite number > 0 (or None)")
-            if not group["decouple_lr"]:
+        # a group's own options are checked as the constructor's, and max_lr against decouple_lr,
+        # all before it is added (a refused group leaves nothing behind)
+        checked = check_param_group(self, param_group)
+        if isinstance(checked, dict):
+            merged = {**self.defaults, **checked}
+            if merged["max_lr"] is not None and not merged["decouple_lr"]:
                 raise ValueError(
                     "StableAdamW(max_lr=...) only matters with decouple_lr=True; set decouple_lr=True or drop max_lr"
                 )
-        elif group["decouple_lr"]:
-            if group["lr"] <= 0:
-                raise ValueError("StableAdamW(decouple_lr=True) needs max_lr when a group's lr is 0")
-            group["max_lr"] = group["lr"]
+            if merged["max_lr"] is None and merged["decouple_lr"]:
+                if not isinstance(merged["lr"], Tensor) and merged["lr"] <= 0:
+                    raise ValueError("StableAdamW(decouple_lr=True) needs max_lr when a group's lr is 0")
+                checked = {**checked, "max_lr": merged["lr"]}
+        super().add_param_group(checked)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -8,3 +8,11 @@ is set before triton is imported, so ``impl="triton"`` is tested here (small siz
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Under pytest-xdist (README's test command runs `-n auto`) every worker keeps to one intra-op thread:
+# several workers each spinning an OpenMP pool on a 2-core machine made single tests 20-80x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)

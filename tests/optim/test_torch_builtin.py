@@ -39,7 +39,9 @@ def _ours(name: str, params: list[torch.Tensor], wd: float, **kw) -> torch.optim
 
 def _torch(name: str, params: list[torch.Tensor], wd: float, **kw) -> torch.optim.Optimizer:
     info = get_optimizer_info(name)
-    return info.cls.torch_class(params, lr=1e-2, weight_decay=wd, **info.fixed, **HPARAMS.get(name, {}), **kw)
+    # the registry entry's own defaults (sgd_nesterov: momentum 0.9) and fixed arguments, as build_optimizer passes
+    hp = {**info.defaults, **info.fixed, **HPARAMS.get(name, {})}
+    return info.cls.torch_class(params, lr=1e-2, weight_decay=wd, **hp, **kw)
 
 
 @pytest.mark.parametrize("name", FUSED)

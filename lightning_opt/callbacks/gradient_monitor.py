@@ -13,12 +13,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_opt.optim.precision import is_dtensor
+
 __all__ = ["GradientMonitor", "global_grad_norm", "layer_of", "reduce_local_sums"]
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    # DTensor is imported lazily: torch.distributed.tensor is not needed without sharding
-    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
 
 
 def _local(t: Tensor) -> tuple[Tensor, Any]:
@@ -28,7 +25,7 @@ def _local(t: Tensor) -> tuple[Tensor, Any]:
     nothing; it is redistributed to ``Replicate`` first (FSDP2 gradients are ``Shard``, never
     ``Partial``, so the common path has no extra collective).
     """
-    if not _is_dtensor(t):
+    if not is_dtensor(t):
         return t, None
     if any(p.is_partial() for p in t.placements):
         from torch.distributed.tensor import Replicate

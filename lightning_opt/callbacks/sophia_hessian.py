@@ -14,17 +14,16 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
+from lightning_opt.optim.precision import is_dtensor
 from lightning_opt.optim.sophia import gnb_estimate, hutchinson_estimate
 
 
-def _sharded(params: list[Tensor]) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in params)
+def _any_dtensor(params: list[Tensor]) -> bool:
+    return any(is_dtensor(p) for p in params)
 
 
 def _refuse_hutchinson_on_shards(params: list[Tensor]) -> None:
-    if _sharded(params):
+    if _any_dtensor(params):
         raise RuntimeError(
             "SophiaHessian: sophia_h's Hutchinson estimate needs Hessian-vector products "
             "(torch.autograd.grad with create_graph), but on FSDP2-sharded parameters autograd "
@@ -301,7 +300,7 @@ class SophiaHessian(Callback):
                 with torch.no_grad():
                     labels = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1, generator=gen).squeeze(-1)
                 loss = F.cross_entropy(logits, labels)
-                if _sharded([params[i] for i in live]):
+                if _any_dtensor([params[i] for i in live]):
                     grads = _grads_through_backward(loss, params, live)
                 else:
                     grads = torch.autograd.grad(loss, [params[i] for i in live], allow_unused=True)

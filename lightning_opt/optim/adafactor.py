@@ -46,7 +46,7 @@ from lightning_opt.optim.base import (
 )
 from lightning_opt.optim.engine import Impl, check_impl, is_dtensor, resolve_impl
 from lightning_opt.optim.layout import guard_param_layout
-from lightning_opt.optim.precision import compute_dtype, matrix_state_dtype
+from lightning_opt.optim.precision import compute_dtype, local, matrix_state_dtype
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 from lightning_opt.optim.stable_adamw import debias_beta
 
@@ -82,10 +82,6 @@ _DEFAULTS = {"lr": 1e-2, "weight_decay": 0.0, "beta2": None, "maximize": False, 
 
 # --------------------------------------------------------------------------------------------------
 # sharding: the local shard of a DTensor, which dim is split, and the collectives
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _shard_of(p: Tensor) -> tuple[int, Any] | None:
@@ -132,9 +128,9 @@ def _state_zeros(p: Tensor, reduced: tuple[int, ...], dtype: torch.dtype) -> Ten
     complete on every rank after the all-reduce); the other placements are ``p``'s, so the state is
     sharded with ``p`` and a sharded checkpoint (DCP) stores each rank's part.
     """
-    local = _local(p)
-    shape = [1 if d in reduced else n for d, n in enumerate(local.shape)]
-    zeros = torch.zeros(shape, dtype=dtype, device=local.device)
+    mine = local(p)
+    shape = [1 if d in reduced else n for d, n in enumerate(mine.shape)]
+    zeros = torch.zeros(shape, dtype=dtype, device=mine.device)
     if not is_dtensor(p):
         return zeros
     from torch.distributed.tensor import DTensor, Replicate
@@ -349,10 +345,10 @@ def _adafactor_gen(params, grads, row_vars, col_vars, variances, exp_avgs, steps
     if not params:
         return iter(())
     chosen = resolve_impl("Adafactor", impl, tuple(ADAFACTOR_IMPLS), params[0], "adafactor")
-    opt = lambda xs: [None if x is None else _local(x) for x in xs]  # noqa: E731
+    opt = lambda xs: [None if x is None else local(x) for x in xs]  # noqa: E731
     return ADAFACTOR_IMPLS[chosen](
-        [_local(p) for p in params],
-        [_local(g) for g in grads],
+        [local(p) for p in params],
+        [local(g) for g in grads],
         opt(row_vars),
         opt(col_vars),
         opt(variances),

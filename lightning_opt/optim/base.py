@@ -41,7 +41,6 @@ __all__ = [
     "params_with_grad",
     "real_view",
     "reject_complex",
-    "reject_dtensor",
     "reject_sparse_grad",
     "run_closure",
 ]
@@ -350,25 +349,6 @@ def real_view(t: Tensor | None) -> Tensor | None:
     when the step gathers them.
     """
     return torch.view_as_real(t) if t is not None and torch.is_complex(t) else t
-
-
-def reject_dtensor(cls: str, param: Tensor, name: str | None = None) -> None:
-    """Raise if ``param`` is a DTensor shard: matrix math on a local shard is silently wrong.
-
-    Raises:
-        NotImplementedError: ``param`` is a ``torch.distributed.tensor.DTensor``.
-    """
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(param, DTensor):
-        where = f" {name!r}" if name else ""
-        raise NotImplementedError(
-            f"{cls} got a DTensor (sharded) parameter{where}; its matrix math (Newton-Schulz, "
-            "preconditioners) needs the full matrix and would be wrong on a local shard. FSDP-correct "
-            "matrix optimizers come in a later issue; for now use DDP or an elementwise optimizer (adamw, lion)."
-        )
 
 
 def params_with_grad(group: dict[str, Any], cls: str) -> Iterator[Tensor]:

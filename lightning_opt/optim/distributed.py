@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import heapq
 import math
-import sys
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -58,6 +57,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_opt.optim.precision import is_dtensor, local
 
 __all__ = [
     "Distributed",
@@ -89,17 +90,6 @@ Mode = Literal["single", "fsdp", "ddp"]
 Layout = tuple[int, ...] | list[tuple[int, ...] | None]
 
 
-def _is_dtensor(t: Any) -> bool:
-    # no DTensor exists before torch.distributed.tensor is imported (and importing it costs seconds)
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view: in-place ops update the parameter), else ``t`` itself."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def check_distributed(cls: str, value: Any) -> str:
     """``value`` if it is a valid ``distributed`` option, else ``ValueError`` naming ``cls``."""
     if not isinstance(value, str) or value not in get_args(Distributed):
@@ -117,7 +107,7 @@ def check_shardable(cls: str, param: Tensor, name: str | None = None, *, distrib
         NotImplementedError: another placement (tensor parallelism, HSDP's 2-D mesh), or a 0-dim DTensor.
         ValueError: a DTensor with ``distributed="local"`` (a shard's matrix math would be wrong).
     """
-    if not _is_dtensor(param):
+    if not is_dtensor(param):
         return
     from torch.distributed.tensor import Shard
 
@@ -173,7 +163,7 @@ def topology(params: Sequence[Tensor], distributed: str = "auto") -> Topology:
     meshes = {
         (p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist())): p.device_mesh
         for p in params
-        if _is_dtensor(p)
+        if is_dtensor(p)
     }
     if meshes:
         if len(meshes) > 1:
@@ -634,7 +624,7 @@ def install_owner_state_hooks(opt: Optimizer, entries: Callable[[], tuple[Topolo
                 for k, v in enumerate(values):
                     if v is None:
                         kept.append(None)
-                    elif _is_dtensor(v) and v.placements and v.placements[0].is_shard():
+                    elif is_dtensor(v) and v.placements and v.placements[0].is_shard():
                         places.append((e, key, k, is_list))
                         items.append((e.owner, v.to_local().to(e.dtype), tuple(v.shape)))
                         kept.append(None)

@@ -28,7 +28,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from lightning_opt.optim.precision import shard_groups, shard_local
+from lightning_opt.optim.precision import is_dtensor, local, shard_groups, shard_local
 
 __all__ = ["IMPLS", "Impl", "check_impl", "dispatch", "is_dtensor", "resolve_impl"]
 
@@ -49,15 +49,6 @@ def check_impl(cls: str, impl: Any, supported: Sequence[str]) -> str:
     if not isinstance(impl, str) or impl not in choices:
         raise ValueError(f"{cls}(impl={impl!r}) is invalid; expected one of {choices}")
     return impl
-
-
-def is_dtensor(t: Tensor) -> bool:
-    """``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 shard)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -130,10 +121,6 @@ def _bucket_key(t: Tensor) -> tuple[Any, ...]:
     return (t.device, t.dtype, False)
 
 
-def _local(x: Any) -> Any:
-    return x.to_local() if isinstance(x, Tensor) and is_dtensor(x) else x
-
-
 def _as_shard(result: Any, param: Tensor) -> Any:
     """A per-tensor result shaped like ``param``'s local shard (new state, e.g. a momentum buffer)
     as a DTensor laid out like ``param``; anything else (a 0-d clipped lr) unchanged."""
@@ -197,7 +184,6 @@ def dispatch(
             out = impls[resolve_impl(cls, impl, supported, sample, family)](**sliced, **hparams)
         else:
             groups = shard_groups(cls, sample)
-            local = sample.to_local()
             if reduces and groups:
                 if impl in ("fused", "triton"):
                     raise RuntimeError(
@@ -206,9 +192,9 @@ def dispatch(
                     )
                 chosen = ("foreach" if "foreach" in supported else "for_loop") if impl == "auto" else impl
             else:
-                chosen = resolve_impl(cls, impl, supported, local, family)
+                chosen = resolve_impl(cls, impl, supported, local(sample), family)
             with shard_local(groups):
-                out = impls[chosen](**{n: [_local(x) for x in v] for n, v in sliced.items()}, **hparams)
+                out = impls[chosen](**{n: [local(x) for x in v] for n, v in sliced.items()}, **hparams)
             if out is not None:
                 out = [_as_shard(r, params[i]) for i, r in zip(idx, out)]
         if out is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -45,8 +46,10 @@ __all__ = [
     "compute_dtype",
     "exact_sqrt",
     "exact_sqrt_",
+    "is_dtensor",
     "kahan_add_",
     "keep_state_dtype_on_load",
+    "local",
     "matrix_state_dtype",
     "new_kahan_comp",
     "shard_groups",
@@ -123,6 +126,18 @@ def shard_local(groups: Sequence[Any]) -> Iterator[None]:
         _SHARD_GROUPS.reset(token)
 
 
+def is_dtensor(t: Any) -> bool:
+    """``t`` is a ``torch.distributed.tensor.DTensor`` (an FSDP2 shard). No DTensor exists before
+    ``torch.distributed.tensor`` is imported, so this never imports it (that costs seconds)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def local(t: Any) -> Any:
+    """The local shard of a DTensor (a view: in-place ops update the parameter), else ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def shard_groups(cls: str, t: Tensor) -> tuple[Any, ...]:
     """The process groups of the mesh dimensions ``t`` (a DTensor) is sharded on (``cls`` names the
     optimizer in the error for a partial-sum placement)."""
@@ -141,17 +156,15 @@ def shard_groups(cls: str, t: Tensor) -> tuple[Any, ...]:
 def total_norm(cls: str, xs: Sequence[Tensor]) -> Tensor:
     """``||concat(xs)||`` (a global gradient norm) as a plain 0-d tensor, each norm taken in its
     compute dtype; DTensor shards add their squared local norms in one all-reduce per mesh."""
-    from torch.distributed.tensor import DTensor
-
-    if not any(isinstance(x, DTensor) for x in xs):
+    if not any(is_dtensor(x) for x in xs):
         norms = [torch.linalg.vector_norm(x.to(compute_dtype(x))) for x in xs]
         return torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
     by_groups: dict[tuple[Any, ...], list[Tensor]] = {}
     for x in xs:
-        local = x.to_local() if isinstance(x, DTensor) else x
-        groups = shard_groups(cls, x) if isinstance(x, DTensor) else ()
+        mine = local(x)
+        groups = shard_groups(cls, x) if is_dtensor(x) else ()
         by_groups.setdefault(groups, []).append(
-            torch.linalg.vector_norm(local.to(compute_dtype(local)), dtype=torch.float64).square()
+            torch.linalg.vector_norm(mine.to(compute_dtype(mine)), dtype=torch.float64).square()
         )
     total = None
     for groups, sqs in by_groups.items():

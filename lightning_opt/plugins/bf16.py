@@ -72,7 +72,13 @@ from lightning_utilities import apply_to_collection
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import apply_update_, keep_state_dtype_on_load, new_kahan_comp, stochastic_round
+from lightning_opt.optim.precision import (
+    apply_update_,
+    keep_state_dtype_on_load,
+    local,
+    new_kahan_comp,
+    stochastic_round,
+)
 
 __all__ = ["COMP_KEY", "MASTER_KEY", "SEED_KEY", "BF16Precision", "MasterWeights", "Mode"]
 
@@ -116,12 +122,6 @@ def _is_norm(module: nn.Module) -> bool:
     torch_norms = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return isinstance(module, torch_norms + rms) or type(module).__name__.endswith("Norm")
-
-
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2), else ``t``: elementwise writes go to the shard's storage."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
 
 
 def _is_plain(t: Tensor) -> bool:
@@ -502,7 +502,7 @@ class BF16Precision(Precision):
                             value = p.detach().float()
                         else:
                             # re-seed elements changed outside the step (loaded weights, user code)
-                            lm, lp = _local(value), _local(p)
+                            lm, lp = local(value), local(p)
                             lm.copy_(torch.where(lp == lm.to(lp.dtype), lm, lp.float()))
                         own[MASTER_KEY] = value
                     else:
@@ -536,15 +536,15 @@ class BF16Precision(Precision):
                 st = state.pop(shell, None) or {}
                 if write:
                     if self.master_weights == "fp32":
-                        _local(p).copy_(_local(value))  # round to nearest even
+                        local(p).copy_(local(value))  # round to nearest even
                     elif self.master_weights == "kahan":
                         comp = own.get(COMP_KEY)
                         if comp is None:
                             comp = own[COMP_KEY] = new_kahan_comp(p)
-                        apply_update_(_local(p), _local(value) - _local(p).float(), _local(comp))
+                        apply_update_(local(p), local(value) - local(p).float(), local(comp))
                     else:
                         own[SEED_KEY] = own.get(SEED_KEY, 0) + 1
-                        _local(p).copy_(stochastic_round(_local(value), seed=own[SEED_KEY]))
+                        local(p).copy_(stochastic_round(local(value), seed=own[SEED_KEY]))
                 narrow = set(widened) | {k for k in like_param if isinstance(st.get(k), Tensor)}
                 for k in narrow:
                     if k in st and st[k].is_floating_point():

@@ -305,7 +305,7 @@ class Lomo(FusedBackward, Optimizer):
         if self.clip_grad_norm is not None and any(per_group):
             grads = [p.grad for ps in per_group for p in ps]
             if any(is_dtensor(g) for g in grads):  # FSDP2 shards: local sums, one all-reduce
-                coef = torch.clamp(self.clip_grad_norm / (total_norm("Lomo", grads) + 1e-6), max=1.0)
+                coef = clip_coefficient([total_norm("Lomo", grads)], self.clip_grad_norm)
             else:
                 coef = clip_coefficient([_grad_norm(p, p.grad, None) for ps in per_group for p in ps], self.clip_grad_norm)
         for group, params in zip(self.param_groups, per_group):

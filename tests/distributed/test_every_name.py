@@ -136,6 +136,12 @@ def _count_rank(rank: int, world_size: int, names: list[str]) -> dict[str, tuple
         counts = {str(k): v for k, v in comm.get_comm_counts().items()}
         n_reduce = sum(v for k, v in counts.items() if "allreduce" in k or "all_reduce" in k)
         out[name] = (n_reduce, sum(counts.values()), len(opt.param_groups))
+        if "fused" in getattr(opt, "impls", ()):  # the fused kernel reduces inside: it cannot see other shards
+            fused = build_optimizer(model, name, lr=1e-3, weight_decay=0.1, impl="fused", **HPARAMS.get(name, {}))
+            try:
+                fused.step()
+            except RuntimeError as err:
+                out[name] += (str(err),)
     return out
 
 
@@ -145,6 +151,8 @@ def test_fsdp2_reductions_are_coalesced(world_size: int) -> None:
     LAMB's global clip), never one per parameter, and no other collective."""
     names = sorted(REDUCES - {"lookahead_lamb"})
     results = run_ranks(_count_rank, names, world_size=world_size)
-    for name, (n_reduce, n_total, n_groups) in results[0].items():
+    for name, (n_reduce, n_total, n_groups, *fused) in results[0].items():
         assert n_total == n_reduce, f"{name}: collectives other than all-reduce in the step"
         assert 1 <= n_reduce <= n_groups + 1, f"{name}: {n_reduce} all-reduces for 12 parameters in {n_groups} groups"
+        if "fused" in getattr(get_optimizer_info(name).cls, "impls", ()):
+            assert fused and "cannot see the other shards" in fused[0], f"{name}(impl='fused') stepped shards"

@@ -9,7 +9,6 @@ global clip factor) never leave the device.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from lightning_opt.kernels import triton_launcher as launcher
 from lightning_opt.kernels.triton_common import address, block_of, device, div, hp, load, sqrt, store, update
+from lightning_opt.optim.lamb_lars import lamb_scalars
 
 __all__ = ["lamb_triton_", "lars_triton_"]
 
@@ -48,7 +48,7 @@ def _trust(num, den, w_norm, o_norm, PK: tl.constexpr):
 
 @device
 def _lamb_direction(
-    PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, bc1, sqrt_bc2, eps, weight_decay,
+    PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, k, eps_q, weight_decay,
     L: tl.constexpr, PK: tl.constexpr, SK: tl.constexpr, SCALE_PTR: tl.constexpr, WD: tl.constexpr,
 ):
     if SCALE_PTR:
@@ -60,7 +60,7 @@ def _lamb_direction(
     v = load(address(PTRS, t, 3, L), offs, mask, SK)
     m = tl.fma(g, hp(m_alpha, PK), m * hp(beta1, PK))
     v = tl.fma(hp(om_beta2, PK) * g, g, v * hp(beta2, PK))
-    u = div(div(m, hp(bc1, PK), PK), div(sqrt(v, PK), hp(sqrt_bc2, PK), PK) + hp(eps, PK), PK)
+    u = div(m * hp(k, PK), sqrt(v, PK) + hp(eps_q, PK), PK)  # lamb_scalars: (m k) / (sqrt(v) + eps_q)
     p = load(address(PTRS, t, 0, L), offs, mask, PK)
     if WD:
         u = tl.fma(p, hp(weight_decay, PK), u)  # u.add_(p32, alpha=weight_decay)
@@ -71,14 +71,14 @@ def _lamb_direction(
 def _lamb_partial(
     PTRS, SIZES, BLOCKS, PART,
     SCALE, scale: tl.float64, beta1: tl.float64, m_alpha: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
-    bc1: tl.float64, sqrt_bc2: tl.float64, eps: tl.float64, weight_decay: tl.float64, lr: tl.float64,
+    k: tl.float64, eps_q: tl.float64, weight_decay: tl.float64, lr: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, SK: tl.constexpr,
     SCALE_PTR: tl.constexpr, WD: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
     KAHAN: tl.constexpr, SR: tl.constexpr,
 ):
     t, offs, mask = block_of(SIZES, BLOCKS, BLOCK)
     p, m, v, u = _lamb_direction(
-        PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, bc1, sqrt_bc2, eps, weight_decay,
+        PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, k, eps_q, weight_decay,
         L, PK, SK, SCALE_PTR, WD,
     )
     pid = tl.program_id(0)
@@ -90,14 +90,14 @@ def _lamb_partial(
 def _lamb_apply(
     PTRS, SIZES, BLOCKS, SUMS, OUT,
     SCALE, scale: tl.float64, beta1: tl.float64, m_alpha: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
-    bc1: tl.float64, sqrt_bc2: tl.float64, eps: tl.float64, weight_decay: tl.float64, lr: tl.float64,
+    k: tl.float64, eps_q: tl.float64, weight_decay: tl.float64, lr: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, SK: tl.constexpr,
     SCALE_PTR: tl.constexpr, WD: tl.constexpr, ADAPT: tl.constexpr, TRUST_CLIP: tl.constexpr,
     KAHAN: tl.constexpr, SR: tl.constexpr,
 ):
     t, offs, mask = block_of(SIZES, BLOCKS, BLOCK)
     p, m, v, u = _lamb_direction(
-        PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, bc1, sqrt_bc2, eps, weight_decay,
+        PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, k, eps_q, weight_decay,
         L, PK, SK, SCALE_PTR, WD,
     )
     store(address(PTRS, t, 2, L), offs, m, mask, SK, False)
@@ -149,12 +149,11 @@ def lamb_triton_(
     else:
         scale_t, scale_f = params[0], float(grad_scale)
     for step, idx in launcher.by_value(list(steps)):
-        bc1 = 1 - beta1**step if bias_correction else 1.0
-        bc2 = 1 - beta2**step if bias_correction else 1.0
+        k, eps_q = lamb_scalars(step, beta1, beta2, eps, bias_correction)
         lists = [launcher.pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, comps)]
         scalars = (
             scale_t, scale_f, beta1, (1 - beta1) if grad_averaging else 1.0, beta2, 1 - beta2,
-            bc1, math.sqrt(bc2), eps, weight_decay, lr,
+            k, eps_q, weight_decay, lr,
         )
         cx = dict(
             PK=pk,

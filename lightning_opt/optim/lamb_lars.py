@@ -112,7 +112,8 @@ def lamb_update_(
     """One LAMB (NVLAMB) step for one tensor (the reference of every impl).
 
     ``g = grad * grad_scale`` (the global-norm clip factor); ``m <- b1 m + (1-b1) g`` (``+ g`` without
-    ``grad_averaging``); ``v <- b2 v + (1-b2) g^2``; ``u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd p``;
+    ``grad_averaging``); ``v <- b2 v + (1-b2) g^2``; ``u = (m/bc1) / (sqrt(v)/sqrt(bc2) + eps) + wd p``,
+    computed as ``(m k) / (sqrt(v) + eps_q)`` (:func:`lamb_scalars`: one division, as torch's AdamW);
     with ``adapt``: ``u *= ||p|| / ||u||`` (1 if a norm is 0; at most 1 with ``trust_clip``);
     ``p -= lr u``. With ``kahan_comp`` the store is Kahan-compensated, with ``stochastic`` a bf16
     parameter is stochastically rounded (see ``precision``).
@@ -122,9 +123,8 @@ def lamb_update_(
     m, v = exp_avg.to(dt), exp_avg_sq.to(dt)
     m.mul_(beta1).add_(g, alpha=(1 - beta1) if grad_averaging else 1.0)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - beta1**step if bias_correction else 1.0
-    bc2 = 1 - beta2**step if bias_correction else 1.0
-    u = (m / bc1).div_(exact_sqrt(v).div_(math.sqrt(bc2)).add_(eps))
+    k, eps_q = lamb_scalars(step, beta1, beta2, eps, bias_correction)
+    u = (m * k).div_(exact_sqrt(v).add_(eps_q))
     p32 = param.to(dt)
     if weight_decay != 0:
         u.add_(p32, alpha=weight_decay)
@@ -208,11 +208,23 @@ def _on(scale: Tensor | float, device: torch.device) -> Tensor | float:
     return scale.to(device) if isinstance(scale, Tensor) else scale
 
 
-def _lamb_corrections(steps: Sequence[int], beta1: float, beta2: float, bias_correction: bool) -> tuple[list, list]:
-    """Per-tensor ``bc1`` and ``sqrt(bc2)`` (Python floats, as :func:`lamb_update_` computes them)."""
+def lamb_scalars(step: int, beta1: float, beta2: float, eps: float, bias_correction: bool) -> tuple[float, float]:
+    """``k = sqrt(bc2) / bc1`` and ``eps_q = eps sqrt(bc2)`` of a tensor at ``step`` (Python floats).
+
+    LAMB's direction ``(m / bc1) / (sqrt(v) / sqrt(bc2) + eps)`` equals ``(m k) / (sqrt(v) + eps_q)``;
+    every impl takes it in that form (one rounding of each scalar, one division per element), so
+    they agree to the last bit.
+    """
     if not bias_correction:
-        return [1.0] * len(steps), [1.0] * len(steps)
-    return [1 - beta1**s for s in steps], [math.sqrt(1 - beta2**s) for s in steps]
+        return 1.0, eps
+    sbc2 = math.sqrt(1 - beta2**step)
+    return sbc2 / (1 - beta1**step), eps * sbc2
+
+
+def _lamb_corrections(steps: Sequence[int], beta1: float, beta2: float, eps: float, bias_correction: bool) -> tuple[list, list]:
+    """:func:`lamb_scalars` of each tensor: the lists of ``k`` and ``eps_q``."""
+    pairs = [lamb_scalars(s, beta1, beta2, eps, bias_correction) for s in steps]
+    return [k for k, _ in pairs], [e for _, e in pairs]
 
 
 def _lamb_for_loop(params, grads, exp_avgs, exp_avg_sqs, kahan_comps, steps, *, grad_scale=1.0, **hp: Any) -> None:
@@ -249,11 +261,10 @@ def _lamb_foreach(
     torch._foreach_add_(m, g, alpha=(1 - beta1) if grad_averaging else 1.0)
     torch._foreach_mul_(v, beta2)
     torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-    bc1, sbc2 = _lamb_corrections(steps, beta1, beta2, bias_correction)
-    u = torch._foreach_div(m, bc1)
+    k, eps_q = _lamb_corrections(steps, beta1, beta2, eps, bias_correction)
+    u = torch._foreach_mul(m, k)
     denom = [exact_sqrt(x) for x in v]
-    torch._foreach_div_(denom, sbc2)
-    torch._foreach_add_(denom, eps)
+    torch._foreach_add_(denom, eps_q)
     torch._foreach_div_(u, denom)
     p32 = [x.to(dt) for x in params]
     if weight_decay != 0:
@@ -295,8 +306,8 @@ def _lamb_fused(
     from lightning_opt.kernels import cpu
 
     _check_grad_dtypes("Lamb", params, grads)
-    bc1, sbc2 = _lamb_corrections(steps, beta1, beta2, bias_correction)
-    per = [x for pair in zip(bc1, sbc2) for x in pair]
+    k, eps_q = _lamb_corrections(steps, beta1, beta2, eps, bias_correction)
+    per = [x for pair in zip(k, eps_q) for x in pair]
     # the clip factor is a CPU tensor here: reading it is no device sync
     hp = [lr, beta1, beta2, eps, weight_decay, float(grad_scale), (1 - beta1) if grad_averaging else 1.0, *per]
     cpu.launch(

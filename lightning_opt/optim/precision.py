@@ -58,6 +58,7 @@ __all__ = [
     "sr_bits",
     "stochastic_round",
     "store_",
+    "sum_squares",
     "tensor_abs_mean",
     "tensor_abs_means",
     "tensor_norm",
@@ -66,6 +67,8 @@ __all__ = [
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+# the dtypes the fused CPU reduction kernels take
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: How a bf16/fp16 parameter's update is stored (see the module docstring).
 Rounding = Literal["nearest", "kahan", "stochastic"]
@@ -153,22 +156,47 @@ def shard_groups(cls: str, t: Tensor) -> tuple[Any, ...]:
     return tuple(groups)
 
 
+def sum_squares(xs: Sequence[Tensor]) -> Tensor:
+    """``sum(x^2)`` over every element of the plain tensors ``xs``, accumulated in float64: a 0-d
+    float64 tensor on ``xs[0]``'s device.
+
+    CPU tensors of one dtype go through one call of the fused CPU kernel (``kernels/csrc/norms.c``:
+    multi-threaded, deterministic) when it builds on this machine; anything else through torch's
+    float64 norms. Both sum in float64, so they agree to far below float32's resolution.
+    """
+    if not xs:
+        return torch.zeros((), dtype=torch.float64)
+    by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for x in xs:
+        by_kind.setdefault((x.device, x.dtype), []).append(x)
+    total = None
+    for (device, dtype), group in by_kind.items():
+        part = None
+        if device.type == "cpu" and dtype in _KERNEL_DTYPES:
+            from lightning_opt.kernels import cpu
+
+            if cpu.available("norms"):
+                sums = cpu.launch("norms", "sumsq", [group], [], n_out=1)
+                part = torch.tensor(sum(s[0] for s in sums), dtype=torch.float64)
+        if part is None:
+            part = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float64)).square().sum()
+        part = part.to(xs[0].device)
+        total = part if total is None else total + part
+    return total
+
+
 def total_norm(cls: str, xs: Sequence[Tensor]) -> Tensor:
-    """``||concat(xs)||`` (a global gradient norm) as a plain 0-d tensor, each norm taken in its
-    compute dtype; DTensor shards add their squared local norms in one all-reduce per mesh."""
+    """``||concat(xs)||`` (a global gradient norm) as a plain 0-d tensor: squares summed in float64
+    (:func:`sum_squares`), the root rounded once to ``xs[0]``'s compute dtype; DTensor shards add
+    their local sums in one all-reduce per mesh."""
     if not any(is_dtensor(x) for x in xs):
-        norms = [torch.linalg.vector_norm(x.to(compute_dtype(x))) for x in xs]
-        return torch.linalg.vector_norm(torch.stack([n.to(norms[0]) for n in norms]))  # one device and dtype
+        return sum_squares(xs).sqrt().to(compute_dtype(xs[0]))
     by_groups: dict[tuple[Any, ...], list[Tensor]] = {}
     for x in xs:
-        mine = local(x)
-        groups = shard_groups(cls, x) if is_dtensor(x) else ()
-        by_groups.setdefault(groups, []).append(
-            torch.linalg.vector_norm(mine.to(compute_dtype(mine)), dtype=torch.float64).square()
-        )
+        by_groups.setdefault(shard_groups(cls, x) if is_dtensor(x) else (), []).append(local(x))
     total = None
-    for groups, sqs in by_groups.items():
-        part = torch.stack([s.to(sqs[0].device) for s in sqs]).sum().reshape(1)
+    for groups, mine in by_groups.items():
+        part = sum_squares(mine).reshape(1)
         with shard_local(groups):
             _sum_shards_(part)
         total = part if total is None else total + part.to(total.device)

@@ -25,13 +25,13 @@ typedef struct {
   int64_t t, lo, hi;
 } lo_chunk;
 
-/* every (tensor, chunk) pair of the bucket, in order; the caller frees *out */
-static inline int64_t lo_make_chunks(int64_t n, const int64_t *sizes, lo_chunk **out) {
+/* every (tensor, chunk) pair of the tensors t0 .. t1 - 1, in order; the caller frees *out */
+static inline int64_t lo_make_chunks_in(int64_t t0, int64_t t1, const int64_t *sizes, lo_chunk **out) {
   int64_t nc = 0;
-  for (int64_t t = 0; t < n; t++) nc += (sizes[t] + LO_CHUNK - 1) / LO_CHUNK;
+  for (int64_t t = t0; t < t1; t++) nc += (sizes[t] + LO_CHUNK - 1) / LO_CHUNK;
   lo_chunk *ch = (lo_chunk *)malloc(sizeof(lo_chunk) * (size_t)(nc > 0 ? nc : 1));
   int64_t k = 0;
-  for (int64_t t = 0; t < n; t++)
+  for (int64_t t = t0; t < t1; t++)
     for (int64_t lo = 0; lo < sizes[t]; lo += LO_CHUNK) {
       ch[k].t = t;
       ch[k].lo = lo;
@@ -45,39 +45,69 @@ static inline int64_t lo_make_chunks(int64_t n, const int64_t *sizes, lo_chunk *
 #define LO_STR(x) #x
 #define LO_PRAGMA(x) _Pragma(LO_STR(x))
 
-/* run the body (the variadic argument) for every chunk (t, lo, hi) of the bucket, chunks spread over nthreads threads */
-#define LO_FOR_CHUNKS(n, sizes, nthreads, ...)                                    \
+/* Cache groups. A kernel with two passes over a tensor (a per-tensor reduction, then the update)
+ * takes the bucket in groups of consecutive tensors of at most LO_GROUP_BYTES of parameter bytes (a
+ * larger tensor alone), last group first: both passes over a group, then the next, so the second
+ * pass re-reads from the cache what the first just touched (on the 2-core EPYC of docs/BENCHMARKS.md
+ * that is 12% of LAMB's step). The first pass walks its chunks backwards, so it starts on what the
+ * pass before it (a global gradient norm in tensor order, or the previous group's second pass)
+ * touched last. Grouping changes no result: partial sums are added in chunk order. */
+#define LO_GROUP_BYTES ((int64_t)4 << 20)
+/* the first tensor of the group that ends before tensor t1 (elements of elem_bytes bytes) */
+static inline int64_t lo_group_start(const int64_t *sizes, int64_t t1, int64_t elem_bytes) {
+  int64_t t0 = t1 - 1, bytes = sizes[t0] * elem_bytes;
+  while (t0 > 0 && bytes + sizes[t0 - 1] * elem_bytes <= LO_GROUP_BYTES) bytes += sizes[--t0] * elem_bytes;
+  return t0;
+}
+/* for (t0, t1) over the groups of n tensors, last group first */
+#define LO_FOR_GROUPS(n, sizes, elem_bytes, t0, t1) \
+  for (int64_t t1 = (n), t0 = t1 > 0 ? lo_group_start((sizes), t1, (elem_bytes)) : 0; t1 > 0; \
+       t1 = t0, t0 = t1 > 0 ? lo_group_start((sizes), t1, (elem_bytes)) : 0)
+
+/* run the body (the variadic argument) for every chunk (t, lo, hi) of the tensors t0 .. t1 - 1,
+ * chunks spread over nthreads threads (in reverse order when rev) */
+#define LO_FOR_CHUNKS_IN(t0, t1, rev, sizes, nthreads, ...)                       \
   do {                                                                            \
     lo_chunk *lo_ch_;                                                             \
-    int64_t lo_nc_ = lo_make_chunks((n), (sizes), &lo_ch_);                       \
+    const int64_t lo_nc_ = lo_make_chunks_in((t0), (t1), (sizes), &lo_ch_);       \
+    const int lo_rev_ = (rev);                                                    \
     LO_PRAGMA(omp parallel for num_threads(nthreads) schedule(static))            \
-    for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++) {                            \
+    for (int64_t lo_i_ = 0; lo_i_ < lo_nc_; lo_i_++) {                            \
+      const int64_t lo_c_ = lo_rev_ ? lo_nc_ - 1 - lo_i_ : lo_i_;                 \
       const int64_t t = lo_ch_[lo_c_].t, lo = lo_ch_[lo_c_].lo, hi = lo_ch_[lo_c_].hi; \
       (void)t;                                                                    \
       __VA_ARGS__                                                                 \
     }                                                                             \
     free(lo_ch_);                                                                 \
   } while (0)
+/* ... for every chunk of the bucket, in order */
+#define LO_FOR_CHUNKS(n, sizes, nthreads, ...) LO_FOR_CHUNKS_IN(0, (n), 0, (sizes), (nthreads), __VA_ARGS__)
 
-/* per-tensor sums of per-chunk partials (double), added in chunk order: deterministic.
- * The body (variadic argument) must accumulate chunk (lo, hi) of tensor t into double acc[0..k-1]. */
-#define LO_TENSOR_SUMS(n, sizes, nthreads, k, sums, ...)                         \
+/* per-tensor sums of per-chunk partials (double) of the tensors t0 .. t1 - 1 into sums[t * k ..],
+ * added in chunk order whatever the thread count or walking order: deterministic. The body
+ * (variadic argument) must accumulate chunk (lo, hi) of tensor t into double acc[0..k-1]. */
+#define LO_TENSOR_SUMS_IN(t0, t1, rev, sizes, nthreads, k, sums, ...)             \
   do {                                                                            \
     lo_chunk *lo_ch_;                                                             \
-    int64_t lo_nc_ = lo_make_chunks((n), (sizes), &lo_ch_);                       \
+    const int64_t lo_nc_ = lo_make_chunks_in((t0), (t1), (sizes), &lo_ch_);       \
+    const int lo_rev_ = (rev);                                                    \
     double *lo_part_ = (double *)calloc((size_t)(lo_nc_ > 0 ? lo_nc_ : 1) * (k), sizeof(double)); \
     LO_PRAGMA(omp parallel for num_threads(nthreads) schedule(static))            \
-    for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++) {                            \
+    for (int64_t lo_i_ = 0; lo_i_ < lo_nc_; lo_i_++) {                            \
+      const int64_t lo_c_ = lo_rev_ ? lo_nc_ - 1 - lo_i_ : lo_i_;                 \
       const int64_t t = lo_ch_[lo_c_].t, lo = lo_ch_[lo_c_].lo, hi = lo_ch_[lo_c_].hi; \
       double *acc = lo_part_ + lo_c_ * (k);                                       \
       __VA_ARGS__                                                                 \
     }                                                                             \
-    memset((sums), 0, sizeof(double) * (size_t)(n) * (k));                        \
+    memset((sums) + (t0) * (k), 0, sizeof(double) * (size_t)((t1) - (t0)) * (k)); \
     for (int64_t lo_c_ = 0; lo_c_ < lo_nc_; lo_c_++)                              \
       for (int64_t j_ = 0; j_ < (k); j_++) (sums)[lo_ch_[lo_c_].t * (k) + j_] += lo_part_[lo_c_ * (k) + j_]; \
     free(lo_part_);                                                               \
     free(lo_ch_);                                                                 \
   } while (0)
+/* ... of every tensor of the bucket */
+#define LO_TENSOR_SUMS(n, sizes, nthreads, k, sums, ...) \
+  LO_TENSOR_SUMS_IN(0, (n), 0, (sizes), (nthreads), (k), (sums), __VA_ARGS__)
 
 /* ---- storage types: load to the compute type, store with rounding ---- */
 typedef uint16_t lo_bf16;
@@ -208,5 +238,27 @@ static inline void lo_sqrt_f64(double *x, int64_t n) {
   for (; i < n; i++) x[i] = sqrt(x[i]);
 }
 #define LO_SQRT_ARRAY(x, n) _Generic((x), float *: lo_sqrt_f32, default: lo_sqrt_f64)(x, n)
+
+/* sum of the squares of x[lo .. hi) in double, in 8 fixed lanes (lane j gets x[lo + 8q + j], the
+ * tail lane 0), the lanes added pairwise: the same bits whatever the thread count or the caller */
+#define LO_DEFINE_SUMSQ(TAG, PT)                                                        \
+  static inline double lo_sumsq_##TAG(const PT *restrict x, int64_t lo, int64_t hi) {  \
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                             \
+    int64_t i = lo;                                                                     \
+    for (; i + 8 <= hi; i += 8)                                                         \
+      for (int j = 0; j < 8; j++) {                                                     \
+        const double v = (double)LD_##TAG(x[i + j]);                                    \
+        s[j] = s[j] + v * v;                                                            \
+      }                                                                                 \
+    for (; i < hi; i++) {                                                               \
+      const double v = (double)LD_##TAG(x[i]);                                          \
+      s[0] = s[0] + v * v;                                                              \
+    }                                                                                   \
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));          \
+  }
+LO_DEFINE_SUMSQ(f32, float)
+LO_DEFINE_SUMSQ(f64, double)
+LO_DEFINE_SUMSQ(bf16, lo_bf16)
+LO_DEFINE_SUMSQ(f16, lo_f16)
 
 #endif

@@ -55,39 +55,42 @@
     const size_t nn = (size_t)(n > 0 ? n : 1);                                                  \
     double *sums = (double *)malloc(sizeof(double) * nn);                                       \
     CT *lr_t = (CT *)malloc(sizeof(CT) * nn), *decay = (CT *)malloc(sizeof(CT) * nn);           \
-    LO_TENSOR_SUMS(n, sizes, nthreads, 1, sums, {                                               \
-      const PT *G = (const PT *)ptrs[n + t];                                                    \
-      const ST *V = (const ST *)ptrs[3 * n + t];                                                \
-      const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                          \
-      double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                   \
-      int64_t i = lo;                                                                           \
-      for (; i + 8 <= hi; i += 8)                                                               \
-        for (int j = 0; j < 8; j++) {                                                           \
-          CT g = LD_##PTAG(G[i + j]);                                                           \
-          CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                   \
-          s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                    \
+    /* cache groups (common.h): the update re-reads g and v from the cache */                   \
+    LO_FOR_GROUPS(n, sizes, (int64_t)sizeof(PT), t0, t1) {                                      \
+      LO_TENSOR_SUMS_IN(t0, t1, 1, sizes, nthreads, 1, sums, {                                  \
+        const PT *G = (const PT *)ptrs[n + t];                                                  \
+        const ST *V = (const ST *)ptrs[3 * n + t];                                              \
+        const CT b2 = (CT)hp[5 + 2 * t], a2 = (CT)(1.0 - hp[5 + 2 * t]);                        \
+        double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                                 \
+        int64_t i = lo;                                                                         \
+        for (; i + 8 <= hi; i += 8)                                                             \
+          for (int j = 0; j < 8; j++) {                                                         \
+            CT g = LD_##PTAG(G[i + j]);                                                         \
+            CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i + j]) * b2);                                 \
+            s[j] += (double)((g * g) / (v < eps2 ? eps2 : v));                                  \
+          }                                                                                     \
+        for (; i < hi; i++) {                                                                   \
+          CT g = LD_##PTAG(G[i]);                                                               \
+          CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                       \
+          s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                    \
         }                                                                                       \
-      for (; i < hi; i++) {                                                                     \
-        CT g = LD_##PTAG(G[i]);                                                                 \
-        CT v = LO_FMA(a2 * g, g, LD_##STAG(V[i]) * b2);                                         \
-        s[0] += (double)((g * g) / (v < eps2 ? eps2 : v));                                      \
+        acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));             \
+      });                                                                                       \
+      for (int64_t t = t0; t < t1; t++) {                                                       \
+        CT rms = SA_SQRT((CT)(sums[t] / (double)sizes[t]));                                     \
+        if (rms < (CT)1) rms = (CT)1; /* clamp(min=1): NaN stays NaN */                         \
+        lr_t[t] = ((CT)1 / rms) * (CT)hp[0]; /* lr / rms is reciprocal(rms) * lr in torch */    \
+        const CT scale = decouple ? lr_t[t] / max_lr : lr_t[t];                                 \
+        decay[t] = (CT)1 - scale * wdc;                                                         \
+        out[t] = (double)lr_t[t];                                                               \
       }                                                                                         \
-      acc[0] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));               \
-    });                                                                                         \
-    for (int64_t t = 0; t < n; t++) {                                                           \
-      CT rms = SA_SQRT((CT)(sums[t] / (double)sizes[t]));                                       \
-      if (rms < (CT)1) rms = (CT)1; /* clamp(min=1): NaN stays NaN */                           \
-      lr_t[t] = ((CT)1 / rms) * (CT)hp[0]; /* lr / rms is reciprocal(rms) * lr in torch */       \
-      const CT scale = decouple ? lr_t[t] / max_lr : lr_t[t];                                   \
-      decay[t] = (CT)1 - scale * wdc;                                                           \
-      out[t] = (double)lr_t[t];                                                                 \
+      LO_FOR_CHUNKS_IN(t0, t1, 0, sizes, nthreads, {                                            \
+        sa_apply_##SUFFIX(wd, (CT)hp[4 + 2 * t], (CT)(1.0 - hp[4 + 2 * t]), (CT)hp[5 + 2 * t],  \
+                          (CT)(1.0 - hp[5 + 2 * t]), eps, -lr_t[t], decay[t], sr, (PT *)ptrs[t],\
+                          (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], (ST *)ptrs[3 * n + t],\
+                          (PT *)ptrs[4 * n + t], lo, hi);                                       \
+      });                                                                                       \
     }                                                                                           \
-    LO_FOR_CHUNKS(n, sizes, nthreads, {                                                         \
-      sa_apply_##SUFFIX(wd, (CT)hp[4 + 2 * t], (CT)(1.0 - hp[4 + 2 * t]), (CT)hp[5 + 2 * t],    \
-                        (CT)(1.0 - hp[5 + 2 * t]), eps, -lr_t[t], decay[t], sr, (PT *)ptrs[t],   \
-                        (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], (ST *)ptrs[3 * n + t],   \
-                        (PT *)ptrs[4 * n + t], lo, hi);                                          \
-    });                                                                                         \
     free(sums);                                                                                 \
     free(lr_t);                                                                                 \
     free(decay);                                                                                \

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -41,6 +41,7 @@ from torch.optim import Optimizer
 __all__ = [
     "LOW_PRECISION",
     "Rounding",
+    "all_reduce_coalesced",
     "apply_update_",
     "apply_updates_",
     "compute_dtype",
@@ -52,8 +53,10 @@ __all__ = [
     "local",
     "matrix_state_dtype",
     "new_kahan_comp",
+    "run_reduction_rounds",
     "shard_groups",
     "shard_local",
+    "shard_split",
     "sharded",
     "sr_bits",
     "stochastic_round",
@@ -141,19 +144,51 @@ def local(t: Any) -> Any:
     return t.to_local() if is_dtensor(t) else t
 
 
+def _shard_dims(cls: str, t: Tensor) -> list[tuple[int, Any]]:
+    """``(tensor dim, process group)`` of every mesh dim the DTensor ``t`` is sharded on, in mesh order:
+    the one placement check of the sharded paths (``cls`` names the optimizer in the error).
+
+    Raises:
+        NotImplementedError: a placement that is neither ``Shard`` nor ``Replicate`` (``Partial``:
+            an unreduced sum). A ``RuntimeError`` subclass.
+    """
+    dims = []
+    for mesh_dim, placement in enumerate(t.placements):
+        if placement.is_shard():
+            dims.append((placement.dim % t.ndim, t.device_mesh.get_group(mesh_dim)))
+        elif not placement.is_replicate():
+            raise NotImplementedError(
+                f"{cls} steps sharded or replicated DTensors, got placements {tuple(t.placements)} ({placement}: "
+                "a partial sum); reduce the gradients before the step"
+            )
+    return dims
+
+
 def shard_groups(cls: str, t: Tensor) -> tuple[Any, ...]:
     """The process groups of the mesh dimensions ``t`` (a DTensor) is sharded on (``cls`` names the
-    optimizer in the error for a partial-sum placement)."""
-    groups = []
-    for dim, placement in enumerate(t.placements):
-        if placement.is_shard():
-            groups.append(t.device_mesh.get_group(dim))
-        elif not placement.is_replicate():
-            raise RuntimeError(
-                f"{cls} steps sharded or replicated DTensors, got placement {placement} (a partial sum): "
-                "reduce the gradients before the step"
-            )
-    return tuple(groups)
+    optimizer in the error for a partial-sum placement: ``NotImplementedError``, see :func:`shard_split`)."""
+    return tuple(group for _, group in _shard_dims(cls, t))
+
+
+def shard_split(cls: str, t: Any) -> tuple[int, Any] | None:
+    """``(dim, group)`` of a DTensor split along one mesh dim: the tensor dim split across the ranks
+    and that mesh dim's process group; ``None`` for a plain tensor or a replicated DTensor.
+
+    For math that treats the split dim apart from the others (Adafactor's and AdaLomo's factored
+    statistics: the rows of a ``Shard(0)`` matrix are whole on each rank, its column sums partial).
+
+    Raises:
+        NotImplementedError: a ``Partial`` placement (as :func:`shard_groups`), or ``t`` split along
+            more than one mesh dim (HSDP, FSDP2 with tensor parallelism).
+    """
+    if not is_dtensor(t):
+        return None
+    dims = _shard_dims(cls, t)
+    if len(dims) > 1:
+        raise NotImplementedError(
+            f"{cls} steps DTensors split along one mesh dim (FSDP2's Shard(0)), got placements {tuple(t.placements)}"
+        )
+    return dims[0] if dims else None
 
 
 def sum_squares(xs: Sequence[Tensor]) -> Tensor:
@@ -212,6 +247,62 @@ def _sum_shards_(t: Tensor) -> Tensor:
     for group in _SHARD_GROUPS.get():
         dist.all_reduce(t, group=group)
     return t
+
+
+def all_reduce_coalesced(parts: Sequence[tuple[Any, Tensor]]) -> None:
+    """Sum the tensor of each ``(process group, tensor)`` over its group, in place: one ``all_reduce``
+    per (group, dtype, device), the bucket's tensors flattened into one buffer (never one per tensor).
+
+    Every rank passes the same groups, dtypes and shapes in the same order (the collectives run in
+    the order the buckets first appear).
+    """
+    buckets: dict[tuple[Any, torch.dtype, torch.device], list[Tensor]] = {}
+    for group, t in parts:
+        buckets.setdefault((group, t.dtype, t.device), []).append(t)
+    for (group, _, _), ts in buckets.items():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in ts:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+#: What a generator run by :func:`run_reduction_rounds` yields each round: ``(process group, partial sum)`` pairs
+Partials = Sequence[tuple[Any, Tensor]]
+
+
+def run_reduction_rounds(steps: Iterable[Iterator[Partials]]) -> None:
+    """Run the generators ``steps`` to the end in lockstep rounds, summing their partials between rounds.
+
+    Each generator yields, once per round, the ``(process group, partial sum)`` pairs its math needs
+    summed over the ranks of the group, and resumes once they hold the totals (a math whose second
+    reduction needs the first's result, such as Adafactor's ``RMS(U)`` after the column statistics,
+    yields twice). The pairs of one round, from every generator still running, go through one
+    :func:`all_reduce_coalesced`: one collective per round (and group, dtype, device), not one per
+    tensor or per generator; a round without pairs issues none. Every rank runs the same
+    generators, so the rounds and their collectives match.
+
+    Example (the global mean of a sharded tensor's local shard ``x``):
+        >>> def mean(x, group, out):
+        ...     both = torch.stack([x.sum(), torch.tensor(float(x.numel()))])
+        ...     yield [(group, both)]
+        ...     out.append(both[0] / both[1])
+        >>> run_reduction_rounds([mean(x, group, out)])
+    """
+    live = list(steps)
+    while live:
+        parts: list[tuple[Any, Tensor]] = []
+        still = []
+        for gen in live:
+            try:
+                parts.extend(next(gen))
+            except StopIteration:
+                continue
+            still.append(gen)
+        if parts:
+            all_reduce_coalesced(parts)
+        live = still
 
 
 def tensor_norm(x: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ that are coalesced over every sharded parameter of every group: two per step (st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, ClassVar, Literal, get_args
 
 import torch
@@ -44,13 +44,21 @@ from lightning_opt.optim.base import (
     params_with_grad,
     run_closure,
 )
-from lightning_opt.optim.engine import Impl, check_impl, is_dtensor, resolve_impl
+from lightning_opt.optim.engine import Impl, check_impl, resolve_impl
 from lightning_opt.optim.layout import guard_param_layout
-from lightning_opt.optim.precision import compute_dtype, local, matrix_state_dtype
+from lightning_opt.optim.precision import (
+    Partials,
+    compute_dtype,
+    is_dtensor,
+    local,
+    matrix_state_dtype,
+    run_reduction_rounds,
+    shard_split,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 from lightning_opt.optim.stable_adamw import debias_beta
 
-__all__ = ["ADAFACTOR_IMPLS", "TORCH_ADAFACTOR", "TRANSFORMERS_ADAFACTOR", "Adafactor", "adafactor"]
+__all__ = ["ADAFACTOR_IMPLS", "TORCH_ADAFACTOR", "TRANSFORMERS_ADAFACTOR", "Adafactor", "adafactor", "adafactor_rounds"]
 
 Eps1Mode = Literal["clamp", "add"]
 WeightDecayMode = Literal["lr", "step_size"]
@@ -81,44 +89,8 @@ _DEFAULTS = {"lr": 1e-2, "weight_decay": 0.0, "beta2": None, "maximize": False, 
 
 
 # --------------------------------------------------------------------------------------------------
-# sharding: the local shard of a DTensor, which dim is split, and the collectives
-
-
-def _shard_of(p: Tensor) -> tuple[int, Any] | None:
-    """``(tensor dim split across ranks, process group)`` of a DTensor shard, ``None`` for a whole tensor.
-
-    Raises:
-        NotImplementedError: a ``Partial`` placement, or a tensor split along more than one mesh dim.
-    """
-    if not is_dtensor(p):
-        return None
-    shards = []
-    for mesh_dim, placement in enumerate(p.placements):
-        if placement.is_partial():
-            raise NotImplementedError(f"adafactor got a DTensor with a Partial placement {p.placements}; reduce it first")
-        if placement.is_shard():
-            shards.append((placement.dim % p.ndim, p.device_mesh.get_group(mesh_dim)))
-    if len(shards) > 1:
-        raise NotImplementedError(
-            f"adafactor steps DTensors split along one mesh dim (FSDP2's Shard(0)), got placements {p.placements}"
-        )
-    return shards[0] if shards else None
-
-
-def _all_reduce_coalesced(parts: list[tuple[Any, Tensor]]) -> None:
-    """Sum each tensor across its process group in place: one ``all_reduce`` per (group, dtype, device)."""
-    buckets: dict[tuple[Any, torch.dtype, torch.device], list[Tensor]] = {}
-    for group, t in parts:
-        buckets.setdefault((group, t.dtype, t.device), []).append(t)
-    import torch.distributed as dist
-
-    for (group, _, _), ts in buckets.items():
-        flat = torch.cat([t.reshape(-1) for t in ts])
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for t in ts:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+# sharding: a DTensor shard's state (the split dim and the all-reduces come from the shared
+# service: precision.shard_split, precision.run_reduction_rounds)
 
 
 def _state_zeros(p: Tensor, reduced: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -302,23 +274,6 @@ def _adafactor_for_loop(
 ADAFACTOR_IMPLS = {"for_loop": _adafactor_for_loop}
 
 
-def _drive(gens: list[Generator[list[tuple[Any, Tensor]], None, None]]) -> None:
-    """Run the groups' generators to the end, all-reducing each round's partial sums together."""
-    live = gens
-    while live:
-        parts: list[tuple[Any, Tensor]] = []
-        still = []
-        for gen in live:
-            try:
-                parts.extend(next(gen))
-            except StopIteration:
-                continue
-            still.append(gen)
-        if parts:
-            _all_reduce_coalesced(parts)
-        live = still
-
-
 def adafactor(
     params: list[Tensor],
     grads: list[Tensor],
@@ -338,13 +293,36 @@ def adafactor(
     ``clip_threshold``, ``relative_step``, ``scale_parameter``, ``warmup_init``, ``weight_decay``,
     ``weight_decay_mode``, ``eps1_mode``, ``maximize``).
     """
-    _drive([_adafactor_gen(params, grads, row_vars, col_vars, variances, exp_avgs, steps, impl=impl, **hp)])
+    run_reduction_rounds([adafactor_rounds(params, grads, row_vars, col_vars, variances, exp_avgs, steps, impl=impl, **hp)])
 
 
-def _adafactor_gen(params, grads, row_vars, col_vars, variances, exp_avgs, steps, *, impl: str, **hp: Any):
+def adafactor_rounds(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    steps: list[int],
+    *,
+    impl: str = "auto",
+    cls: str = "Adafactor",
+    **hp: Any,
+) -> Iterator[Partials]:
+    """:func:`adafactor` as a generator for :func:`~lightning_opt.optim.precision.run_reduction_rounds`.
+
+    Whole tensors are stepped at the first ``next``; the DTensor shards yield their ``(process group,
+    partial sum)`` pairs twice (the statistics and ``RMS(P)``, then ``RMS(U)``) and finish once the
+    pairs hold the sums, so several calls (every param group, or another family on Adafactor's
+    math) share one coalesced all-reduce per round. The state tensors may be DTensors or their
+    local tensors (views laid out like the local shard); ``cls`` names the optimizer in errors.
+
+    Raises:
+        NotImplementedError: a DTensor with a ``Partial`` placement or split along more than one mesh dim.
+    """
     if not params:
         return iter(())
-    chosen = resolve_impl("Adafactor", impl, tuple(ADAFACTOR_IMPLS), params[0], "adafactor")
+    chosen = resolve_impl(cls, impl, tuple(ADAFACTOR_IMPLS), params[0], "adafactor")
     opt = lambda xs: [None if x is None else local(x) for x in xs]  # noqa: E731
     return ADAFACTOR_IMPLS[chosen](
         [local(p) for p in params],
@@ -354,7 +332,7 @@ def _adafactor_gen(params, grads, row_vars, col_vars, variances, exp_avgs, steps
         opt(variances),
         opt(exp_avgs),
         steps,
-        [_shard_of(p) for p in params],
+        [shard_split(cls, p) for p in params],
         [p.shape for p in params],
         **hp,
     )
@@ -431,7 +409,8 @@ class Adafactor(Optimizer):
             ``relative_step``; both ``beta2`` and a ``decay_rate``; a complex parameter
             ("adafactor does not support complex parameters": its statistics are per matrix row and
             column of real values).
-        NotImplementedError: at the first step, a DTensor split along more than one mesh dim.
+        NotImplementedError: at the first step, a DTensor split along more than one mesh dim or with a
+            ``Partial`` placement (unreduced gradients).
 
     State per tensor: ``step`` (a float32 tensor, as torch's), ``row_var`` ``[..., R, 1]`` and
     ``col_var`` ``[..., 1, C]`` for ``>= 2-D`` (``variance`` for ``< 2-D``), ``exp_avg`` with
@@ -550,7 +529,7 @@ class Adafactor(Optimizer):
                 steps.append(int(state["step"].item()))  # a CPU tensor: no device sync
             eps1, eps2 = group["eps"]
             gens.append(
-                _adafactor_gen(
+                adafactor_rounds(
                     params,
                     grads,
                     rows,
@@ -575,7 +554,7 @@ class Adafactor(Optimizer):
                     maximize=group["maximize"],
                 )
             )
-        _drive(gens)  # every group's sharded tensors reduce together
+        run_reduction_rounds(gens)  # every group's sharded tensors reduce together
         return loss
 
 

@@ -51,6 +51,7 @@ from lightning_opt.optim.base import (
 from lightning_opt.optim.distributed import check_shardable, local
 from lightning_opt.optim.engine import Impl, check_impl, dispatch, is_dtensor
 from lightning_opt.optim.layout import guard_param_layout
+from lightning_opt.optim.precision import run_reduction_rounds
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = ["ADALOMO_IMPLS", "AdaLomo", "adalomo", "adalomo_sharded_", "adalomo_update_"]
@@ -174,14 +175,14 @@ def adalomo_sharded_(
 
     The math is Adafactor's factored step with AdaLomo's options (``eps1`` added to ``g^2``,
     ``beta2_t = 1 - t^decay_rate``, no momentum, ``lr_t = lr max(eps2, RMS(p))`` also scaling the
-    decay), run by :mod:`lightning_opt.optim.adafactor`'s sharded kernel: row statistics stay with
+    decay), run by :func:`lightning_opt.optim.adafactor.adafactor_rounds`: row statistics stay with
     the rows, column statistics, ``mean(r)``, ``RMS(p)`` and ``RMS(u)`` are partial sums completed
     by all-reduces coalesced over every tensor (one round for the statistics and ``RMS(p)``, one
     for ``RMS(u)``). Equal to :func:`adalomo_update_` up to the order of summation. ``states``
     hold AdaLomo's own keys (``exp_avg_sq_row``: ``shape[:-1]``, ``exp_avg_sq_col``; 1-D:
     ``exp_avg_sq``), viewed here in Adafactor's keep-dim layout; ``groups``: each tensor's group.
     """
-    from lightning_opt.optim.adafactor import _adafactor_for_loop, _drive, _shard_of
+    from lightning_opt.optim.adafactor import adafactor_rounds
 
     gens = []
     for p, g, state, group in zip(params, grads, states, groups):
@@ -191,15 +192,15 @@ def adalomo_sharded_(
         col = local(state["exp_avg_sq_col"]).unsqueeze(-2) if nd >= 2 else None
         var = local(state["exp_avg_sq"]) if nd < 2 else None
         gens.append(
-            _adafactor_for_loop(
-                [local(p)], [local(g)], [row], [col], [var], [None], [state["step"]], [_shard_of(p)], [p.shape],
+            adafactor_rounds(
+                [p], [g], [row], [col], [var], [None], [state["step"]], impl="for_loop", cls="AdaLomo",
                 lr=group["lr"], beta1=None, beta2=None, decay_rate=group["decay_rate"], eps1=eps1, eps2=eps2,
                 clip_threshold=group["clip_threshold"], relative_step=False, scale_parameter=True,
                 warmup_init=False, weight_decay=group["weight_decay"], weight_decay_mode="step_size",
                 eps1_mode="add", maximize=False,
             )
         )
-    _drive(gens)
+    run_reduction_rounds(gens)
 
 
 class AdaLomo(FusedBackward, Optimizer):

@@ -158,8 +158,8 @@ def _shard_dims(cls: str, t: Tensor) -> list[tuple[int, Any]]:
             dims.append((placement.dim % t.ndim, t.device_mesh.get_group(mesh_dim)))
         elif not placement.is_replicate():
             raise NotImplementedError(
-                f"{cls} steps sharded or replicated DTensors, got placements {tuple(t.placements)} ({placement}: "
-                "a partial sum); reduce the gradients before the step"
+                f"{cls} steps sharded or replicated DTensors, got placements {tuple(t.placements)} "
+                f"({placement!r} is a partial sum, not reduced yet); reduce the gradients before the step"
             )
     return dims
 

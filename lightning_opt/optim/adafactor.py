@@ -293,23 +293,13 @@ def adafactor(
     ``clip_threshold``, ``relative_step``, ``scale_parameter``, ``warmup_init``, ``weight_decay``,
     ``weight_decay_mode``, ``eps1_mode``, ``maximize``).
     """
-    run_reduction_rounds([adafactor_rounds(params, grads, row_vars, col_vars, variances, exp_avgs, steps, impl=impl, **hp)])
+    lists = (params, grads, row_vars, col_vars, variances, exp_avgs, steps)
+    run_reduction_rounds([adafactor_rounds(*lists, impl=impl, **hp)])
 
 
-def adafactor_rounds(
-    params: list[Tensor],
-    grads: list[Tensor],
-    row_vars: list[Tensor | None],
-    col_vars: list[Tensor | None],
-    variances: list[Tensor | None],
-    exp_avgs: list[Tensor | None],
-    steps: list[int],
-    *,
-    impl: str = "auto",
-    cls: str = "Adafactor",
-    **hp: Any,
-) -> Iterator[Partials]:
-    """:func:`adafactor` as a generator for :func:`~lightning_opt.optim.precision.run_reduction_rounds`.
+def adafactor_rounds(*lists: list[Any], impl: str = "auto", cls: str = "Adafactor", **hp: Any) -> Iterator[Partials]:
+    """:func:`adafactor` (the same seven lists, ``impl`` and options) as a generator for
+    :func:`~lightning_opt.optim.precision.run_reduction_rounds`.
 
     Whole tensors are stepped at the first ``next``; the DTensor shards yield their ``(process group,
     partial sum)`` pairs twice (the statistics and ``RMS(P)``, then ``RMS(U)``) and finish once the
@@ -320,6 +310,12 @@ def adafactor_rounds(
     Raises:
         NotImplementedError: a DTensor with a ``Partial`` placement or split along more than one mesh dim.
     """
+    if len(lists) != 7:
+        raise TypeError(
+            "adafactor_rounds takes 7 lists (params, grads, row_vars, col_vars, variances, exp_avgs, steps), "
+            f"got {len(lists)}"
+        )
+    params, grads, row_vars, col_vars, variances, exp_avgs, steps = lists
     if not params:
         return iter(())
     chosen = resolve_impl(cls, impl, tuple(ADAFACTOR_IMPLS), params[0], "adafactor")

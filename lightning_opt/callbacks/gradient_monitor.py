@@ -7,13 +7,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_opt.optim.precision import is_dtensor
+from lightning_opt.optim.precision import all_reduce_coalesced, is_dtensor
 
 __all__ = ["GradientMonitor", "global_grad_norm", "layer_of", "reduce_local_sums"]
 
@@ -39,8 +38,8 @@ def reduce_local_sums(sums: Tensor, specs: Sequence[Any]) -> Tensor:
 
     Rows whose spec is ``None`` (plain tensors, e.g. DDP replicas whose gradients are already
     all-reduced) are left alone. Rows of DTensors are all-reduced over every mesh dimension on which
-    the tensor is sharded, one collective per (mesh, placements) group and sharded dimension, in the
-    order the groups first appear, which is the same on every rank.
+    the tensor is sharded, coalesced (:func:`~lightning_opt.optim.precision.all_reduce_coalesced`): one
+    collective per process group, in the order the groups first appear, which is the same on every rank.
 
     Args:
         sums: ``[n, k]`` float tensor; row ``i`` holds additive statistics (squared norms, counts)
@@ -55,14 +54,17 @@ def reduce_local_sums(sums: Tensor, specs: Sequence[Any]) -> Tensor:
     for i, spec in enumerate(specs):
         if spec is not None:
             groups.setdefault(spec, []).append(i)
+    parts, picked = [], []
     for (mesh, placements), rows in groups.items():
         dims = [d for d, p in enumerate(placements) if p.is_shard()]
         if not dims:
             continue
         index = torch.tensor(rows, device=out.device)
         part = out.index_select(0, index)
-        for d in dims:
-            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        parts += [(mesh.get_group(d), part) for d in dims]  # one group after the other: sums commute
+        picked.append((index, part))
+    all_reduce_coalesced(parts)
+    for index, part in picked:
         out.index_copy_(0, index, part)
     return out
 

@@ -51,6 +51,11 @@ def _rank(rank: int, world_size: int) -> dict[str, object]:
         all_reduce_coalesced([(group, a), (group, b), (group, c)])
         out["coalesced"] = (a.clone(), b.clone(), c.clone(), list(calls))
         calls.clear()
+        # one tensor over the two dims of a 2-D mesh (GradientMonitor's Shard, Shard rows): summed over each once
+        d = torch.tensor([rank + 1.0])
+        all_reduce_coalesced([(mesh2.get_group(0), d), (mesh2.get_group(1), d)])
+        out["two_groups"] = (d.clone(), len(calls))
+        calls.clear()
 
         # generators of 2, 1 and 0 rounds: the rounds' pairs go together, an empty round issues nothing
         seen = []
@@ -82,6 +87,8 @@ def test_placement_check_and_coalesced_rounds_on_2_ranks() -> None:
         assert torch.equal(b, torch.tensor([1.0], dtype=torch.float64))
         assert torch.equal(c, torch.arange(3.0) * 3)
         assert calls == [torch.float32, torch.float64]
+        d, n_calls = r["two_groups"]
+        assert torch.equal(d, torch.tensor([3.0])) and n_calls == 2
         seen, calls = r["rounds"]
         # round 1: 2*1 and 2*10 reduced together; round 2: 2*(2*2) alone
         assert seen == [(2, 2.0), (1, 20.0), (2, 8.0)]

@@ -20,9 +20,15 @@ rounding mode on for any optimizer:
   remainder, so updates below the resolution survive in expectation; bfloat16 only, no extra
   memory). float32/float64 parameters always take the plain store.
 
-Stochastic rounding draws its bits from a counter-based hash of the element index and the bits of
-the unrounded value (:func:`sr_bits`), not from a generator: it needs no state, so a checkpoint
-round-trips bit-exactly, and every implementation (torch ops, C, Triton) draws the same bits.
+Stochastic rounding draws its bits from a counter-based hash of the element index, a seed and the
+bits of the unrounded value (:func:`sr_bits`), not from a generator, so every implementation (torch
+ops, C, Triton) draws the same bits. The seed is the tensor's step count (the value after the
+step's increment; schedule-free: the group's step; Lion and LARS keep a ``step`` for it in their
+state with ``stochastic_rounding``): a weight that did not move and takes the same update again
+draws fresh bits, so its roundings are independent across steps and their mean is the update (with
+one fixed seed the same value would round the same way at every step, and a sub-resolution update
+would never, or always, move the weight). The seed is in the checkpointed state, so a checkpoint
+round-trips bit-exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ __all__ = [
     "apply_update_",
     "apply_updates_",
     "compute_dtype",
+    "count_sr_step",
     "exact_sqrt",
     "exact_sqrt_",
     "is_dtensor",
@@ -59,6 +66,8 @@ __all__ = [
     "shard_split",
     "sharded",
     "sr_bits",
+    "sr_key",
+    "sr_keys",
     "stochastic_round",
     "store_",
     "sum_squares",
@@ -381,25 +390,44 @@ def _hash32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def sr_key(seed: int) -> int:
+    """The 32-bit key of ``seed`` that :func:`sr_bits` adds to the element index:
+    ``seed * 0x9E3779B9 mod 2**32`` (the golden-ratio multiplier spreads consecutive steps apart).
+    The fused C and Triton kernels take per-tensor keys computed here."""
+    return (int(seed) * 0x9E3779B9) & _MASK32
+
+
+def sr_keys(stochastic: bool, seeds: Sequence[int] | None, n: int) -> list[int]:
+    """The per-tensor keys a fused kernel takes after its other integer arguments: :func:`sr_key`
+    of each of ``seeds`` (``n`` of them; ``None``: seed 0) with ``stochastic``, none without."""
+    if not stochastic:
+        return []
+    if seeds is None:
+        return [0] * n
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} stochastic-rounding seeds for {n} tensors")
+    return [sr_key(s) for s in seeds]
+
+
 def sr_bits(value: Tensor, *, seed: int = 0) -> Tensor:
     """The 16 random bits stochastic rounding adds to each float32 element of ``value`` (int64).
 
-    ``hash32(hash32(index + seed * 0x9E3779B9) ^ bits(value)) & 0xFFFF``, with ``index`` the
-    element's position in the flattened tensor: the same in every implementation (which all use
-    ``seed=0``). A caller that may round the same value twice (a weight that did not move, taking
-    the same update again: Lion's +-lr, Adam on a steady gradient) passes a step count as ``seed``,
-    or the two roundings draw the same bits and the rounding is biased over steps.
+    ``hash32(hash32((index + sr_key(seed)) mod 2**32) ^ bits(value)) & 0xFFFF``, with ``index`` the
+    element's position in the flattened tensor: the same in every implementation. The optimizers
+    pass the tensor's step count as ``seed`` (see the module docstring): a value rounded twice with
+    one seed (a weight that did not move, taking the same update again: Lion's +-lr, Adam on a
+    steady gradient) would draw the same bits both times, biasing the rounding over steps.
     """
     flat = value.reshape(-1)
     idx = torch.arange(flat.numel(), device=value.device, dtype=torch.int64)
-    if seed:
-        idx = (idx + int(seed) * 0x9E3779B9) & _MASK32
+    idx = (idx + sr_key(seed)) & _MASK32
     bits = flat.view(torch.int32).to(torch.int64) & _MASK32
     return (_hash32(_hash32(idx) ^ bits) & 0xFFFF).view(value.shape)
 
 
 def stochastic_round(value: Tensor, *, seed: int = 0) -> Tensor:
-    """``value`` (float32) rounded to bfloat16, up with probability equal to the dropped remainder.
+    """``value`` (float32) rounded to bfloat16, up with probability equal to the dropped remainder
+    (over seeds: pass a fresh ``seed``, e.g. the step count, for each rounding of a tensor).
 
     The 16 dropped mantissa bits plus :func:`sr_bits` (of ``seed``) carry into the kept bits or not;
     inf and NaN are rounded to nearest (the carry would change them).
@@ -414,24 +442,27 @@ def stochastic_round(value: Tensor, *, seed: int = 0) -> Tensor:
     return torch.where(torch.isfinite(value), out, value.to(torch.bfloat16))
 
 
-def store_(param: Tensor, value: Tensor, *, stochastic: bool = False) -> None:
+def store_(param: Tensor, value: Tensor, *, stochastic: bool = False, seed: int = 0) -> None:
     """Write ``value`` (the updated parameter in its compute dtype) into ``param``.
 
-    ``stochastic`` rounds a bfloat16 parameter stochastically; otherwise the copy rounds to nearest.
+    ``stochastic`` rounds a bfloat16 parameter stochastically with bits of ``seed`` (the tensor's
+    step count, :func:`sr_bits`); otherwise the copy rounds to nearest.
     """
     if stochastic and param.dtype == torch.bfloat16:
-        param.copy_(stochastic_round(value.float()))
+        param.copy_(stochastic_round(value.float(), seed=seed))
     else:
         param.copy_(value)
 
 
-def apply_update_(param: Tensor, delta: Tensor, comp: Tensor | None, *, stochastic: bool = False) -> None:
+def apply_update_(
+    param: Tensor, delta: Tensor, comp: Tensor | None, *, stochastic: bool = False, seed: int = 0
+) -> None:
     """``param += delta``: Kahan-compensated with a ``comp`` buffer, stochastically rounded with
-    ``stochastic`` (bfloat16), rounded to nearest otherwise."""
+    ``stochastic`` (bfloat16; bits of ``seed``, the tensor's step count), rounded to nearest otherwise."""
     if comp is not None:
         kahan_add_(param, delta, comp)
     elif stochastic and param.dtype == torch.bfloat16:
-        param.copy_(stochastic_round(param.float().add_(delta)))
+        param.copy_(stochastic_round(param.float().add_(delta), seed=seed))
     else:
         param.add_(delta)  # computed in the wider dtype, rounded once to param's
 
@@ -442,11 +473,12 @@ def apply_updates_(
     comps: Sequence[Tensor | None],
     *,
     stochastic: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> None:
     """:func:`apply_update_` over lists with multi-tensor (``torch._foreach_*``) ops.
 
     All ``params`` share one dtype (the engine buckets by device and dtype); ``comps`` is all
-    buffers or all ``None``.
+    buffers or all ``None``; ``seeds`` the stochastic-rounding seed of each parameter (``None``: 0).
     """
     if not params:
         return
@@ -459,8 +491,8 @@ def apply_updates_(
         torch._foreach_sub_(old, params)
         torch._foreach_add_(comps, old)
     elif stochastic and params[0].dtype == torch.bfloat16:
-        for p, d in zip(params, deltas):
-            p.copy_(stochastic_round(p.float().add_(d)))
+        for p, d, s in zip(params, deltas, [0] * len(params) if seeds is None else seeds):
+            p.copy_(stochastic_round(p.float().add_(d), seed=s))
     elif params[0].dtype == deltas[0].dtype:
         torch._foreach_add_(params, deltas)
     else:
@@ -468,6 +500,19 @@ def apply_updates_(
         wide = [p.to(d.dtype) for p, d in zip(params, deltas)]
         torch._foreach_add_(wide, deltas)
         torch._foreach_copy_(params, wide)
+
+
+def count_sr_step(state: dict[str, Any], param: Tensor, stochastic: bool) -> int:
+    """The stochastic-rounding seed of ``param`` in a family that keeps no step count (Lion, LARS).
+
+    With ``stochastic`` and a bfloat16 ``param``: its state's int ``step``, incremented (created at
+    0; a checkpoint from before it resumes at 0), the count :func:`sr_bits` seeds with. Otherwise 0,
+    and no state is kept.
+    """
+    if not stochastic or param.dtype != torch.bfloat16:
+        return 0
+    state["step"] = int(state.get("step", 0)) + 1
+    return state["step"]
 
 
 def keep_state_dtype_on_load(optimizer: Optimizer) -> None:

@@ -56,13 +56,13 @@ def _adamw_kernel(
     w = hp(lerp_w, PK)
     m = tl.fma(w, g - m, tl.where(lerp_from_end != 0, g, m))  # exp_avg.lerp_(g, 1 - beta1)
     v = tl.fma(hp(one_minus_beta2, PK) * g, g, v * hp(beta2, PK))  # mul_(beta2).addcmul_(g, g, 1 - beta2)
-    store(M, offs, m, mask, SK, False)
-    store(V, offs, v, mask, SK, False)
+    store(M, offs, m, mask, SK)
+    store(V, offs, v, mask, SK)
     denom = div(sqrt(v, PK), hp(sqrt_bc2, PK), PK) + hp(eps, PK)
     p = load(P, offs, mask, PK)
     if WD:
         p = p * hp(decay, PK)  # float32 for bf16 parameters: rounded once, with the update
-    store(P, offs, p + div(hp(step_size, PK) * m, denom, PK), mask, PK, False)
+    store(P, offs, p + div(hp(step_size, PK) * m, denom, PK), mask, PK)
 
 
 def adamw_triton_(

@@ -7,8 +7,13 @@ Imports triton: only the kernel modules import this, after ``triton_launcher.req
   hyperparameter to it).
 - bfloat16 is loaded and stored as its 16 bits, converted with integer operations: round to nearest
   even (NaN kept quiet), or stochastically with the counter-based hash of
-  ``lightning_opt.optim.precision.sr_bits`` (Wellons' lowbias32 of the element index, xor the
-  float32 bits, hashed again; 16 bits added below the kept ones, then truncated; inf/NaN to nearest).
+  ``lightning_opt.optim.precision.sr_bits`` (Wellons' lowbias32 of the element index plus the
+  tensor's seed key, xor the float32 bits, hashed again; 16 bits added below the kept ones, then
+  truncated; inf/NaN to nearest).
+- Stochastic-rounding seeds: a kernel with the ``SR`` switch takes a ``SEEDS`` table (int64, one
+  entry per tensor of the launch: ``precision.sr_key`` of the tensor's step count, built by
+  ``triton_launcher.seed_table``), a runtime argument, so a new step never recompiles; without
+  ``SR`` the table is a placeholder that is never read.
   Triton's interpreter truncates float32 -> bfloat16 casts and writes garbage for a float32 stored
   into a bfloat16 pointer, so no kernel relies on either: interpreter and GPU agree bit for bit.
 - Kahan: :func:`update` follows ``precision.kahan_add_`` (``c += d; old = p; p += c; c += old - p``,
@@ -32,6 +37,7 @@ __all__ = [
     "segment_sums",
     "sqrt",
     "store",
+    "store_param",
     "update",
 ]
 
@@ -152,10 +158,11 @@ def hash32(x):
 
 
 @device
-def bf16_stochastic(v, offs):
-    """float32 ``v`` -> bfloat16 bits (uint32), stochastically rounded (``precision.stochastic_round``)."""
+def bf16_stochastic(v, offs, key):
+    """float32 ``v`` -> bfloat16 bits (uint32), stochastically rounded (``precision.stochastic_round``
+    with the seed whose ``precision.sr_key`` is ``key``, a uint32)."""
     u = v.to(tl.uint32, bitcast=True)
-    r = hash32(hash32(offs.to(tl.uint32)) ^ u) & 0xFFFF
+    r = hash32(hash32(offs.to(tl.uint32) + key) ^ u) & 0xFFFF
     return tl.where((u & 0x7F800000) == 0x7F800000, bf16_nearest(v), (u + r) >> 16)
 
 
@@ -172,14 +179,10 @@ def round_to(v, KIND: tl.constexpr):
 
 
 @device
-def store(raw, offs, v, mask, KIND: tl.constexpr, SR: tl.constexpr):
-    """Store compute-dtype ``v`` into the tensor at ``raw``: nearest even, or stochastic (``SR``, bf16)."""
+def store(raw, offs, v, mask, KIND: tl.constexpr):
+    """Store compute-dtype ``v`` into the tensor at ``raw``, rounded to nearest even."""
     if KIND == 2:
-        if SR:
-            bits = bf16_stochastic(v, offs)
-        else:
-            bits = bf16_nearest(v)
-        tl.store(raw.to(tl.pointer_type(tl.uint16)) + offs, bits.to(tl.uint16), mask=mask)
+        tl.store(raw.to(tl.pointer_type(tl.uint16)) + offs, bf16_nearest(v).to(tl.uint16), mask=mask)
     elif KIND == 3:
         tl.store(raw.to(tl.pointer_type(tl.float16)) + offs, v.to(tl.float16), mask=mask)
     elif KIND == 1:
@@ -189,21 +192,32 @@ def store(raw, offs, v, mask, KIND: tl.constexpr, SR: tl.constexpr):
 
 
 @device
-def update(P, C, offs, mask, p, d, KIND: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr):
-    """Store ``p + d`` into the parameter at ``P`` (``p`` loaded, possibly decayed, in the compute dtype).
+def store_param(raw, offs, v, mask, KIND: tl.constexpr, SR: tl.constexpr, SEEDS, t):
+    """Store compute-dtype ``v`` into tensor ``t`` at ``raw``: with ``SR`` a bfloat16 tensor is rounded
+    stochastically with its seed key ``SEEDS[t]`` (``precision.store_``), otherwise to nearest."""
+    if KIND == 2 and SR:
+        bits = bf16_stochastic(v, offs, tl.load(SEEDS + t).to(tl.uint32))
+        tl.store(raw.to(tl.pointer_type(tl.uint16)) + offs, bits.to(tl.uint16), mask=mask)
+    else:
+        store(raw, offs, v, mask, KIND)
+
+
+@device
+def update(P, C, offs, mask, p, d, KIND: tl.constexpr, KAHAN: tl.constexpr, SR: tl.constexpr, SEEDS, t):
+    """Store ``p + d`` into parameter ``t`` at ``P`` (``p`` loaded, possibly decayed, in the compute dtype).
 
     With ``KAHAN`` the compensation buffer at ``C`` (the parameter's dtype) takes part as in
-    ``precision.kahan_add_``; with ``SR`` a bfloat16 result is rounded stochastically; otherwise to
-    nearest (``precision.apply_update_``).
+    ``precision.kahan_add_``; with ``SR`` a bfloat16 result is rounded stochastically with the seed
+    key ``SEEDS[t]``; otherwise to nearest (``precision.apply_update_``).
     """
     if KAHAN:
         c1 = round_to(load(C, offs, mask, KIND) + d, KIND)
         p1 = round_to(p + c1, KIND)
         back = round_to(p - p1, KIND)
-        store(P, offs, p1, mask, KIND, False)
-        store(C, offs, c1 + back, mask, KIND, False)
+        store(P, offs, p1, mask, KIND)
+        store(C, offs, c1 + back, mask, KIND)
     else:
-        store(P, offs, p + d, mask, KIND, SR)
+        store_param(P, offs, p + d, mask, KIND, SR, SEEDS, t)
 
 
 @device

@@ -24,7 +24,7 @@ _CLIP_EPS = 1e-6
 
 @triton.jit
 def _grok_partial(
-    PTRS, SIZES, BLOCKS, PART,
+    PTRS, SIZES, BLOCKS, PART, SEEDS,
     BETAS, lr: tl.float64, beta2: tl.float64, om_beta2: tl.float64, eps: tl.float64, decay: tl.float64,
     alpha: tl.float64, om_alpha: tl.float64, lamb: tl.float64, clip: tl.float64, clip_eps: tl.float64,
     step_size: tl.float64,
@@ -39,7 +39,7 @@ def _grok_partial(
 
 @triton.jit
 def _grok_apply(
-    PTRS, SIZES, BLOCKS, SUMS, OUT,
+    PTRS, SIZES, BLOCKS, SUMS, OUT, SEEDS,
     BETAS, lr: tl.float64, beta2: tl.float64, om_beta2: tl.float64, eps: tl.float64, decay: tl.float64,
     alpha: tl.float64, om_alpha: tl.float64, lamb: tl.float64, clip: tl.float64, clip_eps: tl.float64,
     step_size: tl.float64,
@@ -62,15 +62,15 @@ def _grok_apply(
     om_b1 = hp(tl.load(BETAS + 2 * t + 1), PK)
     m = tl.fma(h, om_b1, load(M, offs, mask, SK) * b1)
     v = tl.fma(hp(om_beta2, PK) * h, h, load(V, offs, mask, SK) * hp(beta2, PK))
-    store(M, offs, m, mask, SK, False)
-    store(V, offs, v, mask, SK, False)
-    store(E, offs, e, mask, SK, False)
+    store(M, offs, m, mask, SK)
+    store(V, offs, v, mask, SK)
+    store(E, offs, e, mask, SK)
     P = address(PTRS, t, 0, L)
     p = load(P, offs, mask, PK)
     if WD:
         p = round_to(p * hp(decay, PK), PK)  # param.mul_(1 - lr wd)
     delta = div(m, sqrt(v, PK) + hp(eps, PK), PK) * (-hp(step_size, PK))
-    update(P, address(PTRS, t, 5, L), offs, mask, p, delta, PK, KAHAN, SR)
+    update(P, address(PTRS, t, 5, L), offs, mask, p, delta, PK, KAHAN, SR, SEEDS, t)
 
 
 def grokadamw_triton_(
@@ -101,7 +101,8 @@ def grokadamw_triton_(
     ``steps`` (1-based) and ``layer_beta1s`` (``beta1 (1 - gamma)**i``) are per tensor, so they are
     lists (the engine slices lists per bucket, not keyword arguments); one pass per distinct step
     (one in the usual case): three launches with ``gradient_clipping > 0``, one without.
-    ``kahan_comps`` all buffers or all ``None``; ``stochastic`` rounds bf16 parameters stochastically.
+    ``kahan_comps`` all buffers or all ``None``; ``stochastic`` rounds bf16 parameters stochastically,
+    seeded by each tensor's step.
     """
     if not params:
         return
@@ -109,13 +110,15 @@ def grokadamw_triton_(
     grads = launcher.same_dtype(grads, params[0].dtype)
     comps = list(kahan_comps) if kahan_comps else [None] * len(params)
     device = params[0].device
+    sr = bool(stochastic) and pk == 2
     for step, idx in launcher.by_value(list(steps)):
+        seeds = launcher.seed_table(sr, [step] * len(idx), len(idx), device)
         betas = [x for i in idx for x in (layer_beta1s[i], 1.0 - layer_beta1s[i])]
         table = launcher.scalar_table(betas, device)
         step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         lists = [launcher.pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, grok_emas, comps)]
         scalars = (
-            table, lr, beta2, 1 - beta2, eps, 1 - lr * weight_decay, alpha, 1 - alpha, lamb,
+            seeds, table, lr, beta2, 1 - beta2, eps, 1 - lr * weight_decay, alpha, 1 - alpha, lamb,
             gradient_clipping, _CLIP_EPS, step_size,
         )
         cx = dict(
@@ -124,7 +127,7 @@ def grokadamw_triton_(
             WD=weight_decay != 0,
             CLIP=gradient_clipping > 0,
             KAHAN=comps[0] is not None,
-            SR=bool(stochastic) and pk == 2,
+            SR=sr,
         )
         if gradient_clipping > 0:
             launcher.reduce_then_apply(_grok_partial, _grok_apply, lists, scalars, k=1, **cx)

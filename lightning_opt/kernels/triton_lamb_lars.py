@@ -69,7 +69,7 @@ def _lamb_direction(
 
 @triton.jit
 def _lamb_partial(
-    PTRS, SIZES, BLOCKS, PART,
+    PTRS, SIZES, BLOCKS, PART, SEEDS,
     SCALE, scale: tl.float64, beta1: tl.float64, m_alpha: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
     k: tl.float64, eps_q: tl.float64, weight_decay: tl.float64, lr: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, SK: tl.constexpr,
@@ -88,7 +88,7 @@ def _lamb_partial(
 
 @triton.jit
 def _lamb_apply(
-    PTRS, SIZES, BLOCKS, SUMS, OUT,
+    PTRS, SIZES, BLOCKS, SUMS, OUT, SEEDS,
     SCALE, scale: tl.float64, beta1: tl.float64, m_alpha: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
     k: tl.float64, eps_q: tl.float64, weight_decay: tl.float64, lr: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, SK: tl.constexpr,
@@ -100,8 +100,8 @@ def _lamb_apply(
         PTRS, t, offs, mask, SCALE, scale, beta1, m_alpha, beta2, om_beta2, k, eps_q, weight_decay,
         L, PK, SK, SCALE_PTR, WD,
     )
-    store(address(PTRS, t, 2, L), offs, m, mask, SK, False)
-    store(address(PTRS, t, 3, L), offs, v, mask, SK, False)
+    store(address(PTRS, t, 2, L), offs, m, mask, SK)
+    store(address(PTRS, t, 3, L), offs, v, mask, SK)
     if ADAPT:
         w_norm = _norm(SUMS, t, 0, K, PK)
         u_norm = _norm(SUMS, t, 1, K, PK)
@@ -109,7 +109,7 @@ def _lamb_apply(
         if TRUST_CLIP:
             ratio = tl.minimum(ratio, 1.0)
         u = u * ratio
-    update(address(PTRS, t, 0, L), address(PTRS, t, 4, L), offs, mask, p, u * (-hp(lr, PK)), PK, KAHAN, SR)
+    update(address(PTRS, t, 0, L), address(PTRS, t, 4, L), offs, mask, p, u * (-hp(lr, PK)), PK, KAHAN, SR, SEEDS, t)
 
 
 def lamb_triton_(
@@ -136,7 +136,8 @@ def lamb_triton_(
 
     ``steps``: each tensor's 1-based step (one pass per distinct step: one in the usual case);
     ``grad_scale``: the global clip factor, a 0-d tensor (read on the device, no host sync) or a
-    float. Three launches with ``adapt``, one without.
+    float. Three launches with ``adapt``, one without. ``stochastic`` rounds bf16 parameters
+    stochastically, seeded by each tensor's step.
     """
     if not params:
         return
@@ -148,11 +149,13 @@ def lamb_triton_(
         scale_t, scale_f = grad_scale.detach().reshape(()).to(params[0].device, compute), 1.0
     else:
         scale_t, scale_f = params[0], float(grad_scale)
+    sr = bool(stochastic) and pk == 2
     for step, idx in launcher.by_value(list(steps)):
         k, eps_q = lamb_scalars(step, beta1, beta2, eps, bias_correction)
+        seeds = launcher.seed_table(sr, [step] * len(idx), len(idx), params[0].device)
         lists = [launcher.pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, comps)]
         scalars = (
-            scale_t, scale_f, beta1, (1 - beta1) if grad_averaging else 1.0, beta2, 1 - beta2,
+            seeds, scale_t, scale_f, beta1, (1 - beta1) if grad_averaging else 1.0, beta2, 1 - beta2,
             k, eps_q, weight_decay, lr,
         )
         cx = dict(
@@ -163,7 +166,7 @@ def lamb_triton_(
             ADAPT=bool(adapt),
             TRUST_CLIP=bool(trust_clip),
             KAHAN=comps[0] is not None,
-            SR=bool(stochastic) and pk == 2,
+            SR=sr,
         )
         if adapt:
             launcher.reduce_then_apply(_lamb_partial, _lamb_apply, lists, scalars, k=2, **cx)
@@ -177,7 +180,7 @@ def lamb_triton_(
 
 @triton.jit
 def _lars_partial(
-    PTRS, SIZES, BLOCKS, PART,
+    PTRS, SIZES, BLOCKS, PART, SEEDS,
     lr: tl.float64, momentum: tl.float64, om_dampening: tl.float64, weight_decay: tl.float64,
     trust_coeff: tl.float64, eps: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, WD: tl.constexpr,
@@ -194,7 +197,7 @@ def _lars_partial(
 
 @triton.jit
 def _lars_apply(
-    PTRS, SIZES, BLOCKS, SUMS, OUT,
+    PTRS, SIZES, BLOCKS, SUMS, OUT, SEEDS,
     lr: tl.float64, momentum: tl.float64, om_dampening: tl.float64, weight_decay: tl.float64,
     trust_coeff: tl.float64, eps: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, WD: tl.constexpr,
@@ -222,12 +225,12 @@ def _lars_apply(
             buf = d  # the first step's buffer is the direction itself
         else:
             buf = tl.fma(d, hp(om_dampening, PK), load(B, offs, mask, PK) * hp(momentum, PK))
-        store(B, offs, buf, mask, PK, False)
+        store(B, offs, buf, mask, PK)
         if NESTEROV:
             d = tl.fma(buf, hp(momentum, PK), d)
         else:
             d = buf
-    update(P, address(PTRS, t, 3, L), offs, mask, p, d * (-hp(lr, PK)), PK, KAHAN, SR)
+    update(P, address(PTRS, t, 3, L), offs, mask, p, d * (-hp(lr, PK)), PK, KAHAN, SR, SEEDS, t)
 
 
 def lars_triton_(
@@ -246,12 +249,14 @@ def lars_triton_(
     adapt: bool = True,
     trust_clip: bool = False,
     stochastic: bool = False,
+    steps: Sequence[int] | None = None,
 ) -> list[Tensor | None]:
     """LARS over one bucket; equals ``lars_update_`` per tensor (the signature of ``LARS_IMPLS``).
 
     Returns the momentum buffers (new ones, in the parameters' dtype, where ``momentum_buffers`` had
     ``None``; all ``None`` without momentum). Three launches with ``adapt``, one without (twice that
     on the step where some tensors get their first buffer and others already have one).
+    ``stochastic`` rounds bf16 parameters stochastically, seeded by each tensor's ``steps`` entry.
     """
     if not params:
         return []
@@ -267,9 +272,12 @@ def lars_triton_(
             torch.empty_like(p, memory_format=torch.contiguous_format) if b is None else b
             for p, b in zip(params, buffers)
         ]
+    sr = bool(stochastic) and pk == 2
     for is_fresh, idx in launcher.by_value(fresh):
         lists = [launcher.pick(x, idx) for x in (params, grads, buffers, comps)]
-        scalars = (lr, momentum, 1 - dampening, weight_decay, trust_coeff, eps)
+        picked = None if steps is None else launcher.pick(steps, idx)
+        seeds = launcher.seed_table(sr, picked, len(idx), params[0].device)
+        scalars = (seeds, lr, momentum, 1 - dampening, weight_decay, trust_coeff, eps)
         cx = dict(
             PK=pk,
             WD=weight_decay != 0,
@@ -279,7 +287,7 @@ def lars_triton_(
             FRESH=is_fresh,
             NESTEROV=bool(nesterov),
             KAHAN=comps[0] is not None,
-            SR=bool(stochastic) and pk == 2,
+            SR=sr,
         )
         if adapt:
             launcher.reduce_then_apply(_lars_partial, _lars_apply, lists, scalars, k=2, **cx)

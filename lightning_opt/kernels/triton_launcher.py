@@ -46,6 +46,7 @@ __all__ = [
     "reduce_then_apply",
     "require",
     "scalar_table",
+    "seed_table",
     "tables",
     "usable",
 ]
@@ -208,6 +209,18 @@ def scalar_table(values: Sequence[float], device: torch.device, dtype: torch.dty
     """A (cached) device tensor of per-tensor hyperparameters (e.g. GrokAdamW's layer-wise beta1)."""
     key = (device, dtype, tuple(float(v) for v in values))
     return _remember(_scalar_tables, key, lambda: torch.tensor(list(values), dtype=dtype).to(device))
+
+
+def seed_table(stochastic: bool, seeds: Sequence[int] | None, n: int, device: torch.device) -> Tensor:
+    """The ``SEEDS`` table of a launch over ``n`` tensors (``triton_common.store_param``): with
+    ``stochastic`` the int64 keys ``precision.sr_key(seed)`` of each tensor's ``seeds`` entry (its step
+    count; ``None``: seed 0), else a one-entry placeholder the kernel never reads. A runtime argument
+    (cached like :func:`scalar_table`), so a new step never recompiles."""
+    from lightning_opt.optim.precision import sr_keys
+
+    keys = sr_keys(stochastic, seeds, n) or [0]
+    key = (device, "seeds", tuple(keys))
+    return _remember(_scalar_tables, key, lambda: torch.tensor(keys, dtype=torch.int64).to(device))
 
 
 def _as_floats(values: Sequence[Any]) -> list[Any]:

@@ -19,6 +19,7 @@ def _lion_kernel(
     PTRS,
     SIZES,
     BLOCKS,
+    SEEDS,
     lr: tl.float64,
     beta1: tl.float64,
     one_minus_beta1: tl.float64,
@@ -45,8 +46,8 @@ def _lion_kernel(
     # torch's add_(x, alpha=a) is one fused multiply-add, on the CPU and on CUDA
     u = tl.fma(g, hp(one_minus_beta1, PK), m * hp(beta1, PK))
     s = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, tl.where(u != u, u, 0.0))).to(u.dtype)
-    store(M, offs, tl.fma(g, hp(one_minus_beta2, PK), m * hp(beta2, PK)), mask, SK, False)
-    update(P, address(PTRS, t, 3, L), offs, mask, p, s * (-hp(lr, PK)), PK, KAHAN, SR)
+    store(M, offs, tl.fma(g, hp(one_minus_beta2, PK), m * hp(beta2, PK)), mask, SK)
+    update(P, address(PTRS, t, 3, L), offs, mask, p, s * (-hp(lr, PK)), PK, KAHAN, SR, SEEDS, t)
 
 
 def lion_triton_(
@@ -60,24 +61,27 @@ def lion_triton_(
     beta2: float,
     weight_decay: float,
     stochastic: bool = False,
+    steps: Sequence[int] | None = None,
 ) -> None:
     """Lion over one bucket (one device and dtype) in one Triton launch; equals ``lion_update_`` per tensor.
 
     ``kahan_comps`` is all buffers (bf16/fp16 parameters with ``kahan_sum``) or all ``None``;
     ``stochastic`` rounds bfloat16 parameters stochastically (ignored for other dtypes, as in
-    ``precision.apply_update_``).
+    ``precision.apply_update_``) with bits seeded by each tensor's ``steps`` entry (its step count).
     """
     if not params:
         return
     pk = launcher.kind(params[0].dtype)
     kahan = kahan_comps[0] is not None if kahan_comps else False
+    sr = bool(stochastic) and pk == 2
     launcher.elementwise(
         _lion_kernel,
         [params, grads, exp_avgs, kahan_comps if kahan_comps else [None] * len(params)],
-        (lr, beta1, 1 - beta1, beta2, 1 - beta2, 1 - lr * weight_decay),
+        (launcher.seed_table(sr, steps, len(params), params[0].device), lr, beta1, 1 - beta1, beta2, 1 - beta2,
+         1 - lr * weight_decay),
         PK=pk,
         SK=launcher.kind(exp_avgs[0].dtype),
         WD=weight_decay != 0,
         KAHAN=kahan,
-        SR=bool(stochastic) and pk == 2,
+        SR=sr,
     )

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_opt.kernels import triton_launcher as launcher
 from lightning_opt.kernels.triton_adamw import lerp_coefficient
-from lightning_opt.kernels.triton_common import address, block_of, div, hp, load, sqrt, store
+from lightning_opt.kernels.triton_common import address, block_of, div, hp, load, sqrt, store, store_param
 
 __all__ = ["schedule_free_triton_"]
 
@@ -27,6 +27,7 @@ def _schedule_free_kernel(
     PTRS,
     SIZES,
     BLOCKS,
+    SEEDS,
     y_coeff: tl.float64,
     lr: tl.float64,
     beta2: tl.float64,
@@ -56,7 +57,7 @@ def _schedule_free_kernel(
         V = address(PTRS, t, 3, L)
         v = load(V, offs, mask, SK)
         v = tl.fma(hp(one_minus_beta2, SK) * g, g, v * hp(beta2, SK))  # mul_(beta2).addcmul_(g, g, 1 - beta2)
-        store(V, offs, v, mask, SK, False)
+        store(V, offs, v, mask, SK)
         if DIRECTION == 1:
             d = div(g, sqrt(div(v, hp(bias_correction2, SK), SK), SK) + hp(eps, SK), SK)
         else:
@@ -68,8 +69,8 @@ def _schedule_free_kernel(
     w = hp(lerp_c, SK)
     y = tl.fma(w, z - y, tl.where(lerp_from_end != 0, z, y))  # y.lerp_(z, c)
     y = tl.fma(d, hp(y_coeff, SK), y)  # y.add_(d, alpha=lr (beta (1 - c) - 1))
-    store(Z, offs, tl.fma(d, -hp(lr, SK), z), mask, SK, False)  # z.sub_(d, alpha=lr)
-    store(P, offs, y, mask, PK, SR)
+    store(Z, offs, tl.fma(d, -hp(lr, SK), z), mask, SK)  # z.sub_(d, alpha=lr)
+    store_param(P, offs, y, mask, PK, SR, SEEDS, t)
 
 
 def schedule_free_triton_(
@@ -87,6 +88,7 @@ def schedule_free_triton_(
     weight_decay: float,
     c: float,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     """One schedule-free step over one bucket in one Triton launch; equals ``schedule_free_step_`` per tensor.
 
@@ -94,7 +96,8 @@ def schedule_free_triton_(
     parameters (``exp_avg_sqs`` may be ``None`` entries for ``direction="sgd"``); ``direction`` is
     ``"adam"`` (AdamWScheduleFree), ``"sgd"`` or ``"ema"`` (the squared-gradient EMA accumulates,
     the direction is the gradient); ``c`` is the averaging coefficient of
-    ``schedule_free.average_weight``; ``stochastic`` rounds a bf16 ``y`` stochastically.
+    ``schedule_free.average_weight``; ``stochastic`` rounds a bf16 ``y`` stochastically with bits of ``seed`` (the
+    group's step count, the same for every tensor).
     """
     if not params:
         return
@@ -106,10 +109,12 @@ def schedule_free_triton_(
     sk = launcher.kind(zs[0].dtype)
     grads = launcher.same_dtype(grads, grads[0].dtype)
     vs = list(exp_avg_sqs) if direction != "sgd" else [None] * len(params)
+    sr = bool(stochastic) and pk == 2
     launcher.elementwise(
         _schedule_free_kernel,
         [params, grads, zs, vs],
         (
+            launcher.seed_table(sr, [seed] * len(params), len(params), params[0].device),
             lr * (beta * (1.0 - c) - 1.0),
             lr,
             beta2,
@@ -124,5 +129,5 @@ def schedule_free_triton_(
         SK=sk,
         DIRECTION=_DIRECTIONS[direction],
         WD=weight_decay != 0,
-        SR=bool(stochastic) and pk == 2,
+        SR=sr,
     )

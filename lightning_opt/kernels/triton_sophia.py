@@ -19,6 +19,7 @@ def _sophia_kernel(
     PTRS,
     SIZES,
     BLOCKS,
+    SEEDS,
     lr: tl.float64,
     beta1: tl.float64,
     one_minus_beta1: tl.float64,
@@ -44,12 +45,12 @@ def _sophia_kernel(
     g = round_to(load(address(PTRS, t, 1, L), offs, mask, GK), SK)
     m = round_to(load(M, offs, mask, SK) * hp(beta1, SK), SK)
     m = round_to(tl.fma(g, hp(one_minus_beta1, SK), m), SK)
-    store(M, offs, m, mask, SK, False)
+    store(M, offs, m, mask, SK)
     h = load(address(PTRS, t, 3, L), offs, mask, SK)
     denom = tl.maximum(round_to(h * hp(scale, SK), SK), hp(eps, SK))
     ratio = tl.minimum(div(tl.abs(m), denom, SK), 1.0)
     sign = tl.where(m > 0, 1.0, tl.where(m < 0, -1.0, 0.0)).to(m.dtype)
-    update(P, address(PTRS, t, 4, L), offs, mask, p, (ratio * sign) * (-hp(lr, SK)), PK, KAHAN, SR)
+    update(P, address(PTRS, t, 4, L), offs, mask, p, (ratio * sign) * (-hp(lr, SK)), PK, KAHAN, SR, SEEDS, t)
 
 
 def sophia_triton_(
@@ -65,26 +66,30 @@ def sophia_triton_(
     eps: float,
     weight_decay: float,
     stochastic: bool = False,
+    steps: Sequence[int] | None = None,
 ) -> None:
     """Sophia over one bucket in one Triton launch; equals ``sophia_update_`` per tensor.
 
     ``scale`` is ``rho * bs`` (SophiaG) or ``rho`` (SophiaH); ``exp_avgs``/``hessians`` float32 for
     bf16/fp16 parameters (or the parameters' dtype); ``kahan_comps`` all buffers or all ``None``;
-    ``stochastic`` rounds bf16 parameters stochastically (``precision.apply_update_``).
+    ``stochastic`` rounds bf16 parameters stochastically (``precision.apply_update_``), seeded by each
+    tensor's ``steps`` entry (its step count).
     """
     if not params:
         return
     pk = launcher.kind(params[0].dtype)
     grads = launcher.same_dtype(grads, grads[0].dtype)
     comps = list(kahan_comps) if kahan_comps else [None] * len(params)
+    sr = bool(stochastic) and pk == 2
     launcher.elementwise(
         _sophia_kernel,
         [params, grads, exp_avgs, hessians, comps],
-        (lr, beta1, 1.0 - beta1, scale, eps, 1.0 - lr * weight_decay),
+        (launcher.seed_table(sr, steps, len(params), params[0].device), lr, beta1, 1.0 - beta1, scale, eps,
+         1.0 - lr * weight_decay),
         PK=pk,
         GK=launcher.kind(grads[0].dtype),
         SK=launcher.kind(exp_avgs[0].dtype),
         WD=weight_decay != 0,
         KAHAN=comps[0] is not None,
-        SR=bool(stochastic) and pk == 2,
+        SR=sr,
     )

@@ -47,7 +47,7 @@ def _moments(
 
 @triton.jit
 def _stable_partial(
-    PTRS, SIZES, BLOCKS, PART,
+    PTRS, SIZES, BLOCKS, PART, SEEDS,
     beta1: tl.float64, om_beta1: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
     eps: tl.float64, eps_sq: tl.float64, lr: tl.float64, weight_decay: tl.float64, max_lr_: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, GK: tl.constexpr, SK: tl.constexpr,
@@ -63,7 +63,7 @@ def _stable_partial(
 
 @triton.jit
 def _stable_apply(
-    PTRS, SIZES, BLOCKS, SUMS, OUT,
+    PTRS, SIZES, BLOCKS, SUMS, OUT, SEEDS,
     beta1: tl.float64, om_beta1: tl.float64, beta2: tl.float64, om_beta2: tl.float64,
     eps: tl.float64, eps_sq: tl.float64, lr: tl.float64, weight_decay: tl.float64, max_lr_: tl.float64,
     K: tl.constexpr, L: tl.constexpr, BLOCK: tl.constexpr, PK: tl.constexpr, GK: tl.constexpr, SK: tl.constexpr,
@@ -71,8 +71,8 @@ def _stable_apply(
 ):
     t, offs, mask = block_of(SIZES, BLOCKS, BLOCK)
     g, m, v = _moments(PTRS, t, offs, mask, beta1, om_beta1, beta2, om_beta2, L, PK, GK, SK)
-    store(address(PTRS, t, 2, L), offs, m, mask, SK, False)
-    store(address(PTRS, t, 3, L), offs, v, mask, SK, False)
+    store(address(PTRS, t, 2, L), offs, m, mask, SK)
+    store(address(PTRS, t, 3, L), offs, v, mask, SK)
     numel = tl.load(SIZES + t)
     mean = hp(tl.load(SUMS + t * K) / numel.to(tl.float64), PK)
     rms = sqrt(mean, PK)
@@ -87,7 +87,7 @@ def _stable_apply(
             scale = lr_t
         p = round_to(p * (1.0 - scale * hp(weight_decay, PK)), PK)  # param.mul_(1 - scale wd)
     delta = div(m, sqrt(v, PK) + hp(eps, PK), PK) * (-lr_t)
-    update(P, address(PTRS, t, 4, L), offs, mask, p, delta, PK, KAHAN, SR)
+    update(P, address(PTRS, t, 4, L), offs, mask, p, delta, PK, KAHAN, SR, SEEDS, t)
 
 
 def stable_adamw_triton_(
@@ -111,7 +111,7 @@ def stable_adamw_triton_(
 
     ``steps`` are the 1-based steps per tensor (three launches per distinct step: three in the usual
     case); ``kahan_comps`` all buffers or all ``None``; ``stochastic`` rounds bf16 parameters
-    stochastically (``precision.apply_update_``). Returns one 0-d tensor per parameter (the clipped
+    stochastically (``precision.apply_update_``, seeded by its step). Returns one 0-d tensor per parameter (the clipped
     lr, in the compute dtype, on the parameters' device), as the reference does.
     """
     if not params:
@@ -125,14 +125,16 @@ def stable_adamw_triton_(
     grads = launcher.same_dtype(grads, grads[0].dtype)
     comps = list(kahan_comps) if kahan_comps else [None] * len(params)
     out: list[Tensor | None] = [None] * len(params)
+    sr = bool(stochastic) and pk == 2
     for step, idx in launcher.by_value(list(steps)):
         b1, b2 = debias_beta(beta1, step), debias_beta(beta2, step)
+        seeds = launcher.seed_table(sr, [step] * len(idx), len(idx), params[0].device)
         lists = [launcher.pick(x, idx) for x in (params, grads, exp_avgs, exp_avg_sqs, comps)]
         lr_t = launcher.reduce_then_apply(
             _stable_partial,
             _stable_apply,
             lists,
-            (b1, 1 - b1, b2, 1 - b2, eps, eps * eps, lr, weight_decay, max_lr if decouple_lr else 1.0),
+            (seeds, b1, 1 - b1, b2, 1 - b2, eps, eps * eps, lr, weight_decay, max_lr if decouple_lr else 1.0),
             k=1,
             out_dtype=compute,
             PK=pk,
@@ -141,7 +143,7 @@ def stable_adamw_triton_(
             WD=weight_decay != 0,
             DECOUPLE=bool(decouple_lr),
             KAHAN=comps[0] is not None,
-            SR=bool(stochastic) and pk == 2,
+            SR=sr,
         )
         for j, i in enumerate(idx):
             out[i] = lr_t[j]

@@ -44,6 +44,7 @@ from lightning_opt.optim.precision import (
     apply_updates_,
     compute_dtype,
     exact_sqrt,
+    sr_keys,
     tensor_norm,
     tensor_norms,
 )
@@ -90,7 +91,8 @@ def grokadamw_update_(
     ``b = layer_beta1``; ``v <- beta2 v + (1-beta2) h^2``; ``p *= 1 - lr wd``;
     ``p -= lr sqrt(1-beta2^t) / (1-bias_beta1^t) m / (sqrt(v) + eps)``. The bias correction uses the
     group's beta1 (``bias_beta1``), not the layer's, as the reference does. ``kahan_comp`` /
-    ``stochastic`` select the rounding of a bf16/fp16 parameter's store (see ``precision``).
+    ``stochastic`` select the rounding of a bf16/fp16 parameter's store (see ``precision``; the
+    stochastic rounding's bits are seeded by ``step``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt, copy=True)
@@ -112,7 +114,7 @@ def grokadamw_update_(
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
         grok_ema.copy_(e)
-    apply_update_(param, delta, kahan_comp, stochastic=stochastic)
+    apply_update_(param, delta, kahan_comp, stochastic=stochastic, seed=step)
 
 
 def _step_size(lr: float, beta1: float, beta2: float, step: int) -> float:
@@ -177,7 +179,7 @@ def _grok_foreach(
         torch._foreach_copy_(exp_avgs, m)
         torch._foreach_copy_(exp_avg_sqs, v)
         torch._foreach_copy_(grok_emas, e)
-    apply_updates_(params, delta, kahan_comps, stochastic=stochastic)
+    apply_updates_(params, delta, kahan_comps, stochastic=stochastic, seeds=steps)
 
 
 def _grok_fused(
@@ -214,7 +216,7 @@ def _grok_fused(
         "grokadamw",
         [params, grads, exp_avgs, exp_avg_sqs, grok_emas, kahan_comps],
         [lr, beta2, eps, weight_decay, alpha, lamb, gradient_clipping, *per],
-        [int(stochastic)],
+        [int(stochastic), *sr_keys(stochastic, steps, len(params))],  # then each tensor's seed key
         state_dtype=exp_avgs[0].dtype,
     )
 

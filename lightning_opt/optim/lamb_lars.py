@@ -45,7 +45,9 @@ from lightning_opt.optim.precision import (
     apply_update_,
     apply_updates_,
     compute_dtype,
+    count_sr_step,
     exact_sqrt,
+    sr_keys,
     tensor_norm,
     tensor_norms,
     total_norm,
@@ -116,7 +118,7 @@ def lamb_update_(
     computed as ``(m k) / (sqrt(v) + eps_q)`` (:func:`lamb_scalars`: one division, as torch's AdamW);
     with ``adapt``: ``u *= ||p|| / ||u||`` (1 if a norm is 0; at most 1 with ``trust_clip``);
     ``p -= lr u``. With ``kahan_comp`` the store is Kahan-compensated, with ``stochastic`` a bf16
-    parameter is stochastically rounded (see ``precision``).
+    parameter is stochastically rounded with bits seeded by ``step`` (see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt) * grad_scale
@@ -137,7 +139,7 @@ def lamb_update_(
     if m is not exp_avg:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-    apply_update_(param, u.mul_(-lr), kahan_comp, stochastic=stochastic)
+    apply_update_(param, u.mul_(-lr), kahan_comp, stochastic=stochastic, seed=step)
 
 
 def lars_update_(
@@ -156,13 +158,16 @@ def lars_update_(
     trust_clip: bool = False,
     kahan_comp: Tensor | None = None,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> Tensor | None:
     """One LARS step for one tensor (the reference); returns the momentum buffer (created on the first step).
 
     With ``adapt``: ``r = trust_coeff ||p|| / (||g|| + wd ||p|| + eps)`` (1 if a norm is 0;
     ``min(r / lr, 1)`` with ``trust_clip``, LARC) and ``d = (g + wd p) r``; else ``d = g + wd p``.
     Then SGD momentum as torch: ``buf = d`` on the first step, later ``buf <- mu buf + (1-damp) d``;
-    ``d = d + mu buf`` (Nesterov) or ``buf``; ``p -= lr d``.
+    ``d = d + mu buf`` (Nesterov) or ``buf``; ``p -= lr d``. ``kahan_comp``/``stochastic`` select the
+    rounding of a bf16/fp16 store (see ``precision``; the stochastic bits are seeded by ``seed``, the
+    tensor's step count).
     """
     dt = compute_dtype(param)
     p32 = param.to(dt)
@@ -186,7 +191,7 @@ def lars_update_(
             if buf is not momentum_buffer:
                 momentum_buffer.copy_(buf)
         d = d.add_(buf, alpha=momentum) if nesterov else buf
-    apply_update_(param, d.mul(-lr), kahan_comp, stochastic=stochastic)
+    apply_update_(param, d.mul(-lr), kahan_comp, stochastic=stochastic, seed=seed)
     return momentum_buffer
 
 
@@ -280,7 +285,7 @@ def _lamb_foreach(
         torch._foreach_copy_(exp_avgs, m)
         torch._foreach_copy_(exp_avg_sqs, v)
     torch._foreach_mul_(u, -lr)
-    apply_updates_(params, u, kahan_comps, stochastic=stochastic)
+    apply_updates_(params, u, kahan_comps, stochastic=stochastic, seeds=steps)
 
 
 def _lamb_fused(
@@ -315,7 +320,7 @@ def _lamb_fused(
         "lamb",
         [params, grads, exp_avgs, exp_avg_sqs, kahan_comps],
         hp,
-        [int(adapt), int(trust_clip), int(stochastic)],
+        [int(adapt), int(trust_clip), int(stochastic), *sr_keys(stochastic, steps, len(params))],
         state_dtype=exp_avgs[0].dtype,
     )
 
@@ -389,10 +394,9 @@ def lamb(
     )
 
 
-def _lars_for_loop(params, grads, momentum_buffers, kahan_comps, **hp: Any) -> list[Tensor | None]:
-    return [
-        lars_update_(p, g, b, kahan_comp=c, **hp) for p, g, b, c in zip(params, grads, momentum_buffers, kahan_comps)
-    ]
+def _lars_for_loop(params, grads, momentum_buffers, kahan_comps, steps, **hp: Any) -> list[Tensor | None]:
+    lists = (params, grads, momentum_buffers, kahan_comps, steps)
+    return [lars_update_(p, g, b, kahan_comp=c, seed=s, **hp) for p, g, b, c, s in zip(*lists)]
 
 
 def _lars_foreach(
@@ -400,6 +404,7 @@ def _lars_foreach(
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     kahan_comps: list[Tensor | None],
+    steps: list[int],
     *,
     lr: float,
     momentum: float,
@@ -444,7 +449,7 @@ def _lars_foreach(
             torch._foreach_add_(d, bufs, alpha=momentum)
         else:
             d = bufs
-    apply_updates_(params, torch._foreach_mul(d, -lr), kahan_comps, stochastic=stochastic)
+    apply_updates_(params, torch._foreach_mul(d, -lr), kahan_comps, stochastic=stochastic, seeds=steps)
     return buffers
 
 
@@ -453,6 +458,7 @@ def _lars_fused(
     grads,
     momentum_buffers,
     kahan_comps,
+    steps,
     *,
     lr,
     momentum,
@@ -480,7 +486,8 @@ def _lars_fused(
         "lars",
         [params, grads, buffers, kahan_comps],
         [lr, momentum, dampening, weight_decay, trust_coeff, eps],
-        [int(adapt), int(trust_clip), int(nesterov), int(stochastic), *fresh],
+        # the switches, each tensor's fresh-buffer flag, then (with stochastic) its seed key (csrc/lamb_lars.c)
+        [int(adapt), int(trust_clip), int(nesterov), int(stochastic), *fresh, *sr_keys(stochastic, steps, len(params))],
     )
     return buffers
 
@@ -516,11 +523,13 @@ def lars(
     adapt: bool = True,
     trust_clip: bool = False,
     stochastic: bool = False,
+    steps: list[int] | None = None,
     impl: str = "auto",
 ) -> list[Tensor | None]:
     """LARS over tensor lists (the functional API): :func:`lars_update_` for every tensor, by ``impl``.
 
     Returns the momentum buffers (new ones where ``momentum_buffers`` had ``None``), or ``[]``.
+    ``steps``: each tensor's step count, the seed of its stochastic rounding (``None``: 0 for all).
     """
     return dispatch(
         "Lars",
@@ -528,7 +537,13 @@ def lars(
         impl,
         LARS_IMPLS,
         reduces=True,
-        lists={"params": params, "grads": grads, "momentum_buffers": momentum_buffers, "kahan_comps": kahan_comps},
+        lists={
+            "params": params,
+            "grads": grads,
+            "momentum_buffers": momentum_buffers,
+            "kahan_comps": kahan_comps,
+            "steps": [0] * len(params) if steps is None else steps,
+        },
         lr=lr,
         momentum=momentum,
         dampening=dampening,
@@ -713,7 +728,8 @@ class Lars(Optimizer):
         always_adapt: adapt groups with ``weight_decay == 0`` too (default ``False``).
         kahan_sum: Kahan-compensate bf16/fp16 parameter updates (default ``False``).
         stochastic_rounding: round the updated bf16 parameters stochastically instead (default
-            ``False``; exclusive with ``kahan_sum``).
+            ``False``; exclusive with ``kahan_sum``); each bf16 parameter then keeps an int ``step``
+            in its state, the seed of its rounding (a checkpoint without it resumes at 0).
         impl: ``"auto"`` (default: the fused CPU kernel on the CPU, Triton on CUDA), ``"for_loop"``,
             ``"foreach"``, ``"fused"`` or ``"triton"`` (see :mod:`lightning_opt.optim.engine`).
 
@@ -798,10 +814,11 @@ class Lars(Optimizer):
         """Take one step; ``closure`` is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            params, grads, bufs, comps = [], [], [], []
+            params, grads, bufs, comps, steps = [], [], [], [], []
             for p in params_with_grad(group, "Lars"):
                 state = self.state[p]
                 ensure_kahan_comp(state, p, group["kahan_sum"])
+                steps.append(count_sr_step(state, p, group["stochastic_rounding"]))
                 params.append(p)
                 grads.append(p.grad)
                 bufs.append(state.get("momentum_buffer"))
@@ -821,6 +838,7 @@ class Lars(Optimizer):
                 adapt=group["weight_decay"] != 0 or group["always_adapt"],
                 trust_clip=group["trust_clip"],
                 stochastic=group["stochastic_rounding"],
+                steps=steps,
                 impl=group["impl"],
             )
             for p, buf in zip(params, new_bufs):

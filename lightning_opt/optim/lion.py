@@ -25,7 +25,14 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, compute_dtype
+from lightning_opt.optim.precision import (
+    LOW_PRECISION,
+    apply_update_,
+    apply_updates_,
+    compute_dtype,
+    count_sr_step,
+    sr_keys,
+)
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = ["LION_IMPLS", "Lion", "lion", "lion_update_"]
@@ -42,13 +49,15 @@ def lion_update_(
     weight_decay: float,
     kahan_comp: Tensor | None = None,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     """One Lion step for one tensor, in place on ``param`` and ``exp_avg`` (the reference).
 
     ``p <- p (1 - lr wd)``; ``c = b1 m + (1 - b1) g``; ``p <- p - lr sign(c)``;
     ``m <- b2 m + (1 - b2) g``. The math runs in float32 for bf16/fp16 tensors; ``exp_avg`` keeps
     its dtype. With ``kahan_comp`` (a buffer in ``param``'s dtype) the step is Kahan-compensated,
-    with ``stochastic`` a bf16 parameter is stochastically rounded (see ``precision``).
+    with ``stochastic`` a bf16 parameter is stochastically rounded with bits of ``seed`` (its step
+    count, see ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt)
@@ -60,12 +69,12 @@ def lion_update_(
     m.mul_(beta2).add_(g, alpha=1 - beta2)
     if m is not exp_avg:
         exp_avg.copy_(m)
-    apply_update_(param, update.mul_(-lr), kahan_comp, stochastic=stochastic)
+    apply_update_(param, update.mul_(-lr), kahan_comp, stochastic=stochastic, seed=seed)
 
 
-def _lion_for_loop(params, grads, exp_avgs, kahan_comps, **hp: Any) -> None:
-    for p, g, m, c in zip(params, grads, exp_avgs, kahan_comps):
-        lion_update_(p, g, m, kahan_comp=c, **hp)
+def _lion_for_loop(params, grads, exp_avgs, kahan_comps, steps, **hp: Any) -> None:
+    for p, g, m, c, s in zip(params, grads, exp_avgs, kahan_comps, steps):
+        lion_update_(p, g, m, kahan_comp=c, seed=s, **hp)
 
 
 def _lion_foreach(
@@ -73,6 +82,7 @@ def _lion_foreach(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     kahan_comps: list[Tensor | None],
+    steps: list[int],
     *,
     lr: float,
     beta1: float,
@@ -98,19 +108,24 @@ def _lion_foreach(
     if low:
         torch._foreach_copy_(exp_avgs, m)
     torch._foreach_mul_(update, -lr)
-    apply_updates_(params, update, kahan_comps, stochastic=stochastic)
+    apply_updates_(params, update, kahan_comps, stochastic=stochastic, seeds=steps)
 
 
-def _lion_fused(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
+def _lion_fused(params, grads, exp_avgs, kahan_comps, steps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
     from lightning_opt.kernels import cpu
 
-    cpu.launch("lion", "lion", [params, grads, exp_avgs, kahan_comps], [lr, beta1, beta2, weight_decay], [int(stochastic)])
+    # ip: the stochastic-rounding switch, then (with it) each tensor's seed key (csrc/lion.c)
+    ip = [int(stochastic), *sr_keys(stochastic, steps, len(params))]
+    cpu.launch("lion", "lion", [params, grads, exp_avgs, kahan_comps], [lr, beta1, beta2, weight_decay], ip)
 
 
-def _lion_triton(params, grads, exp_avgs, kahan_comps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
+def _lion_triton(params, grads, exp_avgs, kahan_comps, steps, *, lr, beta1, beta2, weight_decay, stochastic=False) -> None:
     from lightning_opt.kernels.triton_lion import lion_triton_
 
-    lion_triton_(params, grads, exp_avgs, kahan_comps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, stochastic=stochastic)
+    lion_triton_(
+        params, grads, exp_avgs, kahan_comps, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+        stochastic=stochastic, steps=steps,
+    )
 
 
 #: Lion's implementations, by ``impl`` name (``for_loop`` is the reference)
@@ -128,15 +143,25 @@ def lion(
     beta2: float,
     weight_decay: float,
     stochastic: bool = False,
+    steps: list[int] | None = None,
     impl: str = "auto",
 ) -> None:
-    """Lion over tensor lists (the functional API): :func:`lion_update_` for every tensor, by ``impl``."""
+    """Lion over tensor lists (the functional API): :func:`lion_update_` for every tensor, by ``impl``.
+
+    ``steps``: each tensor's step count, the seed of its stochastic rounding (``None``: 0 for all).
+    """
     dispatch(
         "Lion",
         "lion",
         impl,
         LION_IMPLS,
-        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "kahan_comps": kahan_comps},
+        {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "kahan_comps": kahan_comps,
+            "steps": [0] * len(params) if steps is None else steps,
+        },
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -170,7 +195,9 @@ class Lion(Optimizer):
         >>> opt = Lion(model.parameters(), lr=1e-4, weight_decay=0.1)
 
     The math matches ``lion_pytorch.Lion`` and google/automl's reference; the state is one
-    ``exp_avg`` per parameter (plus ``kahan_comp`` with ``kahan_sum``). Paper: Chen et al.,
+    ``exp_avg`` per parameter (plus ``kahan_comp`` with ``kahan_sum``, and with
+    ``stochastic_rounding`` an int ``step`` per bf16 parameter: the seed of its rounding, so a weight
+    taking the same update again draws fresh bits; a checkpoint without it resumes at 0). Paper: Chen et al.,
     "Symbolic Discovery of Optimization Algorithms", arXiv:2302.06675.
     """
 
@@ -212,10 +239,11 @@ class Lion(Optimizer):
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            params, grads, exp_avgs, comps = [], [], [], []
+            params, grads, exp_avgs, comps, steps = [], [], [], [], []
             for p in params_with_grad(group, "Lion"):
                 state = self.state[p]
                 init_state(state, p, "exp_avg", step=False, kahan_sum=group["kahan_sum"])
+                steps.append(count_sr_step(state, p, group["stochastic_rounding"]))
                 # elementwise: a complex tensor steps as its (real, imag) pair, as torch's optimizers
                 params.append(real_view(p))
                 grads.append(real_view(p.grad))
@@ -232,6 +260,7 @@ class Lion(Optimizer):
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
                 stochastic=group["stochastic_rounding"],
+                steps=steps,
                 impl=group["impl"],
             )
         return loss

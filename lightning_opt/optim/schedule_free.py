@@ -29,8 +29,9 @@ switches are per tensor.
 
 Differences from ``schedulefree`` 1.4.1 (same math otherwise): the gradient is not modified in
 place; bf16/fp16 parameters get float32 ``z``/``exp_avg_sq`` and float32 math, and their ``y`` may be
-stored with stochastic rounding (``stochastic_rounding=True``; ``z`` is a float32 master copy, so
-there is no Kahan option).
+stored with stochastic rounding (``stochastic_rounding=True``, its bits seeded by the group's step
+``k + 1``, the same for every tensor of the group; ``z`` is a float32 master copy, so there is no
+Kahan option).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import exact_sqrt_, store_
+from lightning_opt.optim.precision import exact_sqrt_, sr_keys, store_
 from lightning_opt.optim.registry import OptimInfo, register
 
 __all__ = [
@@ -151,6 +152,7 @@ def schedule_free_step_(
     weight_decay: float,
     c: float,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     """One schedule-free step for one tensor (the reference), in place on ``param`` (``y``), ``z``, ``exp_avg_sq``.
 
@@ -158,7 +160,8 @@ def schedule_free_step_(
     ``g**2``) or :func:`adam_direction` (``"adam"``), plus ``weight_decay * y`` (decay computed at
     ``y``, schedulefree >= 1.3); then :func:`schedule_free_update_`. The math runs in ``z``'s dtype
     (float32 for bf16/fp16 parameters), and ``stochastic`` rounds a bf16 ``y`` stochastically when
-    it is stored. ``grad`` is not modified. ``exp_avg_sq`` is unused (may be ``None``) for ``"sgd"``.
+    it is stored, with bits seeded by ``seed`` (the optimizers pass the group's 1-based step, see
+    ``precision``). ``grad`` is not modified. ``exp_avg_sq`` is unused (may be ``None``) for ``"sgd"``.
     """
     y = param if param.dtype == z.dtype else param.to(z.dtype)
     g = grad.to(z.dtype)
@@ -172,7 +175,7 @@ def schedule_free_step_(
         d = d.add(y, alpha=weight_decay) if d is grad else d.add_(y, alpha=weight_decay)
     schedule_free_update_(y, z, d, lr=lr, beta=beta, c=c)
     if y is not param:
-        store_(param, y, stochastic=stochastic)
+        store_(param, y, stochastic=stochastic, seed=seed)
 
 
 def to_eval_(y: Tensor, z: Tensor, beta: float) -> None:
@@ -209,6 +212,7 @@ def _schedule_free_foreach(
     weight_decay: float,
     c: float,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     zs = list(zs)
     low = params[0].dtype != zs[0].dtype
@@ -240,7 +244,7 @@ def _schedule_free_foreach(
     if low:
         if stochastic and params[0].dtype == torch.bfloat16:
             for p, y in zip(params, ys):
-                store_(p, y, stochastic=True)
+                store_(p, y, stochastic=True, seed=seed)
         else:
             torch._foreach_copy_(params, ys)
 
@@ -263,6 +267,7 @@ def _schedule_free_fused(
     weight_decay,
     c,
     stochastic=False,
+    seed=0,
 ) -> None:
     from lightning_opt.kernels import cpu
 
@@ -271,7 +276,8 @@ def _schedule_free_fused(
         "schedule_free",
         [params, grads, zs, exp_avg_sqs],
         [lr * (beta * (1.0 - c) - 1.0), lr, beta2, eps, bias_correction2, weight_decay, c],
-        [_MODES[direction], int(stochastic)],
+        # the direction, the switch, then (with it) each tensor's seed key (csrc/schedule_free.c)
+        [_MODES[direction], int(stochastic), *sr_keys(stochastic, [seed] * len(params), len(params))],
         state_dtype=zs[0].dtype,
     )
 
@@ -322,7 +328,8 @@ def schedule_free_adamw(
     """Schedule-Free AdamW over tensor lists (the functional API), by ``impl``.
 
     ``lr`` is the step's (warmed-up) lr, ``c`` the averaging coefficient (:func:`average_weight`),
-    ``step`` the 1-based step (for the bias correction ``1 - beta2**step``).
+    ``step`` the 1-based step (for the bias correction ``1 - beta2**step``, and the seed of the
+    stochastic rounding).
     """
     _schedule_free(
         "AdamWScheduleFree",
@@ -340,6 +347,7 @@ def schedule_free_adamw(
         weight_decay=weight_decay,
         c=c,
         stochastic=stochastic,
+        seed=step,
     )
 
 
@@ -353,9 +361,11 @@ def schedule_free_sgd(
     weight_decay: float,
     c: float,
     stochastic: bool = False,
+    step: int = 0,
     impl: str = "auto",
 ) -> None:
-    """Schedule-Free SGD over tensor lists (the functional API), by ``impl``; ``beta`` is the momentum."""
+    """Schedule-Free SGD over tensor lists (the functional API), by ``impl``; ``beta`` is the momentum,
+    ``step`` the 1-based step (the seed of the stochastic rounding)."""
     _schedule_free(
         "SGDScheduleFree",
         params,
@@ -372,6 +382,7 @@ def schedule_free_sgd(
         weight_decay=weight_decay,
         c=c,
         stochastic=stochastic,
+        seed=step,
     )
 
 
@@ -395,7 +406,8 @@ def schedule_free_radam(
 
     ``lr`` already includes the rectification (:func:`radam_rectification`, 0 or 1 in the SGD
     phase); while the rectification is undefined at the 1-based ``step`` the direction is the raw
-    gradient and the squared-gradient EMA still accumulates.
+    gradient and the squared-gradient EMA still accumulates; ``step`` also seeds the stochastic
+    rounding.
     """
     _schedule_free(
         "RAdamScheduleFree",
@@ -413,6 +425,7 @@ def schedule_free_radam(
         weight_decay=weight_decay,
         c=c,
         stochastic=stochastic,
+        seed=step,
     )
 
 
@@ -857,6 +870,7 @@ class SGDScheduleFree(ScheduleFreeBase):
             weight_decay=group["weight_decay"],
             c=c,
             stochastic=group["stochastic_rounding"],
+            step=k + 1,
             impl=group["impl"],
         )
 

@@ -57,7 +57,7 @@ from lightning_opt.optim.base import (
     run_closure,
 )
 from lightning_opt.optim.engine import Impl, check_impl, dispatch
-from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_
+from lightning_opt.optim.precision import LOW_PRECISION, apply_update_, apply_updates_, sr_keys
 from lightning_opt.optim.registry import OptimInfo, register, register_alias
 
 __all__ = [
@@ -89,6 +89,7 @@ def sophia_update_(
     weight_decay: float,
     kahan_comp: Tensor | None = None,
     stochastic: bool = False,
+    seed: int = 0,
 ) -> None:
     """One Sophia step for one tensor, in place on ``param`` and ``exp_avg`` (the reference).
 
@@ -97,7 +98,7 @@ def sophia_update_(
     (float32 for bf16/fp16 parameters) and the step is rounded into ``param`` once; with
     ``kahan_comp`` (a buffer in ``param``'s dtype) it is Kahan-compensated, so steps below a bf16
     parameter's resolution accumulate instead of vanishing; with ``stochastic`` a bf16 parameter is
-    stochastically rounded.
+    stochastically rounded with bits seeded by ``seed`` (its step count, see ``precision``).
     """
     if weight_decay != 0:
         # outside the compensation, as torch-optimi and the Lion family here
@@ -105,12 +106,12 @@ def sophia_update_(
     exp_avg.mul_(beta1).add_(grad.to(exp_avg.dtype), alpha=1.0 - beta1)
     denom = (hessian * scale).clamp_(min=eps)
     ratio = exp_avg.abs().div_(denom).clamp_(max=1.0)
-    apply_update_(param, ratio.mul_(exp_avg.sign()).mul_(-lr), kahan_comp, stochastic=stochastic)
+    apply_update_(param, ratio.mul_(exp_avg.sign()).mul_(-lr), kahan_comp, stochastic=stochastic, seed=seed)
 
 
-def _sophia_for_loop(params, grads, exp_avgs, hessians, kahan_comps, **hp: Any) -> None:
-    for p, g, m, h, c in zip(params, grads, exp_avgs, hessians, kahan_comps):
-        sophia_update_(p, g, m, h, kahan_comp=c, **hp)
+def _sophia_for_loop(params, grads, exp_avgs, hessians, kahan_comps, steps, **hp: Any) -> None:
+    for p, g, m, h, c, s in zip(params, grads, exp_avgs, hessians, kahan_comps, steps):
+        sophia_update_(p, g, m, h, kahan_comp=c, seed=s, **hp)
 
 
 def _decay_(params: list[Tensor], factor: float) -> None:
@@ -131,6 +132,7 @@ def _sophia_foreach(
     exp_avgs: list[Tensor],
     hessians: list[Tensor],
     kahan_comps: list[Tensor | None],
+    steps: list[int],
     *,
     lr: float,
     beta1: float,
@@ -150,11 +152,11 @@ def _sophia_foreach(
     torch._foreach_clamp_max_(ratio, 1.0)
     torch._foreach_mul_(ratio, torch._foreach_sign(exp_avgs))
     torch._foreach_mul_(ratio, -lr)
-    apply_updates_(params, ratio, kahan_comps, stochastic=stochastic)
+    apply_updates_(params, ratio, kahan_comps, stochastic=stochastic, seeds=steps)
 
 
 def _sophia_fused(
-    params, grads, exp_avgs, hessians, kahan_comps, *, lr, beta1, scale, eps, weight_decay, stochastic=False
+    params, grads, exp_avgs, hessians, kahan_comps, steps, *, lr, beta1, scale, eps, weight_decay, stochastic=False
 ) -> None:
     from lightning_opt.kernels import cpu
 
@@ -173,7 +175,8 @@ def _sophia_fused(
             "sophia",
             [[lst[i] for i in idx] for lst in (params, grads, exp_avgs, hessians, kahan_comps)],
             [lr, beta1, scale, eps, weight_decay],
-            [int(stochastic)],
+            # the switch, then (with it) each tensor's seed key (csrc/sophia.c)
+            [int(stochastic), *sr_keys(stochastic, [steps[i] for i in idx], len(idx))],
             state_dtype=state_dtype,
         )
 
@@ -206,11 +209,13 @@ def sophia(
     eps: float,
     weight_decay: float,
     stochastic: bool = False,
+    steps: list[int] | None = None,
     impl: str = "auto",
     name: str = "Sophia",
 ) -> None:
     """Sophia's step over tensor lists (the functional API): :func:`sophia_update_` per tensor, by ``impl``.
 
+    ``steps``: each tensor's step count, the seed of its stochastic rounding (``None``: 0 for all);
     ``name`` is the optimizer named in errors (``"SophiaG"``, ``"SophiaH"``).
     """
     dispatch(
@@ -218,7 +223,14 @@ def sophia(
         "sophia",
         impl,
         SOPHIA_IMPLS,
-        {"params": params, "grads": grads, "exp_avgs": exp_avgs, "hessians": hessians, "kahan_comps": kahan_comps},
+        {
+            "params": params,
+            "grads": grads,
+            "exp_avgs": exp_avgs,
+            "hessians": hessians,
+            "kahan_comps": kahan_comps,
+            "steps": [0] * len(params) if steps is None else steps,
+        },
         lr=lr,
         beta1=beta1,
         scale=scale,
@@ -408,13 +420,15 @@ class _Sophia(Optimizer):
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            params, grads, exp_avgs, hessians, comps = [], [], [], [], []
+            params, grads, exp_avgs, hessians, comps, steps = [], [], [], [], [], []
             for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     self._init_state(p, state)
                 state["step"] += 1
                 ensure_kahan_comp(state, p, group["kahan_sum"])
+                # the seed of the stochastic rounding (a CPU tensor: no device sync)
+                steps.append(int(state["step"]) if group["stochastic_rounding"] else 0)
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
@@ -432,6 +446,7 @@ class _Sophia(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 stochastic=group["stochastic_rounding"],
+                steps=steps,
                 impl=group["impl"],
                 name=type(self).__name__,
             )

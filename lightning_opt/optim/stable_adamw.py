@@ -33,6 +33,7 @@ from lightning_opt.optim.precision import (
     apply_update_,
     apply_updates_,
     compute_dtype,
+    sr_keys,
     tensor_abs_mean,
     tensor_abs_means,
 )
@@ -70,7 +71,8 @@ def stable_adamw_update_(
     ``p *= 1 - lr_t wd`` (or ``1 - (lr_t / max_lr) wd`` with ``decouple_lr``); then
     ``p -= lr_t m / (sqrt(v) + eps)``. No host sync: ``lr_t`` stays a tensor. The math runs in
     float32 for bf16/fp16 tensors; with ``kahan_comp`` the update is Kahan-compensated, with
-    ``stochastic`` a bf16 parameter is stochastically rounded (see ``precision``).
+    ``stochastic`` a bf16 parameter is stochastically rounded with bits seeded by ``step`` (see
+    ``precision``).
     """
     dt = compute_dtype(param)
     g = grad.to(dt)
@@ -88,7 +90,7 @@ def stable_adamw_update_(
     if m is not exp_avg:
         exp_avg.copy_(m)
         exp_avg_sq.copy_(v)
-    apply_update_(param, delta, kahan_comp, stochastic=stochastic)
+    apply_update_(param, delta, kahan_comp, stochastic=stochastic, seed=step)
     return lr_t
 
 
@@ -149,7 +151,7 @@ def _stable_adamw_foreach(
     if low:
         torch._foreach_copy_(exp_avgs, m)
         torch._foreach_copy_(exp_avg_sqs, v)
-    apply_updates_(params, delta, kahan_comps, stochastic=stochastic)
+    apply_updates_(params, delta, kahan_comps, stochastic=stochastic, seeds=steps)
     return lr_ts
 
 
@@ -180,7 +182,8 @@ def _stable_adamw_fused(
         "stable_adamw",
         [params, grads, exp_avgs, exp_avg_sqs, kahan_comps],
         hp,
-        [int(stochastic), int(decouple_lr)],
+        # the switches, then (with stochastic rounding) each tensor's seed key (csrc/stable_adamw.c)
+        [int(stochastic), int(decouple_lr), *sr_keys(stochastic, steps, len(params))],
         state_dtype=exp_avgs[0].dtype,
         n_out=1,
     )

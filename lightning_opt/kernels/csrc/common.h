@@ -144,12 +144,24 @@ static inline uint32_t lo_hash32(uint32_t x) {
   return x;
 }
 
-/* stochastic rounding of f to bf16: add 16 hashed bits below the kept ones, truncate */
-static inline lo_bf16 lo_f32_to_bf16_sr(float f, int64_t i) {
+/* stochastic rounding of f, element i of its tensor, to bf16: add 16 hashed bits below the kept
+ * ones, truncate. key is the tensor's seed key (lightning_opt.optim.precision.sr_key of its step
+ * count), so a value rounded again at a later step draws fresh bits. */
+static inline lo_bf16 lo_f32_to_bf16_sr(float f, int64_t i, uint32_t key) {
   uint32_t u = lo_f32_bits(f);
   if ((u & 0x7f800000u) == 0x7f800000u) return lo_f32_to_bf16(f);
-  uint32_t r = lo_hash32(lo_hash32((uint32_t)i) ^ u) & 0xffffu;
+  uint32_t r = lo_hash32(lo_hash32((uint32_t)i + key) ^ u) & 0xffffu;
   return (lo_bf16)((u + r) >> 16);
+}
+
+/* Stochastic-rounding seeds. A kernel with a stochastic-rounding switch (an ip entry, 0/1) takes,
+ * after its other integer entries, one seed key per tensor: ip[base + t], base documented at the
+ * kernel (lightning_opt.optim.precision.sr_key of the tensor's step count, a 32-bit value; the
+ * entries need not be there when the switch is 0). lo_sr_word(sr, keys, t) folds switch and key
+ * into the one word the stores take: 0 rounds to nearest; otherwise bit 32 is set and the low 32
+ * bits are tensor t's key. */
+static inline uint64_t lo_sr_word(int sr, const int64_t *keys, int64_t t) {
+  return sr ? ((uint64_t)1 << 32) | (uint64_t)(uint32_t)keys[t] : 0;
 }
 
 /* LD_<tag>(x): storage -> compute type; ST_<tag>(v): compute type -> storage (nearest even) */
@@ -169,9 +181,10 @@ static inline lo_bf16 lo_f32_to_bf16_sr(float f, int64_t i) {
 
 /* p_new = p + d stored into P[i] (p already loaded, possibly modified, in the compute type):
  * Kahan-compensated when C is not NULL (C in P's type, as torch's c += d; old = p; p += c;
- * c += old - p, each result rounded), stochastically rounded when sr (bf16), nearest otherwise. */
+ * c += old - p, each result rounded), stochastically rounded when sr (a lo_sr_word; bf16),
+ * nearest otherwise. */
 #define LO_DEFINE_UPDATE(TAG, PT, CT)                                                   \
-  static inline void lo_update_##TAG(PT *P, PT *C, int64_t i, CT p, CT d, int sr) {     \
+  static inline void lo_update_##TAG(PT *P, PT *C, int64_t i, CT p, CT d, uint64_t sr) { \
     if (C) {                                                                            \
       CT c1 = R_##TAG(LD_##TAG(C[i]) + d);                                              \
       CT p1 = R_##TAG(p + c1);                                                          \
@@ -185,13 +198,14 @@ static inline lo_bf16 lo_f32_to_bf16_sr(float f, int64_t i) {
 #define LO_STORE_f32(P, i, v, sr) ((P)[i] = (v))
 #define LO_STORE_f64(P, i, v, sr) ((P)[i] = (v))
 #define LO_STORE_f16(P, i, v, sr) ((P)[i] = (lo_f16)(v))
-#define LO_STORE_bf16(P, i, v, sr) ((P)[i] = (sr) ? lo_f32_to_bf16_sr((v), (i)) : lo_f32_to_bf16(v))
+#define LO_STORE_bf16(P, i, v, sr) \
+  ((P)[i] = (sr) ? lo_f32_to_bf16_sr((v), (i), (uint32_t)(sr)) : lo_f32_to_bf16(v))
 LO_DEFINE_UPDATE(f32, float, float)
 LO_DEFINE_UPDATE(f64, double, double)
 LO_DEFINE_UPDATE(bf16, lo_bf16, float)
 LO_DEFINE_UPDATE(f16, lo_f16, float)
 
-/* the same store without Kahan: P[i] = v rounded (stochastically with sr, bf16 only) */
+/* the same store without Kahan: P[i] = v rounded (stochastically with a nonzero lo_sr_word sr, bf16 only) */
 #define LO_STORE(TAG, P, i, v, sr) LO_STORE_##TAG(P, i, v, sr)
 
 /* Instantiate KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT) for every storage combination the launcher

@@ -1,7 +1,8 @@
 /* GrokAdamW (lightning_opt.optim.grokadamw): lists params, grads, exp_avgs, exp_avg_sqs, grok_emas,
  * kahan_comps; hp = lr, beta2, eps, weight_decay, alpha, lamb, gradient_clipping, then per tensor t:
  * hp[7 + 2t] = its layer beta1, hp[8 + 2t] = its step size lr sqrt(1 - beta2^t) / (1 - beta1^t);
- * ip = stochastic rounding (0/1). Equals grokadamw_update_: with gradient_clipping > 0, pass 1 sums
+ * ip = stochastic rounding (0/1), then with it per tensor t its seed key ip[1 + t] (common.h).
+ * Equals grokadamw_update_: with gradient_clipping > 0, pass 1 sums
  * ||g||^2 per tensor (lo_sumsq, LO_TENSOR_SUMS_IN: deterministic), pass 2 is the update, one
  * cache group of tensors at a time (LO_FOR_GROUPS). */
 /* Mirror torch's CPU rounding: in its vectorized kernels add_(x, alpha=a) is fma(x, a, self) and
@@ -50,6 +51,7 @@
         PT *C = (PT *)ptrs[5 * n + t];                                          \
         const CT b1 = (CT)per[2 * t], a1 = (CT)(1.0 - per[2 * t]);              \
         const CT step = (CT)per[2 * t + 1], f = factor[t];                      \
+        const uint64_t srw = lo_sr_word(sr, ip + 1, t);                         \
         CT mb[GA_BLOCK], rb[GA_BLOCK];                                          \
         for (int64_t b0 = lo; b0 < hi; b0 += GA_BLOCK) {                        \
           const int64_t nb = hi - b0 < GA_BLOCK ? hi - b0 : GA_BLOCK;           \
@@ -72,7 +74,7 @@
             const int64_t i = b0 + k;                                           \
             CT p = LD_##PTAG(P[i]);                                             \
             if (wd) p = R_##PTAG(p * decay);                                    \
-            lo_update_##PTAG(P, C, i, p, (mb[k] / (rb[k] + eps)) * (-step), sr);\
+            lo_update_##PTAG(P, C, i, p, (mb[k] / (rb[k] + eps)) * (-step), srw);\
           }                                                                     \
         }                                                                       \
       });                                                                       \

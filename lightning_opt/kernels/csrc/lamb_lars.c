@@ -7,7 +7,8 @@
  *   hp = lr, beta1, beta2, eps, weight_decay, grad_scale, grad_weight (1 - beta1, or 1 without
  *        grad_averaging), then per tensor t: hp[7 + 2t] = k = sqrt(bc2) / bc1, hp[8 + 2t] = eps_q =
  *        eps sqrt(bc2) (lamb_scalars: u = (m' k) / (sqrt(v') + eps_q), one division per element);
- *   ip = adapt, trust_clip, stochastic. Equals lamb_update_ (the same roundings). Pass 1 (adapt
+ *   ip = adapt, trust_clip, stochastic, then with stochastic per tensor t its seed key ip[3 + t]
+ *   (common.h). Equals lamb_update_ (the same roundings). Pass 1 (adapt
  *   only) sums ||p||^2 and ||u||^2; pass 2 applies the scaled update. With float32/float64 state
  *   pass 1 stores the moments and pass 2 reads them; with bf16/f16 state (stores that round) pass 2
  *   recomputes them from the untouched state (the reference takes u from the unrounded moments)
@@ -16,7 +17,8 @@
  * lars: lists params, grads, momentum_buffers (NULL without momentum), kahan_comps;
  *   hp = lr, momentum, dampening, weight_decay, trust_coeff, eps;
  *   ip = adapt, trust_clip, nesterov, stochastic, then per tensor t: ip[4 + t] = 1 if its momentum
- *   buffer is new (buf = d, as torch SGD's first step). Equals lars_update_ (the same roundings).
+ *   buffer is new (buf = d, as torch SGD's first step), then with stochastic per tensor t its seed
+ *   key ip[4 + n + t] (common.h). Equals lars_update_ (the same roundings).
  *
  * Speed: one loop per element and pass, the options decided outside the loops (weight decay,
  * momentum, the store), so every loop vectorizes; the float64 norm sums keep 8 fixed lanes (lane j
@@ -54,12 +56,12 @@
   }
 
 /* LOOP(..., STORE) with the store of p + d into P[ii] by mode: Kahan-compensated (C),
- * stochastic (sr), nearest */
+ * stochastic (sr, the tensor's lo_sr_word), nearest */
 #define LL_STORE_LOOP(PTAG, LOOP, ...)                                          \
   if (C) {                                                                      \
     LOOP(__VA_ARGS__, lo_update_##PTAG(P, C, ii, p, d, sr))                     \
   } else if (sr) {                                                              \
-    LOOP(__VA_ARGS__, LO_STORE(PTAG, P, ii, p + d, 1))                          \
+    LOOP(__VA_ARGS__, LO_STORE(PTAG, P, ii, p + d, sr))                         \
   } else {                                                                      \
     LOOP(__VA_ARGS__, LO_STORE(PTAG, P, ii, p + d, 0))                          \
   }
@@ -110,7 +112,7 @@
       LAMB_SUMS(PTAG, STAG, CT, KEEP, 0)                                        \
     }                                                                           \
   }                                                                             \
-  static void lamb_apply_##SUFFIX(int wd, int read, int sr, CT b1, CT b2, CT a2, CT ga, \
+  static void lamb_apply_##SUFFIX(int wd, int read, uint64_t sr, CT b1, CT b2, CT a2, CT ga, \
                                   CT scale, CT kq, CT epsq, CT wdc, CT lr, CT r, \
                                   PT *restrict P, const PT *restrict G, ST *restrict M, \
                                   ST *restrict V, PT *restrict C, int64_t lo, int64_t hi) { \
@@ -157,7 +159,7 @@
         }                                                                       \
       }                                                                         \
       LO_FOR_CHUNKS_IN(t0, t1, 0, sizes, nthreads, {                            \
-        lamb_apply_##SUFFIX(wd, read, sr, b1, b2, a2, ga, scale, kq[t], epsq[t], wdc, lr, ratio[t], \
+        lamb_apply_##SUFFIX(wd, read, lo_sr_word(sr, ip + 3, t), b1, b2, a2, ga, scale, kq[t], epsq[t], wdc, lr, ratio[t], \
                             (PT *)ptrs[t], (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], \
                             (ST *)ptrs[3 * n + t], (PT *)ptrs[4 * n + t], lo, hi); \
       });                                                                       \
@@ -196,7 +198,7 @@ LO_INSTANTIATE(LAMB_KERNEL)
                                  int64_t hi, double *acc) {                     \
     LL_SUMS2_LOOP(CT, p, g, const CT p = LD_##PTAG(P[ii]); const CT g = LD_##PTAG(G[ii]);) \
   }                                                                             \
-  static void lars_apply_##SUFFIX(int wd, int fresh, int nesterov, int sr, CT lr, CT mu, CT damp, \
+  static void lars_apply_##SUFFIX(int wd, int fresh, int nesterov, uint64_t sr, CT lr, CT mu, CT damp, \
                                   CT wdc, CT r, PT *restrict P, const PT *restrict G, \
                                   ST *restrict B, PT *restrict C, int64_t lo, int64_t hi) { \
     if (B && wd) {                                                              \
@@ -241,7 +243,7 @@ LO_INSTANTIATE(LAMB_KERNEL)
         }                                                                       \
       }                                                                         \
       LO_FOR_CHUNKS_IN(t0, t1, 0, sizes, nthreads, {                            \
-        lars_apply_##SUFFIX(wd, (int)first[t], nesterov, sr, lr, mu, damp, wdc, ratio[t], \
+        lars_apply_##SUFFIX(wd, (int)first[t], nesterov, lo_sr_word(sr, ip + 4 + n, t), lr, mu, damp, wdc, ratio[t], \
                             (PT *)ptrs[t], (const PT *)ptrs[n + t],             \
                             mom ? (ST *)ptrs[2 * n + t] : NULL, (PT *)ptrs[3 * n + t], lo, hi); \
       });                                                                       \

@@ -2,7 +2,8 @@
  * grads, zs, exp_avg_sqs (NULL entries for SGD); the state (z, v) is float32 for bf16/fp16 params.
  * hp = y_coef = lr (beta (1 - c) - 1), lr, beta2, eps, bias_correction2, weight_decay, c;
  * ip = direction (0: the raw gradient; 1: Adam's g / (sqrt(v' / bc2) + eps); 2: the raw gradient
- * while v' accumulates, RAdam's SGD phase), stochastic rounding of bf16 params (0/1).
+ * while v' accumulates, RAdam's SGD phase), stochastic rounding of bf16 params (0/1), then with it
+ * per tensor t its seed key ip[2 + t] (common.h; the optimizer passes the group's step for all).
  * One pass over memory: v' (directions 1, 2), d (+ weight_decay y), y' = lerp(y, z, c) + y_coef d,
  * z' = z - lr d. Equals schedule_free_step_ bit for bit (its square root is correctly rounded). */
 #include "common.h"
@@ -17,7 +18,7 @@
   y = LO_FMA(w, z - y, small ? y : z);           \
   y = LO_FMA(d, y_coef, y);                      \
   Z[i] = ST_##STAG(LO_FMA(d, neg_lr, z));        \
-  LO_STORE(PTAG, P, i, y, sr);
+  LO_STORE(PTAG, P, i, y, srw);
 
 /* the raw gradient as the direction; EMA: v' still accumulates (RAdam's SGD phase) */
 #define SF_LOOP_GRAD(PTAG, STAG, CT, EMA, WD)                               \
@@ -53,14 +54,16 @@
   typedef struct {                                                                                 \
     CT y_coef, neg_lr, b2, a2, eps, bc2, wdc, w;                                                   \
     int small, sr;                                                                                 \
+    const int64_t *keys;                                                                           \
   } sf_hp_##SUFFIX;                                                                                \
   static void sf_chunk_##SUFFIX(int variant, const sf_hp_##SUFFIX *h, PT *restrict P,              \
-                                const PT *restrict G, ST *restrict Z, ST *restrict V, int64_t lo,  \
-                                int64_t hi) {                                                      \
+                                const PT *restrict G, ST *restrict Z, ST *restrict V, int64_t t,   \
+                                int64_t lo, int64_t hi) {                                          \
     const CT y_coef = h->y_coef, neg_lr = h->neg_lr, b2 = h->b2, a2 = h->a2, eps = h->eps;         \
     const CT bc2 = h->bc2, wdc = h->wdc, w = h->w;                                                 \
-    const int small = h->small, sr = h->sr;                                                        \
-    (void)sr, (void)b2, (void)a2, (void)eps, (void)bc2;                                            \
+    const int small = h->small;                                                                    \
+    const uint64_t srw = lo_sr_word(h->sr, h->keys, t);                                            \
+    (void)srw, (void)b2, (void)a2, (void)eps, (void)bc2;                                            \
     switch (variant) {                                                                             \
       case 0: SF_LOOP_GRAD(PTAG, STAG, CT, 0, 0) break;                                            \
       case 1: SF_LOOP_GRAD(PTAG, STAG, CT, 0, 1) break;                                            \
@@ -83,11 +86,12 @@
     h.small = (c < 0 ? -c : c) < (CT)0.5;                                                          \
     h.w = h.small ? c : c - (CT)1;                                                                 \
     h.sr = (int)ip[1];                                                                             \
+    h.keys = ip + 2;                                                                               \
     const int variant = 2 * (int)ip[0] + (hp[5] != 0.0);                                           \
     (void)out;                                                                                     \
     LO_FOR_CHUNKS(n, sizes, nthreads, {                                                            \
       sf_chunk_##SUFFIX(variant, &h, (PT *)ptrs[t], (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], \
-                        (ST *)ptrs[3 * n + t], lo, hi);                                            \
+                        (ST *)ptrs[3 * n + t], t, lo, hi);                                         \
     });                                                                                            \
   }
 

@@ -1,6 +1,6 @@
 /* Sophia's step (lightning_opt.optim.sophia): lists params, grads, exp_avgs, hessians, kahan_comps;
  * hp = lr, beta1, scale (rho * bs for SophiaG, rho for SophiaH), eps, weight_decay; ip = stochastic
- * rounding (0/1). Equals sophia_update_ (the Hessian EMA refresh stays in torch, per tensor). */
+ * rounding (0/1), then with it per tensor t its seed key ip[1 + t] (common.h). Equals sophia_update_ (the Hessian EMA refresh stays in torch, per tensor). */
 /* Mirror torch's CPU rounding: add_(x, alpha=a) is one FMA in its vectorized kernels, every other
  * product and sum rounds on its own.
  * Set before common.h, so its inline stores (p + d) are not contracted either. */
@@ -23,6 +23,7 @@
       ST *M = (ST *)ptrs[2 * n + t];                                            \
       const ST *H = (const ST *)ptrs[3 * n + t];                                \
       PT *C = (PT *)ptrs[4 * n + t];                                            \
+      const uint64_t srw = lo_sr_word(sr, ip + 1, t);                           \
       for (int64_t i = lo; i < hi; i++) {                                       \
         CT p = LD_##PTAG(P[i]);                                                 \
         if (wd) p = R_##PTAG(p * decay);                                        \
@@ -33,7 +34,7 @@
         CT r = R_##STAG(LO_ABS(m) / den);                                       \
         if (r > (CT)1) r = (CT)1;                                               \
         const CT s = (CT)((m > 0) - (m < 0));                                   \
-        lo_update_##PTAG(P, C, i, p, R_##STAG(R_##STAG(r * s) * (-lr)), sr);     \
+        lo_update_##PTAG(P, C, i, p, R_##STAG(R_##STAG(r * s) * (-lr)), srw);    \
       }                                                                         \
     });                                                                         \
   }

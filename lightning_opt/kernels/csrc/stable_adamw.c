@@ -1,7 +1,8 @@
 /* StableAdamW (lightning_opt.optim.stable_adamw): lists params, grads, exp_avgs, exp_avg_sqs, kahan_comps;
  * hp = lr, eps, weight_decay, max_lr, then per tensor t the debiased betas hp[4 + 2t] (beta1) and
  * hp[5 + 2t] (beta2) (a tensor's step count is its own); ip = stochastic rounding (0/1), decouple_lr
- * (0/1); out[t] = tensor t's clipped lr. Equals stable_adamw_update_.
+ * (0/1), then with stochastic rounding per tensor t its seed key ip[2 + t] (common.h); out[t] =
+ * tensor t's clipped lr. Equals stable_adamw_update_.
  *
  * Two passes. The first computes each tensor's RMS = sqrt(mean(g^2 / max(v', eps^2))) with v' the
  * updated second moment, recomputed from the stored v (nothing is written), summed per chunk and
@@ -35,13 +36,13 @@
     for (int64_t i = b; i < e; i++) {                                       \
       CT p = LD_##PTAG(P[i]);                                               \
       if (WD) p = R_##PTAG(p * dec);                                        \
-      lo_update_##PTAG(P, C, i, p, (mq[i - b] / (rq[i - b] + eps)) * neg_lr, sr); \
+      lo_update_##PTAG(P, C, i, p, (mq[i - b] / (rq[i - b] + eps)) * neg_lr, srw); \
     }                                                                       \
   }
 
 #define SADAMW_KERNEL(SUFFIX, PTAG, PT, STAG, ST, CT)                                          \
   static void sa_apply_##SUFFIX(int wd, CT b1, CT a1, CT b2, CT a2, CT eps, CT neg_lr, CT dec,  \
-                                int sr, PT *restrict P, const PT *restrict G, ST *restrict M,   \
+                                uint64_t srw, PT *restrict P, const PT *restrict G, ST *restrict M,   \
                                 ST *restrict V, PT *restrict C, int64_t lo, int64_t hi) {       \
     if (wd) {                                                                                   \
       SA_APPLY(PTAG, STAG, CT, 1)                                                               \
@@ -86,7 +87,8 @@
       }                                                                                         \
       LO_FOR_CHUNKS_IN(t0, t1, 0, sizes, nthreads, {                                            \
         sa_apply_##SUFFIX(wd, (CT)hp[4 + 2 * t], (CT)(1.0 - hp[4 + 2 * t]), (CT)hp[5 + 2 * t],  \
-                          (CT)(1.0 - hp[5 + 2 * t]), eps, -lr_t[t], decay[t], sr, (PT *)ptrs[t],\
+                          (CT)(1.0 - hp[5 + 2 * t]), eps, -lr_t[t], decay[t],          \
+                          lo_sr_word(sr, ip + 2, t), (PT *)ptrs[t],                     \
                           (const PT *)ptrs[n + t], (ST *)ptrs[2 * n + t], (ST *)ptrs[3 * n + t],\
                           (PT *)ptrs[4 * n + t], lo, hi);                                       \
       });                                                                                       \

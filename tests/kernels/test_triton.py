@@ -499,7 +499,7 @@ def compile_check() -> None:
     from triton.compiler import ASTSource
 
     pointers = {"PTRS": "*i64", "SIZES": "*i64", "BLOCKS": "*i64", "FIRST": "*i64", "PART": "*fp64",
-                "SUMS": "*fp64", "BETAS": "*fp64"}
+                "SUMS": "*fp64", "BETAS": "*fp64", "SEEDS": "*i64"}
     for fn, cx in _compile_jobs():
         wide = "*fp64" if cx.get("PK") == 1 else "*fp32"
         sig = {}

@@ -18,7 +18,8 @@ Elementwise kernels take one launch per bucket over all its tensors (:func:`elem
 with a per-tensor reduction take three (partials, per-tensor reduce, apply). Hyperparameters are
 runtime float64 scalars (a learning-rate schedule never recompiles; they are rounded to the compute
 dtype inside the kernel, as the C kernels and torch's scalar ops do); variants (weight decay,
-Kahan, stochastic rounding, storage dtypes) are ``tl.constexpr`` switches.
+Kahan, stochastic rounding, storage dtypes) are ``tl.constexpr`` switches; the stochastic rounding's
+per-tensor seeds (step counts) are a runtime table (:func:`seed_table`).
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ from lightning_opt.optim.engine import Impl, dispatch
 from lightning_opt.optim.layout import guard_param_layout
 from lightning_opt.optim.precision import LOW_PRECISION
 from lightning_opt.optim.registry import OptimInfo, register
-from lightning_opt.optim.soap import _project_stacked, soap_merge_shape, soap_project
+from lightning_opt.optim.soap import soap_merge_shape, soap_project, soap_project_stacked
 
 __all__ = [
     "GRAFTINGS",
@@ -541,7 +541,7 @@ def _shampoo_foreach(
     for shape, items in by_shape.items():
         x = torch.stack([ghat[i].reshape(outs[i].shape)[block] for i, block, _ in items])
         Q = [torch.stack([roots[d] for _, _, roots in items]) for d in range(len(shape))]
-        pre = _project_stacked(x, Q)
+        pre = soap_project_stacked(x, Q)
         if grafting != "none":
             gnorms = torch.stack(
                 torch._foreach_norm([pg[i].reshape(outs[i].shape)[block] for i, block, _ in items])

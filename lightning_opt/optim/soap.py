@@ -68,6 +68,7 @@ __all__ = [
     "soap_merge_shape",
     "soap_precondition_",
     "soap_project",
+    "soap_project_stacked",
     "soap_refresh_eigenbasis",
     "soap_update_",
 ]
@@ -300,7 +301,7 @@ def _soap_for_loop(params: list[Tensor], grads: list[Tensor], states: list[dict[
         soap_update_(p, g, state, **hp)
 
 
-def _project_stacked(x: Tensor, Q: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
+def soap_project_stacked(x: Tensor, Q: Sequence[Tensor | None], *, back: bool = False) -> Tensor:
     """:func:`soap_project` of each ``x[j]`` by its own bases ``Q[i][j]`` (``x`` and the bases stacked).
 
     The same contraction order as :func:`soap_project`: each dim in turn is contracted (one
@@ -351,7 +352,7 @@ def _soap_foreach(
             continue
         Q = [None if none else torch.stack([states[i]["Q"][d] for i in idx]) for d, none in enumerate(unrotated)]
         bases[key] = Q
-        for i, x in zip(idx, _project_stacked(torch.stack(g), Q).unbind(0)):
+        for i, x in zip(idx, soap_project_stacked(torch.stack(g), Q).unbind(0)):
             rotated[i] = x
     for s in states:
         s["step"] += 1
@@ -367,7 +368,7 @@ def _soap_foreach(
             for i in idx:
                 updates[i] = ratios[i]
             continue
-        stacked = _project_stacked(torch.stack([ratios[i] for i in idx]), bases[key], back=True)
+        stacked = soap_project_stacked(torch.stack([ratios[i] for i in idx]), bases[key], back=True)
         for i, u in zip(idx, stacked.unbind(0)):
             updates[i] = u
     if normalize_grads:

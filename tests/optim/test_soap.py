@@ -16,7 +16,7 @@ import torch
 from pytorch_optimizer import SOAP as RefSOAP
 
 from lightning_opt import build_optimizer, get_optimizer_info
-from lightning_opt.optim.soap import SOAP, _project_stacked, soap_merge_shape, soap_project
+from lightning_opt.optim.soap import SOAP, soap_merge_shape, soap_project, soap_project_stacked
 
 SHAPES = [(16, 16), (12, 20), (20, 12), (7,), (8, 4, 3, 3)]
 
@@ -327,7 +327,7 @@ def test_stacked_projection_equals_one_at_a_time() -> None:
     Q = [torch.linalg.qr(torch.randn(3, n, n, generator=g, dtype=torch.float64))[0] for n in (4, 5, 6)]
     Q[1] = None  # an unrotated dim in the middle
     for back in (False, True):
-        stacked = _project_stacked(x, Q, back=back)
+        stacked = soap_project_stacked(x, Q, back=back)
         for j in range(3):
             one = soap_project(x[j], [None if q is None else q[j] for q in Q], back=back)
             torch.testing.assert_close(stacked[j], one)

@@ -136,7 +136,7 @@ def test_a_checkpoint_without_the_seed_step_resumes(cls) -> None:
     # Lion and LARS keep a step for the seed only with stochastic_rounding: an older checkpoint
     # lacks it and resumes counting at 0
     params = _params()
-    opt = cls(params, lr=1e-3, stochastic_rounding=True)
+    opt = cls(params, lr=1e-3, weight_decay=1e-4, stochastic_rounding=True)
     _steps(opt, params, _grads(2))
     assert [opt.state[p]["step"] for p in params] == [2, 2]
     saved = copy.deepcopy(opt.state_dict())
@@ -145,6 +145,6 @@ def test_a_checkpoint_without_the_seed_step_resumes(cls) -> None:
     opt.load_state_dict(saved)
     _steps(opt, params, _grads(1))
     assert [opt.state[p]["step"] for p in params] == [1, 1]
-    plain = cls(_params(), lr=1e-3)
+    plain = cls(_params(), lr=1e-3, weight_decay=1e-4)
     _steps(plain, plain.param_groups[0]["params"], _grads(1))
     assert all("step" not in s for s in plain.state.values())  # nothing kept without it

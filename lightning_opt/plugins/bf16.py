@@ -14,29 +14,27 @@ master_weights   what happens after each optimizer step            persistent me
 ``"kahan"``      the update is added with Kahan compensation: the  +2 B/param (a bf16 buffer)
                  part rounding lost waits in a bf16 buffer and is  (see below for optimizers
                  added back next step (Zamirai et al. 2020)        without a kahan_sum option)
-``"stochastic"`` the updated weight is rounded up with            +0 for torch's optimizers;
-                 probability equal to the remainder, so small      ours keep their staged state
-                 updates survive in expectation                    in float32 (see below)
+``"stochastic"`` the updated weight is rounded up with            +0 (ours round their own store;
+                 probability equal to the remainder, so small      the staged path keeps state
+                 updates survive in expectation                    in float32, see below)
 ``"none"``       plain bf16 (what ``bf16-true`` does)              +0
 ===============  ================================================  ==============================
 
 How each optimizer is served (one shared precision service, :mod:`lightning_opt.optim.precision`):
 
-- **Native** (``"kahan"`` only): an optimizer whose param groups have a ``kahan_sum`` option (lion,
-  lamb, lars, stable_adamw, grokadamw, sophia, ...) gets it switched on in every group and
-  compensates its own final store; its state stays in its own dtype policy and the compensation
-  buffer is its ``kahan_comp`` state.
-- **Staged** (``"fp32"`` and ``"stochastic"`` for every optimizer, ``"kahan"`` for the rest):
+- **Native** (``"kahan"`` and ``"stochastic"``): an optimizer whose param groups have a ``kahan_sum``
+  / ``stochastic_rounding`` option (lion, lamb, lars, stable_adamw, grokadamw, sophia, the
+  schedule-free ones) gets it switched on in every group and rounds its own final store; its state
+  stays in its own dtype policy, the compensation buffer is its ``kahan_comp`` state, and its
+  stochastic bits are seeded by the tensor's step count (fresh every step).
+- **Staged** (``"fp32"`` for every optimizer, ``"kahan"``/``"stochastic"`` for the rest):
   during ``step`` each bf16 parameter with a gradient is replaced in the optimizer's param groups by
   a float32 stand-in (the master copy for ``"fp32"``, the bf16 value widened for the others)
   carrying a float32 gradient, and its optimizer state is keyed to the stand-in; after the step the
   stand-in's value is written back: rounded to nearest from the master (``"fp32"``), its change
   added with :func:`~lightning_opt.optim.precision.apply_update_` and a bf16 ``bf16_comp`` buffer
   (``"kahan"``), or rounded by :func:`~lightning_opt.optim.precision.stochastic_round` seeded with the
-  parameter's count of roundings (``"stochastic"``; an int ``bf16_sr_step`` in the state). The
-  optimizers' own ``stochastic_rounding`` is not used: its bits depend only on the element and the
-  unrounded value, so a weight that did not move and takes the same update again (Lion's +-lr,
-  Adam on a steady gradient) draws the same bits again and never moves (biased over steps).
+  parameter's count of roundings (``"stochastic"``; an int ``bf16_sr_step`` in the state).
   State is float32 while the optimizer steps and stays float32 where the optimizer created it
   during a staged step, except that under ``"kahan"``/``"stochastic"`` the state torch's own
   optimizers create like the parameter (AdamW's moments, SGD's momentum, ...) is stored in bf16
@@ -92,12 +90,9 @@ COMP_KEY = "bf16_comp"
 SEED_KEY = "bf16_sr_step"
 _ALL_KEYS = (MASTER_KEY, COMP_KEY, SEED_KEY)
 _OWN_KEYS = {"fp32": (MASTER_KEY,), "kahan": (COMP_KEY,), "stochastic": (SEED_KEY,), "none": ()}
-# the group option that serves a mode natively (an optimizer that has it rounds its own store).
-# Not "stochastic": the optimizers' stochastic_rounding draws its bits from the element index and
-# the unrounded value only, so a weight that did not move and takes the same update again (Lion's
-# +-lr, Adam on a steady gradient) draws the same bits again and stays put: biased over steps. The
-# staged path rounds with precision.stochastic_round(seed=step count) instead.
-_NATIVE_OPTION = {"kahan": "kahan_sum"}
+# the group option that serves a mode natively (an optimizer that has it rounds its own store;
+# its stochastic rounding is seeded by the tensor's step count, as the staged path's by its count)
+_NATIVE_OPTION = {"kahan": "kahan_sum", "stochastic": "stochastic_rounding"}
 
 # torch's optimizers create these state tensors like the parameter (bf16 for a bf16 parameter);
 # under "kahan"/"stochastic" the staged path stores them in the parameter's dtype between steps,
@@ -374,14 +369,17 @@ class BF16Precision(Precision):
         """
         route = self.route(optimizer)
         if route == "native":
+            option = _NATIVE_OPTION[self.master_weights]
+            (other_mode, other), = ((m, o) for m, o in _NATIVE_OPTION.items() if o != option)
             for i, group in enumerate(optimizer.param_groups):
-                if group.get("stochastic_rounding"):
+                if group.get(other):
                     raise ValueError(
-                        f"{self!r} switches kahan_sum=True on {type(optimizer).__name__}, but its param group {i} has "
-                        "stochastic_rounding=True; drop stochastic_rounding from the optimizer's options or use "
-                        "master_weights='stochastic'"
+                        f"{self!r} switches {option}=True on {type(optimizer).__name__}, but its param group {i} has "
+                        f"{other}=True; drop {other} from the optimizer's options or use "
+                        f"master_weights={other_mode!r}"
                     )
-                group["kahan_sum"] = True
+            for group in optimizer.param_groups:  # after every group passed: a refusal changes nothing
+                group[option] = True
         if self.mode == "true":
             inner = getattr(optimizer, "base_optimizer", optimizer)  # Lookahead loads through its base
             if not getattr(inner, "_bf16_keeps_state_dtype", False):

@@ -77,6 +77,18 @@ def test_contradicting_optimizer_option_raises():
     opt = build_optimizer(_Tiny(), "lion", lr=1e-4, stochastic_rounding=True)
     with pytest.raises(ValueError, match="stochastic_rounding=True"):
         BF16Precision(master_weights="kahan").prepare_optimizer(opt)
+    opt = build_optimizer(_Tiny(), "lion", lr=1e-4, kahan_sum=True)
+    with pytest.raises(ValueError, match="kahan_sum=True.*master_weights='kahan'"):
+        BF16Precision(master_weights="stochastic").prepare_optimizer(opt)
+    assert not opt.param_groups[0]["stochastic_rounding"]  # nothing changed
+
+
+def test_stochastic_mode_is_native_for_optimizers_with_the_option():
+    plugin = BF16Precision(master_weights="stochastic")
+    lion, adamw = (build_optimizer(_Tiny(), n, lr=1e-4) for n in ("lion", "adamw"))
+    assert plugin.route(lion) == "native" and plugin.route(adamw) == "staged"
+    plugin.prepare_optimizer(lion)
+    assert all(g["stochastic_rounding"] and not g["kahan_sum"] for g in lion.param_groups)
 
 
 # ------------------------------------------------------- updates below bf16 resolution (proof)
@@ -185,11 +197,14 @@ def _state_of(trainer: L.Trainer, model: nn.Module) -> dict:
     }
 
 
-@pytest.mark.parametrize(("name", "mw"), [("adamw", "fp32"), ("adamw", "kahan"), ("lion", "kahan"), ("lion", "stochastic")])
+@pytest.mark.parametrize(
+    ("name", "mw"),
+    [("adamw", "fp32"), ("adamw", "kahan"), ("adamw", "stochastic"), ("lion", "kahan"), ("lion", "stochastic")],
+)
 def test_trainer_resume_equals_straight_run(tmp_path, name, mw):
     """6 steps straight == 3 steps, Lightning checkpoint, resume, 3 more, bit for bit: the master
     copies / compensation buffers / rounding counts and the float32 optimizer state round-trip, with
-    accumulation and clipping on (staged: adamw; native Kahan: lion)."""
+    accumulation and clipping on (staged: adamw; native Kahan and stochastic rounding: lion)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     kw = {"accumulate_grad_batches": 2, "gradient_clip_val": 0.5}
@@ -204,7 +219,10 @@ def test_trainer_resume_equals_straight_run(tmp_path, name, mw):
     if mw == "fp32":  # the master's optimizer state is float32
         assert all(v.dtype == torch.float32 for s in want["state"].values() for v in s.values())
     if mw == "stochastic":
-        assert {t.optimizers[0].state[p][SEED_KEY] for p in straight.parameters() if p.dtype == torch.bfloat16} == {6}
+        # staged: the plugin's rounding count; native (lion): the optimizer's own seed step
+        key = "step" if name == "lion" else SEED_KEY
+        assert {t.optimizers[0].state[p][key] for p in straight.parameters() if p.dtype == torch.bfloat16} == {6}
+        assert name != "lion" or all(SEED_KEY not in s for s in t.optimizers[0].state.values())
 
     resumed = _Reg(name)
     t = _trainer(tmp_path / "b", 6, BF16Precision(master_weights=mw), **kw)

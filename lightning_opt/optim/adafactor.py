@@ -480,7 +480,8 @@ class Adafactor(Optimizer):
                         "adafactor does not support complex parameters: its factored statistics are rows and "
                         "columns of real values; pass torch.view_as_real(p) as a real parameter or use adamw"
                     )
-        except (ValueError, TypeError):
+                shard_split("Adafactor", p)  # a layout its sharded statistics cannot take, refused now
+        except (ValueError, TypeError, NotImplementedError):
             self.param_groups.pop()
             raise
 

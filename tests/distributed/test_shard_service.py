@@ -40,6 +40,11 @@ def _rank(rank: int, world_size: int) -> dict[str, object]:
     out["partial_groups"] = _error(shard_groups, "Opt", partial)
     mesh2 = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp", "tp"))
     out["two_dims"] = _error(shard_split, "Opt", DTensor.from_local(x, mesh2, [Shard(0), Shard(1)], run_check=False))
+    # Adafactor refuses such a layout when it is built, not at its first step
+    from lightning_opt.optim.adafactor import Adafactor
+
+    w = torch.nn.Parameter(DTensor.from_local(x.clone(), mesh2, [Shard(0), Shard(1)], run_check=False))
+    out["adafactor_built"] = _error(Adafactor, [w])
 
     # one all-reduce per dtype; every tensor summed in place, shapes kept
     a, b = torch.full((2, 2), rank + 1.0), torch.tensor([rank * 1.0], dtype=torch.float64)
@@ -82,6 +87,7 @@ def test_placement_check_and_coalesced_rounds_on_2_ranks() -> None:
         for key in ("partial_split", "partial_groups"):
             assert "Opt steps sharded or replicated DTensors" in r[key] and "partial sum" in r[key], r[key]
         assert "Opt steps DTensors split along one mesh dim" in r["two_dims"], r["two_dims"]
+        assert "Adafactor steps DTensors split along one mesh dim" in r["adafactor_built"], r["adafactor_built"]
         a, b, c, calls = r["coalesced"]
         assert torch.equal(a, torch.full((2, 2), 3.0))
         assert torch.equal(b, torch.tensor([1.0], dtype=torch.float64))

@@ -16,11 +16,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt.callbacks import GradientMonitor
 from lightning_opt.callbacks.gradient_monitor import global_grad_norm, layer_of
+from tests.distributed._harness import lightning_env, run_ranks
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -234,22 +236,28 @@ class SaveMetrics(Callback):
         torch.save(monitor.metrics, os.path.join(self.out, f"ddp{trainer.global_rank}.pt"))
 
 
-def test_ddp_global_norm_equals_single_process(tmp_path):
+def _ddp_rank(rank: int, world_size: int, out: str) -> None:
+    lightning_env(rank, world_size)
     trainer = L.Trainer(
-        default_root_dir=tmp_path,
+        default_root_dir=out,
         max_steps=1,
         accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
+        devices=world_size,
+        strategy=DDPStrategy(process_group_backend="gloo"),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[GradientMonitor(log_every_n_steps=1), SaveMetrics(str(tmp_path))],
+        callbacks=[GradientMonitor(log_every_n_steps=1), SaveMetrics(out)],
     )
     # rank r reads rows r, r+2, ...: two half batches of 4 whose union is rows 0..7
     trainer.fit(Net(unused=False), DataLoader(_dataset(), batch_size=4, sampler=RankRows(64)))
+    dist.barrier()  # both ranks done with their collectives before gloo is torn down (see _fsdp_worker)
+
+
+def test_ddp_global_norm_equals_single_process(tmp_path):
+    run_ranks(_ddp_rank, str(tmp_path))
     total, per_layer, ratio = _single_process_reference()
     for r in (0, 1):
         m = torch.load(tmp_path / f"ddp{r}.pt")

@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_opt.callbacks import SpikeGuard
 from lightning_opt.callbacks.spike_guard import RunningStats, SpikeError
+from tests.distributed._harness import lightning_env, run_ranks
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
@@ -394,21 +396,30 @@ class SaveParams(Callback):
         )
 
 
-def test_ddp_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
+def _ddp_rank(rank: int, world_size: int, out: str) -> None:
+    lightning_env(rank, world_size)
     model = Regression(spike_batches=[6], rank=1)
     trainer = L.Trainer(
-        default_root_dir=tmp_path,
+        default_root_dir=out,
         max_steps=10,
         accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
+        devices=world_size,
+        strategy=DDPStrategy(process_group_backend="gloo"),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SpikeGuard(warmup_steps=3), SaveParams(str(tmp_path))],
+        callbacks=[SpikeGuard(warmup_steps=3), SaveParams(out)],
     )
     trainer.fit(model, _data(n=640))
+    # both ranks done with their collectives before gloo is torn down (Lightning's ddp_spawn left the
+    # process group to interpreter exit, where a rank could abort: "terminate called without an
+    # active exception")
+    torch.distributed.barrier()
+
+
+def test_ddp_spike_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    run_ranks(_ddp_rank, str(tmp_path))
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k

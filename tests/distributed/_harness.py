@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["UnevenNet", "fsdp2_shard", "run_ranks"]
+__all__ = ["UnevenNet", "fsdp2_shard", "lightning_env", "run_ranks"]
 
 
 def _child(fn: Callable[..., Any], rank: int, world_size: int, root: str, args: tuple[Any, ...]) -> None:
@@ -44,6 +44,15 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, root: str, args: 
         torch.save({"ok": False, "error": traceback.format_exc()}, out)
         os._exit(1)
     os._exit(0)
+
+
+def lightning_env(rank: int, world_size: int) -> None:
+    """The environment a Lightning Trainer inside :func:`run_ranks` reads: it then takes this rank's
+    place in the already initialized process group instead of launching processes itself."""
+    os.environ.update(
+        WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1"
+    )
+    os.environ.setdefault("MASTER_PORT", "29500")
 
 
 def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 180.0) -> list[Any]:

@@ -11,7 +11,6 @@ which also loads into a 1-process run), for every name that runs on shards.
 from __future__ import annotations
 
 import math
-import os
 
 import lightning.pytorch as pl
 import pytest
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_opt import available_optimizers, build_optimizer
 from lightning_opt.callbacks import GradientMonitor, LRSchedule, ScheduleFreeMode, SophiaHessian, SpikeGuard
-from tests.distributed._harness import UnevenNet, fsdp2_shard, run_ranks
+from tests.distributed._harness import UnevenNet, fsdp2_shard, lightning_env, run_ranks
 from tests.distributed.test_every_name import HPARAMS, OWNER_COMPUTE, REDUCES, REFUSES
 
 STEPS = 4
@@ -129,15 +128,8 @@ def _run(scenario: str, root: str, world_size: int) -> dict:
     return out
 
 
-def _env(rank: int, world_size: int) -> None:
-    os.environ.update(
-        WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0", MASTER_ADDR="127.0.0.1"
-    )
-    os.environ.setdefault("MASTER_PORT", "29500")
-
-
 def _callbacks_rank(rank: int, world_size: int, root: str) -> dict:
-    _env(rank, world_size)
+    lightning_env(rank, world_size)
     out = {s: _run(s, f"{root}/{s}", world_size) for s in SCENARIOS}
     module = _Module("sophia_h")
     module.sharded = True
@@ -189,7 +181,7 @@ def _names(distributed: bool) -> list[str]:
 
 
 def _ckpt_save_rank(rank: int, world_size: int, root: str, distributed: bool) -> None:
-    _env(rank, world_size)
+    lightning_env(rank, world_size)
     for name in _names(distributed):
         module = _Module(name)
         module.sharded = True
@@ -199,7 +191,7 @@ def _ckpt_save_rank(rank: int, world_size: int, root: str, distributed: bool) ->
 
 
 def _ckpt_resume_rank(rank: int, world_size: int, root: str, distributed: bool) -> dict:
-    _env(rank, world_size)
+    lightning_env(rank, world_size)
     out = {}
     for name in _names(distributed):
         module = _Module(name)

@@ -420,20 +420,22 @@ class _Sophia(Optimizer):
         """Take one step; ``closure`` (re-evaluating the loss) is called once, with grad enabled."""
         loss = run_closure(closure)
         for group in self.param_groups:
-            params, grads, exp_avgs, hessians, comps, steps = [], [], [], [], [], []
+            params, grads, exp_avgs, hessians, comps, step_ts = [], [], [], [], [], []
             for p in params_with_grad(group, type(self).__name__):
                 state = self.state[p]
                 if "exp_avg" not in state:
                     self._init_state(p, state)
-                state["step"] += 1
                 ensure_kahan_comp(state, p, group["kahan_sum"])
-                # the seed of the stochastic rounding (a CPU tensor: no device sync)
-                steps.append(int(state["step"]) if group["stochastic_rounding"] else 0)
+                step_ts.append(state["step"])
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 hessians.append(state["hessian"])
                 comps.append(state.get("kahan_comp") if group["kahan_sum"] else None)
+            if step_ts:
+                torch._foreach_add_(step_ts, 1)  # the group's step counts (CPU tensors) in one op, as torch does
+            # the seeds of the stochastic rounding (CPU tensors: no device sync)
+            steps = [int(s) for s in step_ts] if group["stochastic_rounding"] else [0] * len(step_ts)
             sophia(
                 params,
                 grads,

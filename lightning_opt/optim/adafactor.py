@@ -204,7 +204,6 @@ def _adafactor_tensor(
         mean_r = sum_r.div_(rows)
         if eps1_mode == "clamp":
             mean_r.clamp_(min=eps1)
-        if eps1_mode == "clamp":
             v = (row_var * col_var).div_(mean_r)  # the rank-1 outer product R C (torch: row_var @ col_var)
         else:
             # transformers' order, R / mean(R) first: with eps1 = 1e-30 added, R C itself underflows
@@ -293,11 +292,24 @@ def adafactor(
     ``clip_threshold``, ``relative_step``, ``scale_parameter``, ``warmup_init``, ``weight_decay``,
     ``weight_decay_mode``, ``eps1_mode``, ``maximize``).
     """
-    lists = (params, grads, row_vars, col_vars, variances, exp_avgs, steps)
-    run_reduction_rounds([adafactor_rounds(*lists, impl=impl, **hp)])
+    run_reduction_rounds(
+        [adafactor_rounds(params, grads, row_vars, col_vars, variances, exp_avgs, steps, impl=impl, **hp)]
+    )
 
 
-def adafactor_rounds(*lists: list[Any], impl: str = "auto", cls: str = "Adafactor", **hp: Any) -> Iterator[Partials]:
+def adafactor_rounds(
+    params: list[Tensor],
+    grads: list[Tensor],
+    row_vars: list[Tensor | None],
+    col_vars: list[Tensor | None],
+    variances: list[Tensor | None],
+    exp_avgs: list[Tensor | None],
+    steps: list[int],
+    *,
+    impl: str = "auto",
+    cls: str = "Adafactor",
+    **hp: Any,
+) -> Iterator[Partials]:
     """:func:`adafactor` (the same seven lists, ``impl`` and options) as a generator for
     :func:`~lightning_opt.optim.precision.run_reduction_rounds`.
 
@@ -310,12 +322,6 @@ def adafactor_rounds(*lists: list[Any], impl: str = "auto", cls: str = "Adafacto
     Raises:
         NotImplementedError: a DTensor with a ``Partial`` placement or split along more than one mesh dim.
     """
-    if len(lists) != 7:
-        raise TypeError(
-            "adafactor_rounds takes 7 lists (params, grads, row_vars, col_vars, variances, exp_avgs, steps), "
-            f"got {len(lists)}"
-        )
-    params, grads, row_vars, col_vars, variances, exp_avgs, steps = lists
     if not params:
         return iter(())
     chosen = resolve_impl(cls, impl, tuple(ADAFACTOR_IMPLS), params[0], "adafactor")
@@ -503,7 +509,7 @@ class Adafactor(Optimizer):
         loss = run_closure(closure)
         gens = []
         for group in self.param_groups:
-            params, grads, rows, cols, variances, exp_avgs, steps = [], [], [], [], [], [], []
+            params, grads, rows, cols, variances, exp_avgs, step_ts = [], [], [], [], [], [], []
             for p in params_with_grad(group, "Adafactor"):
                 state = self.state[p]
                 if len(state) == 0:
@@ -516,14 +522,16 @@ class Adafactor(Optimizer):
                         state["variance"] = _state_zeros(p, (), dt)
                 if group["beta1"] is not None and "exp_avg" not in state:
                     state["exp_avg"] = _state_zeros(p, (), matrix_state_dtype(p))
-                state["step"] += 1
+                step_ts.append(state["step"])
                 params.append(p)
                 grads.append(p.grad)
                 rows.append(state.get("row_var"))
                 cols.append(state.get("col_var"))
                 variances.append(state.get("variance"))
                 exp_avgs.append(state.get("exp_avg") if group["beta1"] is not None else None)
-                steps.append(int(state["step"].item()))  # a CPU tensor: no device sync
+            if step_ts:
+                torch._foreach_add_(step_ts, 1)  # the group's step counts (CPU tensors) in one op, as torch does
+            steps = [int(s.item()) for s in step_ts]  # CPU tensors: no device sync
             eps1, eps2 = group["eps"]
             gens.append(
                 adafactor_rounds(

@@ -28,10 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "build_error", "launch", "library_path", "require"]
+__all__ = ["DTYPES", "available", "build_error", "launch", "library_path", "require"]
 
 _CSRC = Path(__file__).with_name("csrc")
 _TAGS = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+#: the dtypes the kernels take (each has a suffix)
+DTYPES = tuple(_TAGS)
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL] = {}
 _errors: dict[str, str] = {}

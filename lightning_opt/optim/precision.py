@@ -79,8 +79,6 @@ __all__ = [
 ]
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-# the dtypes the fused CPU reduction kernels take
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 #: How a bf16/fp16 parameter's update is stored (see the module docstring).
 Rounding = Literal["nearest", "kahan", "stochastic"]
@@ -216,10 +214,10 @@ def sum_squares(xs: Sequence[Tensor]) -> Tensor:
     total = None
     for (device, dtype), group in by_kind.items():
         part = None
-        if device.type == "cpu" and dtype in _KERNEL_DTYPES:
+        if device.type == "cpu":
             from lightning_opt.kernels import cpu
 
-            if cpu.available("norms"):
+            if dtype in cpu.DTYPES and cpu.available("norms"):
                 sums = cpu.launch("norms", "sumsq", [group], [], n_out=1)
                 part = torch.tensor(sum(s[0] for s in sums), dtype=torch.float64)
         if part is None:

@@ -306,7 +306,7 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _machine_line(threads: int) -> str:
+def machine_line(threads: int) -> str:
     model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -383,7 +383,7 @@ def main() -> None:
         print(f"suite {name}: {len(peers[name])} peers ...", file=sys.stderr, flush=True)
         results[name] = _run_suite(name, peers[name], side, args.rounds)
 
-    print(f"\n{_machine_line(args.threads)}")
+    print(f"\n{machine_line(args.threads)}")
     print(
         f"{n_params / 1e6:.2f}M fp32 parameters ({N_LAYERS} x {side}^2 + {N_LAYERS} x {side}), CPU; weight_decay={WD}, "
         f"each algorithm's default lr; median of {args.rounds} interleaved rounds per suite\n"

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from optimizer_step import _machine_line  # noqa: E402  (the same machine line as the step table)
+from optimizer_step import machine_line  # noqa: E402  (the same machine line as the step table)
 
 # name: (arrays read, arrays written (also read)), as the optimizers in optimizer_step.py
 PATTERNS = {
@@ -109,7 +109,7 @@ def main() -> None:
         out = subprocess.run([str(exe), str(args.threads), str(args.rounds)], capture_output=True, text=True, check=True)
     ms = [float(x) for x in out.stdout.split()]
     adamw = ms[list(PATTERNS).index("adamw (p, g, m, v; writes p, m, v)")]
-    print(f"{_machine_line(args.threads)}; best of {args.rounds}; 25.19M float32 elements per array\n")
+    print(f"{machine_line(args.threads)}; best of {args.rounds}; 25.19M float32 elements per array\n")
     print("| access pattern | floor ms | bytes/elem (each once) | GB/s (each once) | vs the adamw pattern |")
     print("|---|---|---|---|---|")
     for (name, (r, w)), t in zip(PATTERNS.items(), ms):
